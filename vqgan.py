@@ -1,0 +1,142 @@
+"""VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder, its config, adaptive GAN weight and loading."""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import yaml
+
+from codebook import Codebook
+from decoder import Decoder
+from encoder import Encoder
+
+
+@dataclass
+class VQGANConfig:
+    """Paper defaults for 256x256 images: f=16 (16x16 latents), 1024 codes of dimension 256."""
+    image_size: int = 256  # the training resolution; decides at which levels attention sits
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (16,)
+    z_channels: int = 256
+    dropout: float = 0.0
+    latent_dim: int = 256
+    num_codebook_vectors: int = 1024
+    beta: float = 0.25
+    codebook_dim: int = 0  # 0: look codes up in the latent space itself (the paper)
+    codebook_l2_norm: bool = False
+    restart_dead_codes: bool = False
+    restart_every: int = 100
+
+    def __post_init__(self):
+        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a checkpoint's `config` dict; unknown keys are an error that names them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"The checkpoint's VQGAN config has fields this code does not know: {unknown}.")
+        return cls(**d)
+
+
+def read_taming(ckpt_path, config_path):
+    """The state dict of a taming-transformers checkpoint and the `model.params` of its yaml config."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    with open(config_path) as f:
+        params = yaml.safe_load(f)["model"]["params"]
+    return state, params
+
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        arch = dict(ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, attn_resolutions=c.attn_resolutions,
+                    z_channels=c.z_channels, resolution=c.image_size, dropout=c.dropout)
+        self.encoder = Encoder(in_channels=c.in_channels, **arch)
+        self.decoder = Decoder(out_channels=c.in_channels, **arch)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
+        self.quantize = Codebook(num_codebook_vectors=c.num_codebook_vectors, latent_dim=c.latent_dim, beta=c.beta,
+                                 codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
+                                 restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every)
+        self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), codebook loss."""
+        f = self.config.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"Image sides must divide by the downsampling factor {f}; got {tuple(x.shape[-2:])}.")
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q, return_features=False):
+        """z_q (B, latent_dim, h, w) -> x_rec (B, 3, h*f, w*f); optionally also the input of the last conv."""
+        return self.decoder(self.post_quant_conv(z_q), return_features=return_features)
+
+    def decode_indices(self, indices):
+        """indices (B, h, w) -> x_rec (B, 3, h*f, w*f)."""
+        return self.decode(self.quantize.lookup(indices))
+
+    def forward(self, x, return_features=False):
+        """x -> (x_rec, indices, q_loss); with return_features, (x_rec, features, indices, q_loss)."""
+        z_q, indices, q_loss = self.encode(x)
+        if return_features:
+            x_rec, features = self.decode(z_q, return_features=True)
+            return x_rec, features, indices, q_loss
+        return self.decode(z_q), indices, q_loss
+
+    # ---- the adaptive weight of the GAN loss ----
+
+    def last_layer_grad(self, features, grad_out):
+        """Gradient at the decoder's last conv weight of a loss whose gradient w.r.t. x_rec is `grad_out`.
+
+        For x_rec = conv_out(features) this is the weight gradient of a conv, so the loss need not be
+        back-propagated through the decoder a second time to get it.
+        """
+        w = self.decoder.conv_out.weight
+        return torch.nn.grad.conv2d_weight(features.float(), w.shape, grad_out.float(), padding=1)
+
+    @staticmethod
+    def adaptive_weight(nll_grad, g_grad, disc_weight=0.8):
+        """lambda = ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], detached, times disc_weight (Eq. 7)."""
+        lam = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
+        return torch.clamp(lam, 0.0, 1e4).detach() * disc_weight
+
+    # ---- checkpoints ----
+
+    @classmethod
+    def from_checkpoint(cls, path, trust=False):
+        """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode."""
+        from utils import load_checkpoint
+        ckpt = load_checkpoint(path, trust=trust)
+        model = cls(VQGANConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.eval()
+
+    @classmethod
+    def from_taming(cls, ckpt_path, config_path):
+        """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), in eval mode."""
+        state, params = read_taming(ckpt_path, config_path)
+        dd = params["ddconfig"]
+        if dd.get("double_z", False):
+            raise ValueError("This taming config has double_z: true, which a VQGAN encoder never uses.")
+        config = VQGANConfig(image_size=dd["resolution"], in_channels=dd.get("in_channels", 3), ch=dd["ch"],
+                             ch_mult=dd["ch_mult"], num_res_blocks=dd["num_res_blocks"],
+                             attn_resolutions=dd["attn_resolutions"], z_channels=dd["z_channels"],
+                             dropout=dd.get("dropout", 0.0), latent_dim=params["embed_dim"],
+                             num_codebook_vectors=params["n_embed"])
+        model = cls(config)
+        keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
+        model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})
+        return model.eval()
+
+    def config_dict(self):
+        return asdict(self.config)
