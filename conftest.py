@@ -1,1 +1,0 @@
-# Makes the repository root importable for pytest (the modules are flat, top-level files).
