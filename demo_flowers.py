@@ -1,0 +1,115 @@
+"""The demo data set: procedurally drawn flowers (petals of varied count, shape and colour on varied backgrounds)."""
+import colorsys
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+def _hsv(h, s, v):
+    """An RGB tuple of ints from HSV values in [0, 1] (hue wraps around)."""
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h % 1.0, min(s, 1.0), min(v, 1.0)))
+
+
+def _draw_background(rng, size):
+    """A flat colour, a vertical gradient, or soft noise with blades of grass."""
+    kind = rng.integers(3)
+    if kind == 0:
+        return Image.new('RGB', (size, size), _hsv(rng.random(), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.95)))
+    if kind == 1:
+        hue = rng.random()
+        top = np.array(_hsv(hue, rng.uniform(0.2, 0.6), rng.uniform(0.7, 1.0)), dtype=float)
+        bottom = np.array(_hsv(hue + rng.uniform(-0.15, 0.15), rng.uniform(0.3, 0.8), rng.uniform(0.3, 0.7)))
+        ramp = np.linspace(0, 1, size)[:, None, None]
+        column = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)  # (size, 1, 3)
+        return Image.fromarray(column).resize((size, size), Image.NEAREST)
+    # Two octaves of coarse noise, enlarged smoothly, shade a green-ish field.
+    noise = sum(np.asarray(Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+                           .resize((size, size), Image.BICUBIC), dtype=float) * weight
+                for cells, weight in ((4, 0.6), (16, 0.4))) / 255
+    dark = np.array(_hsv(rng.uniform(0.2, 0.4), 0.7, rng.uniform(0.2, 0.35)))
+    light = np.array(_hsv(rng.uniform(0.15, 0.35), 0.6, rng.uniform(0.55, 0.8)))
+    image = Image.fromarray((dark + (light - dark) * noise[..., None]).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(120):
+        x, y = rng.uniform(0, size), rng.uniform(0.3 * size, 1.1 * size)
+        tip = (x + rng.uniform(-0.08, 0.08) * size, y - rng.uniform(0.05, 0.2) * size)
+        green = _hsv(rng.uniform(0.2, 0.38), rng.uniform(0.5, 0.9), rng.uniform(0.25, 0.75))
+        draw.line([(x, y), tip], fill=green, width=max(1, size // 200))
+    return image
+
+
+def _petal(cx, cy, angle, length, half_width, shape):
+    """Polygon of a petal (or leaf) growing from (cx, cy) along `angle`."""
+    u = np.linspace(0, 1, 24)
+    if shape == 'ellipse':
+        width = 2 * np.sqrt(u * (1 - u))
+    elif shape == 'pointed':
+        width = np.sqrt(u) * (1 - u) / 0.385  # straight sides meeting at the tip
+    else:  # 'round': narrow base, broad round tip
+        width = u ** 0.7 * np.sqrt(np.clip(1 - u ** 4, 0, 1)) / 0.8
+    xs = np.concatenate([u, u[::-1]]) * length
+    ys = np.concatenate([width, -width[::-1]]) * half_width
+    cos, sin = math.cos(angle), math.sin(angle)
+    return list(zip(cx + xs * cos - ys * sin, cy + xs * sin + ys * cos))
+
+
+def _draw_flower(rng, size):
+    """One flower on a random background, drawn at 2x and downsampled so the edges are antialiased."""
+    s = 2 * size
+    image = _draw_background(rng, s)
+    draw = ImageDraw.Draw(image)
+    cx, cy, radius = s * rng.uniform(0.35, 0.65), s * rng.uniform(0.3, 0.6), s * rng.uniform(0.2, 0.36)
+    if rng.random() < 0.7:  # a stem curving down past the bottom edge, usually with a leaf
+        green = _hsv(rng.uniform(0.22, 0.38), rng.uniform(0.5, 0.9), rng.uniform(0.3, 0.6))
+        end = np.array([cx + rng.uniform(-0.2, 0.2) * s, s * 1.05])
+        bend = np.array([(cx + end[0]) / 2 + rng.uniform(-0.15, 0.15) * s, (cy + end[1]) / 2])
+        t = np.linspace(0, 1, 24)[:, None]
+        curve = (1 - t) ** 2 * np.array([cx, cy]) + 2 * t * (1 - t) * bend + t ** 2 * end  # quadratic Bezier
+        draw.line([tuple(p) for p in curve], fill=green, width=int(s * 0.022), joint='curve')
+        if rng.random() < 0.8:
+            x, y = curve[rng.integers(12, 19)]
+            angle = -math.pi / 2 + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2)
+            length = radius * rng.uniform(0.6, 0.9)
+            draw.polygon(_petal(x, y, angle, length, 0.22 * length, rng.choice(['ellipse', 'pointed'])), fill=green)
+    count, shape = int(rng.integers(4, 13)), rng.choice(['ellipse', 'pointed', 'round'])
+    hue = rng.choice([rng.uniform(-0.1, 0.18), rng.uniform(0.5, 1.0)])  # anything but leaf green
+    saturation, rotation = rng.uniform(0.4, 0.95), rng.uniform(0, 2 * math.pi)
+    half_width = min(rng.uniform(0.5, 0.85) * math.pi * radius / count, 0.45 * radius)  # neighbours overlap
+    eye = _hsv(hue + rng.uniform(-0.08, 0.08), saturation + 0.3, rng.uniform(0.4, 0.7))
+    rows = [(0.85, math.pi / count, 0.75), (1.0, 0.0, 1.0)] if rng.random() < 0.5 else [(1.0, 0.0, 1.0)]
+    for scale, offset, shade in rows:  # an optional darker back row, then the front row
+        angles = rotation + offset + 2 * math.pi * np.arange(count) / count
+        for angle in angles:
+            value = shade * rng.uniform(0.85, 1.0)
+            draw.polygon(_petal(cx, cy, angle, scale * radius, half_width, shape), width=2,
+                         fill=_hsv(hue + rng.uniform(-0.02, 0.02), saturation, value),
+                         outline=_hsv(hue, saturation, 0.7 * value))
+        for angle in angles:  # a darker eye at the base of each petal, as many flowers have
+            draw.polygon(_petal(cx, cy, angle, 0.45 * scale * radius, 0.45 * half_width, 'ellipse'), fill=eye)
+    disc = radius * rng.uniform(0.16, 0.3)
+    draw.ellipse([cx - disc, cy - disc, cx + disc, cy + disc], width=2, outline=_hsv(0.08, 0.8, 0.25),
+                 fill=_hsv(rng.uniform(0.02, 0.16), rng.uniform(0.6, 1.0), rng.uniform(0.3, 1.0)))
+    seeds, dot = int(rng.integers(25, 70)), disc * 0.09
+    seed_colour = _hsv(rng.uniform(0.02, 0.12), 0.8, rng.uniform(0.15, 0.45))
+    for k in range(1, seeds):  # seeds on a Fermat spiral at the golden angle, as in a sunflower head
+        r, a = disc * 0.88 * math.sqrt(k / seeds), k * 2.39996
+        x, y = cx + r * math.cos(a), cy + r * math.sin(a)
+        draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=seed_colour)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def make_demo_flowers(root, num_images=300, size=256, seed=0):
+    """Write a procedural 'flowers' data set of PNGs, deterministic from `seed`; existing files are kept."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        path = root / f'flower_{i:04d}.png'
+        if path.exists():
+            continue
+        image = _draw_flower(np.random.default_rng([seed, i]), size)  # per-image stream: same image for any count
+        partial = path.with_name(path.name + '.tmp')  # an interrupted run must not leave a broken PNG
+        image.save(partial, format='PNG')
+        os.replace(partial, path)
+    return root

@@ -1,0 +1,194 @@
+"""GPT-2-style decoder with taming-transformers' minGPT parameter names, a key/value cache and sampling."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of the GPT; the defaults of n_layer/n_head/n_embd are taming's ImageNet transformer."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd (--n-embd {self.n_embd}) must be divisible by n_head (--n-head {self.n_head})")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention that can read and extend a per-layer key/value cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.block_size = config.block_size
+        self.key = nn.Linear(config.n_embd, config.n_embd)
+        self.query = nn.Linear(config.n_embd, config.n_embd)
+        self.value = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_drop = nn.Dropout(config.attn_pdrop)  # its rate is passed to scaled_dot_product_attention
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, kv_cache=None, pos=0):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            if not kv_cache:  # allocate on first use, so dtype and device follow k (e.g. under autocast)
+                kv_cache["k"] = k.new_empty(B, self.n_head, self.block_size, hs)
+                kv_cache["v"] = v.new_empty(B, self.n_head, self.block_size, hs)
+            kv_cache["k"][:, :, pos:pos + T] = k
+            kv_cache["v"][:, :, pos:pos + T] = v
+            k, v = kv_cache["k"][:, :, :pos + T], kv_cache["v"][:, :, :pos + T]  # (B, nh, pos+T, hs)
+        # a single new token may see every cached key; a longer chunk starts at position 0 (checked in GPT._run),
+        # where SDPA's top-left aligned causal mask is the right one
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=T > 1, dropout_p=self.attn_drop.p if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.resid_pdrop),
+        )
+
+    def forward(self, x, kv_cache=None, pos=0):
+        x = x + self.attn(self.ln1(x), kv_cache, pos)
+        return x + self.mlp(self.ln2(x))
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit (..., V) outside the top_k largest and outside the top_p nucleus."""
+    if top_k is not None:
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        # scatter rather than compare with the k-th value, so that ties never keep more than k tokens
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, indices, values)
+    if top_p is not None:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top token is always kept
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -float("inf"))
+    return logits
+
+
+class GPT(nn.Module):
+    """Token and position embeddings, n_layer blocks, final LayerNorm and an unbiased head (taming's minGPT)."""
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, embd_pdrop=0.0, resid_pdrop=0.0,
+                 attn_pdrop=0.0):
+        super().__init__()
+        self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, embd_pdrop, resid_pdrop, attn_pdrop)
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
+        self.drop = nn.Dropout(embd_pdrop)
+        self.blocks = nn.ModuleList([Block(self.config) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.apply(self._init_weights)  # LayerNorms keep their default weight 1, bias 0; pos_emb stays zero
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _run(self, idx, kv_cache=None, pos=0):
+        """Logits (B, T, V) of tokens idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache if given."""
+        T = idx.size(1)
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        if kv_cache is not None and pos > 0 and T > 1:
+            raise ValueError("with a cache, feed the prompt at position 0, then one token at a time")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, pos:pos + T])  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if kv_cache is None else kv_cache[i], pos)
+        return self.head(self.ln_f(x))
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) for tokens idx (B, T), and the mean cross-entropy against targets (B, T) if given."""
+        logits = self._run(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); the prompt is run once, then one token per step.
+
+        vocab_limit: sample only ids below it (special tokens such as a start token are never generated).
+        """
+        if idx.size(1) + max_new_tokens - 1 > self.config.block_size:  # the last new token is never fed back
+            raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens needs a block_size of "
+                             f"at least {idx.size(1) + max_new_tokens - 1}, not {self.config.block_size}")
+        kv_cache = [{} for _ in self.blocks]  # per layer: keys and values (B, nh, block_size, hs)
+        x, pos = idx, 0
+        for _ in range(max_new_tokens):
+            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit].float() / temperature  # (B, V), fp32 even under autocast
+            pos += x.size(1)
+            probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+            x = torch.multinomial(probs, num_samples=1)  # (B, 1), the only token the next step has to run
+            idx = torch.cat((idx, x), dim=1)
+        return idx
+
+    def configure_optimizers(self, learning_rate, weight_decay=0.01, betas=(0.9, 0.95)):
+        """AdamW that decays only the weights of Linear layers (minGPT's parameter groups)."""
+        decay, no_decay = set(), set()
+        for module_name, module in self.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                if param_name == "weight" and isinstance(module, nn.Linear):
+                    decay.add(name)
+                elif param_name == "bias" or isinstance(module, (nn.LayerNorm, nn.Embedding)) or name == "pos_emb":
+                    no_decay.add(name)
+        params = dict(self.named_parameters())
+        assert not decay & no_decay, f"parameters in both groups: {decay & no_decay}"
+        assert decay | no_decay == params.keys(), f"parameters in no group: {params.keys() - (decay | no_decay)}"
+        groups = [
+            {"params": [params[n] for n in sorted(decay)], "weight_decay": weight_decay},
+            {"params": [params[n] for n in sorted(no_decay)], "weight_decay": 0.0},
+        ]
+        fused = all(p.is_cuda for p in params.values())
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True if fused else None)
+
+    @classmethod
+    def from_taming(cls, ckpt_path, config_path):
+        """A GPT in eval mode with the weights of a taming-transformers checkpoint (keys transformer.*)."""
+        with open(config_path) as f:
+            hparams = yaml.safe_load(f)["model"]["params"]["transformer_config"]["params"]
+        if hparams.get("n_unmasked", 0) != 0:
+            raise ValueError("taming GPTs with n_unmasked > 0 (a bidirectional prefix) are not supported")
+        model = cls(**{k: hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+        state_dict = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "transformer."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                      if k.startswith(prefix) and not k.endswith(".attn.mask")}  # the mask is our is_causal
+        model.load_state_dict(state_dict)
+        return model.eval()

@@ -1,0 +1,145 @@
+"""Run-time plumbing shared by the training scripts: distributed set-up, precision, resumable sampling, signals."""
+import os
+import signal
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils import pick_device
+
+
+# ---- distributed (torchrun) ----
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device_name=None):
+    """Read torchrun's RANK/WORLD_SIZE; a plain `python script.py` runs as a single process with no variables."""
+    if "RANK" not in os.environ:
+        return Dist(device=pick_device(device_name))
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_agree(flag, d: Dist):
+    """True on every rank if `flag` is true on any rank (so all ranks skip, stop or save together)."""
+    if not d.enabled:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---- precision ----
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name, device):
+    """The compute dtype: bf16 by default on CUDA devices that support it, fp32 otherwise."""
+    if name is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if bf16 else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
+    return name
+
+
+def autocast(precision, device):
+    """The autocast context for a forward pass (a no-op for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def make_scaler(precision, device):
+    """A gradient scaler, active only for fp16 (bf16 has fp32's exponent range)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+# ---- resumable, shardable shuffling ----
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Shuffles with a seed per epoch, shards across ranks, and can start mid-epoch so a resume repeats no batch."""
+
+    def __init__(self, num_items, batch_size, shuffle=True, seed=0, rank=0, world_size=1):
+        self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = num_items // world_size  # equal shards keep the ranks in step (DDP needs that)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        return order[self.rank:self.per_rank * self.world_size:self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start_batch * self.batch_size:])
+
+    def __len__(self):
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+# ---- stopping cleanly on Ctrl-C / SIGTERM ----
+
+class StopSignal:
+    """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+
+# ---- small helpers of the training loops ----
+
+def no_sync(module, sync):
+    """DDP's no_sync() on micro-steps that only accumulate gradients; a no-op otherwise."""
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return module.no_sync()
+
+
+def mismatched_fields(saved, current):
+    """Names of the config fields whose saved value differs from the current one (lists and tuples compare equal)."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    return [k for k, v in current.items() if k in saved and norm(saved[k]) != norm(v)]

@@ -1,0 +1,117 @@
+"""Tests of mingpt.py: causality, the key/value cache, sampling filters, optimizer groups and taming parity."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mingpt import GPT, filter_logits
+
+FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
+
+
+def tiny_gpt(**kwargs):
+    torch.manual_seed(0)
+    return GPT(**{"vocab_size": 50, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, **kwargs}).eval()
+
+
+def test_causality():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 20))
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 50
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    torch.testing.assert_close(logits_changed[:, :10], logits[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(logits_changed[:, 10:], logits[:, 10:])
+
+
+def test_loss_is_cross_entropy_over_all_positions():
+    model = tiny_gpt()
+    idx, targets = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 12, 50)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(logits.transpose(1, 2), targets))
+
+
+def test_cached_greedy_generation_matches_naive_loop():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 50, (3, 5))
+    cached = model.generate(prompt, 40, top_k=1)
+    naive = prompt
+    with torch.no_grad():
+        for _ in range(40):
+            logits, _ = model(naive)  # re-runs the whole prefix every step
+            naive = torch.cat((naive, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    assert cached.shape == (3, 45)
+    assert torch.equal(cached, naive)
+
+
+def test_cached_logits_match_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        kv_cache = [{} for _ in model.blocks]
+        steps = [model._run(idx[:, :8], kv_cache, 0)]  # prefill
+        steps += [model._run(idx[:, t:t + 1], kv_cache, t) for t in range(8, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_taming_parity():
+    model = GPT.from_taming(FIXTURES / "transformer.ckpt", FIXTURES / "transformer.yaml")
+    ref = torch.load(FIXTURES / "reference_outputs.pt", map_location="cpu", weights_only=True)
+    assert not model.training
+    with torch.no_grad():
+        logits, _ = model(ref["gpt_idx"])
+    torch.testing.assert_close(logits, ref["gpt_logits"], rtol=0, atol=1e-5)
+
+
+def test_optimizer_groups():
+    model = tiny_gpt()
+    optimizer = model.configure_optimizers(learning_rate=1e-3, weight_decay=0.1)
+    decay, no_decay = optimizer.param_groups
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([0.6, 0.3, 0.1]).log().repeat(1000, 1)
+    filtered = filter_logits(logits, top_p=0.5)
+    assert torch.isinf(filtered[:, 1:]).all() and torch.isfinite(filtered[:, 0]).all()
+    assert (torch.multinomial(filtered.softmax(dim=-1), 1) == 0).all()
+    kept = filter_logits(logits[:1], top_p=0.85)  # 0.6 < 0.85 <= 0.6 + 0.3
+    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2])
+
+
+def test_top_k_keeps_k_tokens():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[False, True, True, False]]
+
+
+def test_too_long_input_raises():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    assert model.generate(torch.zeros(1, 10, dtype=torch.long), 55).shape == (1, 65)  # the last is never fed
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), 56)
+
+
+def test_vocab_limit_never_samples_special_tokens():
+    model = tiny_gpt()
+    model.head.weight.data[40:] += 5.0 * model.ln_f.bias.data.new_ones(32)  # make ids >= 40 very likely
+    model.ln_f.bias.data.fill_(1.0)
+    free = model.generate(torch.zeros(8, 1, dtype=torch.long), 30)
+    assert (free[:, 1:] >= 40).any()  # without the limit they do get sampled
+    limited = model.generate(torch.zeros(8, 1, dtype=torch.long), 30, vocab_limit=40)
+    assert (limited[:, 1:] < 40).all()
+
+
+def test_n_embd_must_divide_by_n_head():
+    with pytest.raises(ValueError, match="--n-head"):
+        GPT(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=32)

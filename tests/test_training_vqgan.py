@@ -1,0 +1,127 @@
+"""The stage-1 training step and script: same gradients as the plain formulation, isolation of the GAN step, resume."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import training_vqgan
+from demo_flowers import make_demo_flowers
+from discriminator import Discriminator, hinge_d_loss
+from lpips import LPIPS
+from runtime import make_scaler
+from utils import CheckpointError, load_checkpoint
+from vqgan import VQGAN, VQGANConfig
+
+TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+            latent_dim=16, num_codebook_vectors=64)
+TINY_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
+              "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
+              "--batch-size", "4", "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu"]
+
+
+def plain_step_gradients(x, vqgan, disc, lpips, args):
+    """taming's formulation, written out: lambda from autograd at the last layer, one loss, one backward each."""
+    def nll_and_g():
+        x_rec, _, q_loss = vqgan(x)
+        nll = args.rec_loss_factor * (x - x_rec).abs().mean() + args.perceptual_loss_factor * lpips(x, x_rec).mean()
+        return x_rec, nll, -disc(x_rec).mean(), q_loss
+
+    last = vqgan.decoder.conv_out.weight
+    nll_grad = torch.autograd.grad(nll_and_g()[1], last)[0]  # separate forwards instead of retain_graph
+    g_grad = torch.autograd.grad(nll_and_g()[2], last)[0]
+    lam = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * args.disc_weight
+    x_rec, nll, g_loss, q_loss = nll_and_g()
+    (nll + lam * args.disc_factor * g_loss + q_loss).backward()
+    gen_grads = {n: p.grad.clone() for n, p in vqgan.named_parameters()}
+    disc.zero_grad()
+    d_loss = args.disc_factor * hinge_d_loss(disc(x), disc(x_rec.detach()))
+    d_loss.backward()
+    assert all(p.grad is not None for p in vqgan.parameters())  # unchanged by the discriminator's backward...
+    assert all(torch.equal(p.grad, gen_grads[n]) for n, p in vqgan.named_parameters())  # ...bit for bit
+    return gen_grads, {n: p.grad.clone() for n, p in disc.named_parameters()}, lam
+
+
+def test_train_step_equals_the_plain_formulation():
+    """One VGG backward and one reconstruction per step give taming's gradients for both networks."""
+    torch.manual_seed(0)
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(ndf=16, n_layers=2)
+    lpips = LPIPS(vgg_weights=None)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    args = SimpleNamespace(rec_loss_factor=1.0, perceptual_loss_factor=1.0, disc_factor=1.0, disc_weight=0.8,
+                           disc_start=0, grad_accum=1)
+    state_v, state_d = vqgan.state_dict(), disc.state_dict()
+    gen_expected, disc_expected, lam_expected = plain_step_gradients(x, vqgan, disc, lpips, args)
+
+    vqgan.load_state_dict(state_v), disc.load_state_dict(state_d)  # BatchNorm statistics as they were
+    vqgan.zero_grad(), disc.zero_grad()
+    scalers = (make_scaler("fp32", x.device), make_scaler("fp32", x.device))
+    metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, lpips, scalers, step=0, args=args,
+                                        precision="fp32")
+    torch.testing.assert_close(metrics["lam"], lam_expected, rtol=1e-4, atol=1e-6)
+    for n, p in vqgan.named_parameters():
+        torch.testing.assert_close(p.grad, gen_expected[n], rtol=1e-4, atol=1e-5, msg=n)
+    for n, p in disc.named_parameters():
+        torch.testing.assert_close(p.grad, disc_expected[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_before_disc_start_there_is_no_gan_loss():
+    torch.manual_seed(0)
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(ndf=16, n_layers=2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    args = SimpleNamespace(rec_loss_factor=1.0, perceptual_loss_factor=0.0, disc_factor=1.0, disc_weight=0.8,
+                           disc_start=100, grad_accum=1)
+    scalers = (make_scaler("fp32", x.device), make_scaler("fp32", x.device))
+    metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, None, scalers, step=99, args=args,
+                                        precision="fp32")
+    assert metrics["d_loss"] == 0 and metrics["lam"] == 0
+    assert all(p.grad is None for p in disc.parameters())
+    x_rec, _, q_loss = vqgan(x)
+    expected = torch.autograd.grad((x - x_rec).abs().mean() + q_loss, vqgan.decoder.conv_out.weight)[0]
+    torch.testing.assert_close(vqgan.decoder.conv_out.weight.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_end_to_end_run_then_resume(tmp_path):
+    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
+    out = tmp_path / "run"
+    flags = TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(out), "--disc-start", "3",
+                          "--save-every", "4", "--sample-every", "3"]
+    parser = training_vqgan.build_parser()
+    training_vqgan.main(parser.parse_args(flags + ["--max-steps", "5"]))
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 5 and set(ckpt) >= {"model", "discriminator", "opt_vq", "opt_disc", "step", "epoch",
+                                                "config"}
+    assert (out / "results" / "reconstructions_0000003.png").exists() and (out / "results" / "losses.png").exists()
+    adam_steps = ckpt["opt_vq"]["state"][0]["step"]
+
+    model = VQGAN.from_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert model.config.latent_dim == 16 and not model.training
+
+    training_vqgan.main(parser.parse_args(flags + ["--max-steps", "8", "--resume"]))
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 8
+    assert ckpt["opt_vq"]["state"][0]["step"] == adam_steps + 3  # the optimizer state went on, not restarted
+    steps = [json.loads(line)["step"] for line in open(out / "results" / "metrics.jsonl")]
+    assert steps == list(range(1, 9))
+    assert ckpt["opt_disc"]["state"][0]["step"] == 8 - 3  # the discriminator steps from --disc-start on
+
+    with pytest.raises(CheckpointError, match="latent_dim"):
+        training_vqgan.main(parser.parse_args([f if f != "16" else "8" for f in flags] + ["--max-steps", "9",
+                                                                                          "--resume"]))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image-size", "30", "--image-size 30 must divide by the downsampling factor 4"),
+    ("--attn-resolutions", "5", "--attn-resolutions \\[5\\] never occur"),
+    ("--batch-size", "0", "--batch-size must be positive"),
+])
+def test_impossible_flags_are_rejected(tmp_path, flag, value, message):
+    flags = TINY_FLAGS + ["--dataset-path", str(tmp_path), "--out-dir", str(tmp_path)]
+    i = flags.index(flag) if flag in flags else None
+    if i is None:
+        flags += [flag, value]
+    else:
+        flags[i + 1] = value
+    with pytest.raises(ValueError, match=message):
+        training_vqgan.main(training_vqgan.build_parser().parse_args(flags))

@@ -1,0 +1,374 @@
+"""Tests for utils.py: image folders, loaders, the demo set, devices, checkpoints, plots and the metrics log."""
+import argparse
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo_flowers
+import utils
+from utils import CheckpointError, DataError
+
+
+def write_image(path, size=(32, 24), colour=(200, 30, 60)):
+    """Save a small RGB image (any format PIL infers from the suffix), creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', size, colour).save(path)
+    return path
+
+
+def write_noise(path, size=(40, 30), seed=0):
+    """Save a random RGB image, so crops and flips change the pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_bad_files(folder):
+    """A zero-byte JPEG, a JPEG cut in half and a text file named .png."""
+    empty = folder / 'empty.jpg'
+    empty.write_bytes(b'')
+    whole = write_noise(folder / 'whole.jpg', size=(64, 64))
+    truncated = folder / 'truncated.jpg'
+    truncated.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    whole.unlink()
+    text = folder / 'text.png'
+    text.write_text('this is not an image\n')
+    return [empty, truncated, text]
+
+
+# ---- finding and decoding images ----
+
+def test_find_images_is_recursive_sorted_and_case_insensitive(tmp_path):
+    expected = [write_image(tmp_path / 'a' / 'x.JPG'), write_image(tmp_path / 'b.png'),
+                write_image(tmp_path / 'c' / 'd' / 'e.webp'), write_image(tmp_path / 'f.Jpeg')]
+    (tmp_path / 'notes.txt').write_text('not an image')
+    write_image(tmp_path / '.ipynb_checkpoints' / 'copy.png')
+    assert utils.find_images(tmp_path) == sorted(expected)
+    assert utils.find_images(str(tmp_path)) == sorted(expected)
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'file'])
+def test_find_images_explains_bad_paths(tmp_path, case):
+    path = {'missing': tmp_path / 'nope', 'empty': tmp_path, 'file': tmp_path / 'notes.txt'}[case]
+    (tmp_path / 'notes.txt').write_text('not an image')
+    with pytest.raises(DataError) as error:
+        utils.find_images(path)
+    message = str(error.value)
+    assert str(path) in message and message.endswith('.') and '\n' not in message
+
+
+def palette_image(transparent):
+    image = Image.new('P', (2, 1), 0)
+    image.putpalette([200, 100, 50, 10, 20, 30] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    if transparent:
+        image.info['transparency'] = 1
+    return image
+
+
+# mode name -> (image to save, file suffix, expected RGB of pixel (0, 0), expected RGB of pixel (1, 0))
+MODES = {
+    'L': (lambda: Image.fromarray(np.array([[100, 7]], dtype=np.uint8), 'L'), '.png', (100,) * 3, (7,) * 3),
+    'P': (lambda: palette_image(False), '.png', (200, 100, 50), (10, 20, 30)),
+    'P-transparent': (lambda: palette_image(True), '.png', (200, 100, 50), (255, 255, 255)),
+    'RGBA': (lambda: Image.fromarray(np.array([[[10, 20, 30, 255], [0, 0, 0, 0]]], dtype=np.uint8), 'RGBA'),
+             '.png', (10, 20, 30), (255, 255, 255)),
+    'LA': (lambda: Image.fromarray(np.array([[50, 50]], dtype=np.uint8), 'L').convert('LA'), '.png', (50,) * 3, None),
+    'I;16': (lambda: Image.fromarray(np.array([[65535, 32896]], dtype=np.uint16)), '.png', (255,) * 3, (128,) * 3),
+}
+
+
+@pytest.mark.parametrize('mode', sorted(MODES))
+def test_load_rgb_converts_every_mode(tmp_path, mode):
+    make, suffix, first, second = MODES[mode]
+    image = make()
+    if mode == 'LA':  # pixel (1, 0) fully transparent
+        image.putpixel((1, 0), (50, 0))
+        second = (255, 255, 255)
+    path = tmp_path / f'image{suffix}'
+    image.save(path)
+    if mode == 'I;16':
+        assert Image.open(path).mode.startswith('I')  # really 16-bit on disk
+    rgb = utils.load_rgb(path)
+    assert rgb.mode == 'RGB' and rgb.size == (2, 1)
+    assert rgb.getpixel((0, 0)) == first and rgb.getpixel((1, 0)) == second
+
+
+def test_load_rgb_converts_cmyk_jpeg(tmp_path):
+    path = tmp_path / 'cmyk.jpg'
+    Image.new('CMYK', (8, 8), (0, 255, 255, 0)).save(path, quality=95)  # no cyan, full magenta and yellow: red
+    assert Image.open(path).mode == 'CMYK'
+    red, green, blue = utils.load_rgb(path).getpixel((4, 4))
+    assert red > 240 and green < 15 and blue < 15
+
+
+def test_load_rgb_raises_on_undecodable_files(tmp_path):
+    for path in write_bad_files(tmp_path):
+        with pytest.raises(Exception):
+            utils.load_rgb(path)
+
+
+# ---- the dataset ----
+
+def test_image_folder_output_shape_dtype_and_range(tmp_path):
+    write_noise(tmp_path / 'a.png', size=(40, 30))
+    write_noise(tmp_path / 'b.jpg', size=(30, 50), seed=1)
+    for train in (True, False):
+        dataset = utils.ImageFolder(tmp_path, image_size=16, train=train)
+        assert len(dataset) == 2
+        for item in dataset:
+            image = item['image']
+            assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+            assert image.min() >= -1 and image.max() <= 1 and 'label' not in item
+
+
+def test_image_folder_eval_is_deterministic_and_train_follows_the_seed(tmp_path):
+    write_noise(tmp_path / 'a.png', size=(64, 48))
+    dataset = utils.ImageFolder(tmp_path, image_size=16, train=False)
+    assert torch.equal(dataset[0]['image'], dataset[0]['image'])
+    dataset = utils.ImageFolder(tmp_path, image_size=16, train=True)
+    utils.seed_everything(3)
+    first = [dataset[0]['image'] for _ in range(4)]
+    utils.seed_everything(3)
+    again = [dataset[0]['image'] for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(first[0], other) for other in first[1:])  # the crops do vary
+
+
+def test_image_folder_upscales_small_images_and_centre_crops(tmp_path):
+    write_image(tmp_path / 'small' / 'tiny.png', size=(10, 7))
+    assert utils.ImageFolder(tmp_path / 'small', image_size=16, train=False)[0]['image'].shape == (3, 16, 16)
+    assert utils.ImageFolder(tmp_path / 'small', image_size=16, train=True)[0]['image'].shape == (3, 16, 16)
+    # 48x16: red, green and blue thirds; the centre crop of a 16-pixel image is the green third.
+    stripes = np.zeros((16, 48, 3), dtype=np.uint8)
+    stripes[:, :16, 0] = stripes[:, 16:32, 1] = stripes[:, 32:, 2] = 255
+    Image.fromarray(stripes).save(tmp_path / 'wide.png')
+    image = utils.ImageFolder(tmp_path, image_size=16, train=False, paths=[tmp_path / 'wide.png'])[0]['image']
+    assert torch.equal(image, torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
+
+
+def test_image_folder_skips_unreadable_files_with_one_warning_each(tmp_path):
+    bad = write_bad_files(tmp_path)
+    write_noise(tmp_path / 'good.png')
+    dataset = utils.ImageFolder(tmp_path, image_size=16, train=False)
+    for path in bad:
+        with pytest.warns(UserWarning, match=path.name):
+            assert dataset[dataset.paths.index(path)] is None
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # a second read of the same file stays quiet
+            assert dataset[dataset.paths.index(path)] is None
+    assert dataset[dataset.paths.index(tmp_path / 'good.png')] is not None
+
+
+def test_image_folder_labels_come_from_top_level_sub_folders(tmp_path):
+    write_image(tmp_path / 'dogs' / 'b.png')
+    write_image(tmp_path / 'cats' / 'a.png')
+    write_image(tmp_path / 'dogs' / 'puppies' / 'c.png')
+    dataset = utils.ImageFolder(tmp_path, image_size=8, with_labels=True)
+    assert dataset.classes == ['cats', 'dogs']
+    assert [dataset[i]['label'] for i in range(3)] == [0, 1, 1]
+    # A split that lacks a class keeps the same class indices.
+    dogs_only = utils.ImageFolder(tmp_path, image_size=8, with_labels=True, paths=[tmp_path / 'dogs' / 'b.png'])
+    assert dogs_only.classes == ['cats', 'dogs'] and dogs_only[0]['label'] == 1
+
+
+def test_image_folder_labels_need_sub_folders(tmp_path):
+    write_image(tmp_path / 'flat' / 'a.png')
+    with pytest.raises(DataError, match='sub-folder'):
+        utils.ImageFolder(tmp_path / 'flat', image_size=8, with_labels=True)
+    write_image(tmp_path / 'mixed' / 'loose.png')
+    write_image(tmp_path / 'mixed' / 'cats' / 'a.png')
+    with pytest.raises(DataError, match='loose.png'):
+        utils.ImageFolder(tmp_path / 'mixed', image_size=8, with_labels=True)
+
+
+# ---- batching ----
+
+def test_collate_images_drops_bad_items():
+    item = {'image': torch.zeros(3, 4, 4), 'label': 2}
+    batch = utils.collate_images([item, None, item])
+    assert batch['image'].shape == (2, 3, 4, 4) and batch['skipped'] == 1
+    assert batch['label'].dtype == torch.long and batch['label'].tolist() == [2, 2]
+    assert utils.collate_images([None, None]) is None
+
+
+def test_build_loader_skips_bad_files_and_counts_them(tmp_path):
+    for i in range(6):
+        write_noise(tmp_path / f'good{i}.png', seed=i)
+    write_bad_files(tmp_path)
+    (tmp_path / 'text.png').unlink()  # 6 good files and 2 bad ones
+    dataset = utils.ImageFolder(tmp_path, image_size=8, train=True)
+    loader = utils.build_loader(dataset, batch_size=3, train=True, drop_last=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        batches = [batch for batch in loader if batch is not None]
+    assert sum(batch['skipped'] for batch in batches) == 2
+    assert sum(len(batch['image']) for batch in batches) == 6
+
+
+def test_build_loader_shuffles_only_for_training(tmp_path):
+    dataset = list(range(10))
+    train = utils.build_loader(dataset, batch_size=4)
+    assert isinstance(train.sampler, torch.utils.data.RandomSampler) and train.drop_last
+    val = utils.build_loader(dataset, batch_size=4, train=False)
+    assert isinstance(val.sampler, torch.utils.data.SequentialSampler) and not val.drop_last
+    given = torch.utils.data.SequentialSampler(dataset)
+    assert utils.build_loader(dataset, batch_size=4, sampler=given).sampler is given
+
+
+def test_split_paths_is_deterministic_and_disjoint():
+    paths = [f'image{i:03d}.png' for i in range(100)]
+    train, val = utils.split_paths(paths, val_fraction=0.1, seed=0)
+    assert (train, val) == utils.split_paths(list(reversed(paths)), val_fraction=0.1, seed=0)
+    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == paths
+    assert utils.split_paths(paths, val_fraction=0.1, seed=1)[1] != val
+    assert utils.split_paths(paths[:2])[1] != [] and utils.split_paths(paths[:1]) == (paths[:1], [])
+
+
+# ---- demo data set ----
+
+def test_make_demo_flowers_is_deterministic(tmp_path):
+    def contents(folder):
+        return [path.read_bytes() for path in sorted(folder.glob('*.png'))]
+    first = demo_flowers.make_demo_flowers(tmp_path / 'a', num_images=6, size=64, seed=0)
+    demo_flowers.make_demo_flowers(tmp_path / 'b', num_images=6, size=64, seed=0)
+    demo_flowers.make_demo_flowers(tmp_path / 'c', num_images=6, size=64, seed=1)
+    assert len(contents(first)) == 6 and contents(first) == contents(tmp_path / 'b')
+    assert all(a != c for a, c in zip(contents(first), contents(tmp_path / 'c')))
+    assert Image.open(utils.find_images(first)[0]).size == (64, 64)
+    stamps = [path.stat().st_mtime_ns for path in sorted(first.glob('*.png'))]
+    demo_flowers.make_demo_flowers(first, num_images=6, size=64, seed=0)  # already there: nothing is rewritten
+    assert stamps == [path.stat().st_mtime_ns for path in sorted(first.glob('*.png'))]
+
+
+# ---- devices ----
+
+def test_pick_device(capsys):
+    assert utils.pick_device('cpu') == torch.device('cpu')
+    if torch.cuda.is_available():
+        assert utils.pick_device().type == 'cuda'
+    else:
+        assert utils.pick_device() == torch.device('cpu')
+        assert 'No CUDA device found' in capsys.readouterr().out
+        with pytest.raises(ValueError, match='CUDA'):
+            utils.pick_device('cuda')
+
+
+# ---- checkpoints ----
+
+def test_save_checkpoint_round_trips(tmp_path):
+    path = tmp_path / 'new' / 'folder' / 'ckpt.pt'
+    state = {'model': {'weight': torch.arange(6.0)}, 'step': 7, 'config': {'lr': 1e-4}}
+    utils.save_checkpoint(state, path)
+    loaded = utils.load_checkpoint(path)
+    assert torch.equal(loaded['model']['weight'], state['model']['weight']) and loaded['step'] == 7
+    assert [p.name for p in path.parent.iterdir()] == ['ckpt.pt']
+
+
+def test_save_checkpoint_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pt'
+    utils.save_checkpoint({'step': 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        utils.save_checkpoint({'step': 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path) == {'step': 1}
+    assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pt']
+
+
+class WritesMarker:
+    """Unpickling this runs open(marker, 'w'): the kind of code a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_load_checkpoint_refuses_code_without_trust(tmp_path):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pt'
+    torch.save({'step': 1, 'payload': WritesMarker(marker)}, path)
+    with pytest.raises(CheckpointError, match='--trust-checkpoint'):
+        utils.load_checkpoint(path)
+    assert not marker.exists()
+    utils.load_checkpoint(path, trust=True)  # the payload is real: trusting the file runs it
+    assert marker.exists()
+
+
+def test_load_checkpoint_with_trust_and_missing_files(tmp_path):
+    path = tmp_path / 'args.pt'
+    torch.save({'args': argparse.Namespace(lr=0.1)}, path)  # a plain object weights_only refuses
+    with pytest.raises(CheckpointError, match='--trust-checkpoint'):
+        utils.load_checkpoint(path)
+    assert utils.load_checkpoint(path, trust=True)['args'].lr == 0.1
+    with pytest.raises(CheckpointError, match='missing.pt'):
+        utils.load_checkpoint(tmp_path / 'missing.pt')
+    (tmp_path / 'cut.pt').write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match='cut.pt'):
+        utils.load_checkpoint(tmp_path / 'cut.pt')
+
+
+# ---- images, plots and the metrics log ----
+
+def test_image_grid(tmp_path):
+    images = torch.linspace(-2, 2, 4 * 3 * 8 * 8).view(4, 3, 8, 8)
+    assert utils.to_image_range(images).min() == 0 and utils.to_image_range(images).max() == 1
+    utils.save_image_grid(images, tmp_path / 'grids' / 'grid.png', nrow=2)
+    assert Image.open(tmp_path / 'grids' / 'grid.png').size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2-pixel padding
+
+
+@pytest.mark.parametrize('history', [
+    {'loss': [(step, 1 / (step + 1)) for step in range(200)], 'gan': [(0, float('nan')), (5, 0.7), (9, float('inf'))]},
+    {'single': [(3, 0.5)], 'constant': [(0, 2.0), (1, 2.0)], 'empty': []},
+    {},
+    {'all nan': [(0, float('nan')), (1, float('nan'))]},
+])
+def test_save_loss_plot(tmp_path, history):
+    path = tmp_path / 'plots' / 'loss.png'
+    utils.save_loss_plot(history, path, title='losses')
+    image = Image.open(path)
+    assert image.size == (800, 400) and image.mode == 'RGB'
+
+
+def test_metrics_log_resume_and_truncate(tmp_path):
+    path = tmp_path / 'run' / 'metrics.jsonl'
+    log = utils.MetricsLog(path)
+    for step in range(5):
+        log.log(step, loss=torch.tensor(1.0 / (step + 1)), lr=np.float32(0.5))
+    assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    with open(path, 'a') as f:
+        f.write('{"step": 5, "lo')  # a crash in the middle of a line
+    resumed = utils.MetricsLog(path, resume=True)
+    assert resumed.history['loss'][1] == (1, 0.5) and len(resumed.history['lr']) == 5
+    resumed.truncate_after(2)
+    resumed.log(3, loss=0.1, lr=0.5)
+    assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    assert [step for step, _ in utils.MetricsLog(path, resume=True).history['loss']] == [0, 1, 2, 3]
+    assert utils.MetricsLog(path).history == {} and path.read_text() == ''  # a fresh run starts over
+
+
+def test_workers_draw_different_crops(tmp_path):
+    # Four copies of one wide image: with a generator shared by the forked workers, worker 0's crops (items 0
+    # and 2) would repeat worker 1's (items 1 and 3).
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 200, 3), dtype=np.uint8)
+    for i in range(4):
+        Image.fromarray(pixels).save(tmp_path / f'copy{i}.png')
+    dataset = utils.ImageFolder(tmp_path, image_size=8, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=utils.collate_images)
+    utils.seed_everything(0)
+    images = [batch['image'] for batch in loader]
+    utils.seed_everything(0)
+    assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
+    assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))

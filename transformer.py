@@ -1,0 +1,95 @@
+"""Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
+import torch
+import torch.nn as nn
+
+from mingpt import GPT
+
+
+def corrupt(indices, pkeep, num_codes):
+    """Replace each index by a uniformly random code with probability 1 - pkeep (taming's input noise)."""
+    if pkeep >= 1.0:
+        return indices
+    keep = torch.bernoulli(torch.full(indices.shape, pkeep, device=indices.device)).bool()
+    return torch.where(keep, indices, torch.randint_like(indices, num_codes))
+
+
+class VQGANTransformer(nn.Module):
+    """Tokens are the codebook indices in raster order, preceded by a start token that is never a code.
+
+    Vocabulary: codes 0 .. K-1, then the start token K (unconditional) or one start token per class,
+    K .. K + num_classes - 1 (class-conditional).
+    """
+
+    def __init__(self, vqgan, *, n_layer=24, n_head=16, n_embd=1024, block_size=256, pkeep=1.0, num_classes=0,
+                 embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0):
+        super().__init__()
+        self.vqgan = vqgan.eval().requires_grad_(False)  # frozen: stage 2 never changes the tokenizer
+        self.num_codes = vqgan.config.num_codebook_vectors
+        f = vqgan.config.downsample_factor
+        self.latent_hw = (vqgan.config.image_size // f, vqgan.config.image_size // f)
+        self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
+        if block_size < self.num_tokens:
+            raise ValueError(f"--block-size {block_size} is smaller than the {self.num_tokens} tokens of a "
+                             f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the start token "
+                             f"and all indices but the last).")
+        self.pkeep, self.num_classes = pkeep, num_classes
+        self.gpt = GPT(vocab_size=self.num_codes + max(1, num_classes), block_size=block_size, n_layer=n_layer,
+                       n_head=n_head, n_embd=n_embd, embd_pdrop=embd_pdrop, resid_pdrop=resid_pdrop,
+                       attn_pdrop=attn_pdrop)
+
+    def train(self, mode=True):
+        """Train the GPT only; the VQGAN stays in eval mode."""
+        super().train(mode)
+        self.vqgan.eval()
+        return self
+
+    def start_tokens(self, batch_size, labels=None, device=None):
+        """(B, 1) start tokens: K, or K + class label when class-conditional."""
+        device = device or self.gpt.head.weight.device
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("A class-conditional model needs class labels.")
+            return (self.num_codes + labels.to(device).long()).view(-1, 1)
+        return torch.full((batch_size, 1), self.num_codes, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def encode_to_indices(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> indices (B, h*w) in raster order."""
+        _, indices, _ = self.vqgan.encode(x)
+        return indices.flatten(1)
+
+    @torch.no_grad()
+    def indices_to_image(self, indices):
+        """Indices (B, h*w) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.vqgan.decode_indices(indices.view(-1, *self.latent_hw)).clamp(-1, 1)
+
+    def forward(self, indices, labels=None):
+        """Next-token logits (B, h*w, V) and loss: the input is the start token + the (noised) indices but the last."""
+        noisy = corrupt(indices, self.pkeep, self.num_codes) if self.training else indices
+        tokens = torch.cat([self.start_tokens(len(indices), labels, indices.device), noisy[:, :-1]], dim=1)
+        return self.gpt(tokens, targets=indices)  # targets stay clean
+
+    @torch.no_grad()
+    def sample_indices(self, n, temperature=1.0, top_k=None, top_p=None, labels=None, prefix=None):
+        """Sample (n, h*w) indices, continuing `prefix` (n, t) if given; special tokens are never sampled."""
+        tokens = self.start_tokens(n, labels)
+        if prefix is not None:
+            tokens = torch.cat([tokens, prefix], dim=1)
+        out = self.gpt.generate(tokens, self.num_tokens + 1 - tokens.shape[1], temperature=temperature, top_k=top_k,
+                                top_p=top_p, vocab_limit=self.num_codes)
+        return out[:, 1:]
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=None, top_p=None, labels=None):
+        """n new images (n, 3, H, W) in [-1, 1]."""
+        return self.indices_to_image(self.sample_indices(n, temperature, top_k, top_p, labels))
+
+    @torch.no_grad()
+    def log_images(self, x, labels=None, temperature=1.0, top_k=None, top_p=None):
+        """Input, its reconstruction, a completion of its top half, and a free sample, each (B, 3, H, W)."""
+        indices = self.encode_to_indices(x)
+        half = self.num_tokens // 2 // self.latent_hw[1] * self.latent_hw[1]  # whole rows of the top half
+        completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, prefix=indices[:, :half])
+        free = self.sample_indices(len(x), temperature, top_k, top_p, labels)
+        return dict(input=x.clamp(-1, 1), reconstruction=self.indices_to_image(indices),
+                    half_completion=self.indices_to_image(completion), sample=self.indices_to_image(free))
