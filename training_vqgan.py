@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from demo_flowers import make_demo_flowers
+from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
 from runtime import (ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
                      mismatched_fields, no_sync, resolve_precision, setup_distributed)
@@ -60,14 +60,6 @@ def check_args(args):
         raise ValueError("--ch times every --ch-mult value must divide by 32 (GroupNorm uses 32 groups).")
     if args.z_channels % 32:
         raise ValueError("--z-channels must divide by 32 (GroupNorm uses 32 groups).")
-
-
-def resolve_dataset(path):
-    """The image files to train on; the default path gets the demo set, any other path must exist."""
-    if path == DATASET_PATH and not Path(path).exists():
-        print(f"Writing the demo data set of drawn flowers to {path}/ (first run with the default path).")
-        make_demo_flowers(path)
-    return find_images(path)
 
 
 def reconstruction_losses(x, x_rec, lpips, args):
@@ -146,7 +138,7 @@ def main(args):
     ckpt_path = out_dir / "checkpoints" / "vqgan_last.pt"
     if d.is_main:
         check_writable(out_dir)
-    paths = resolve_dataset(args.dataset_path) if d.is_main else None
+    paths = resolve_dataset(args.dataset_path, DATASET_PATH) if d.is_main else None
     if d.enabled:  # rank 0 may have just written the demo set
         torch.distributed.barrier()
         paths = find_images(args.dataset_path) if paths is None else paths
@@ -205,7 +197,7 @@ def main(args):
                         f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * (batches_per_epoch // args.grad_accum)
 
-    log = MetricsLog(out_dir / "results" / "metrics.jsonl", resume=step > 0) if d.is_main else None
+    log = MetricsLog(out_dir / "results" / "vqgan_metrics.jsonl", resume=step > 0) if d.is_main else None
     if log is not None:
         log.truncate_after(step)
     stop = StopSignal()
@@ -229,7 +221,7 @@ def main(args):
     disc.train()
     while step < max_steps:
         sampler.set_epoch(epoch, start_batch)
-        step_at_epoch_start = step
+        step_at_epoch_start, whole_epoch = step, start_batch == 0
         for batch in loader:
             start_batch += 1
             if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
@@ -278,7 +270,7 @@ def main(args):
                         vqgan.train()
                     save_image_grid(torch.cat([fixed_batch, recs]).float(),
                                     out_dir / "results" / f"reconstructions_{step:07d}.png", nrow=len(fixed_batch))
-                    save_loss_plot(log.history, out_dir / "results" / "losses.png", title="stage 1")
+                    save_loss_plot(log.history, out_dir / "results" / "vqgan_losses.png", title="stage 1")
             if step % args.save_every == 0:
                 save()
             if all_ranks_agree(stop.received, d):
@@ -289,13 +281,13 @@ def main(args):
             if step >= max_steps:
                 break
         else:
-            if step == step_at_epoch_start and start_batch >= batches_per_epoch:
+            if step == step_at_epoch_start and whole_epoch:
                 raise DataError(f"A whole epoch gave no usable batch: are the images in {args.dataset_path} readable?")
             epoch, start_batch = epoch + 1, 0
     bar.close()
     save("end of training")
     if d.is_main:
-        save_loss_plot(log.history, out_dir / "results" / "losses.png", title="stage 1")
+        save_loss_plot(log.history, out_dir / "results" / "vqgan_losses.png", title="stage 1")
         if skipped_files:
             print(f"Skipped {skipped_files} unreadable image file(s) during training (named in the warnings above).")
     cleanup_distributed()

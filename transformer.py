@@ -1,4 +1,6 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -20,13 +22,16 @@ class VQGANTransformer(nn.Module):
     K .. K + num_classes - 1 (class-conditional).
     """
 
-    def __init__(self, vqgan, *, n_layer=24, n_head=16, n_embd=1024, block_size=256, pkeep=1.0, num_classes=0,
-                 embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0):
+    def __init__(self, vqgan, *, image_size=None, n_layer=24, n_head=16, n_embd=1024, block_size=256, pkeep=1.0,
+                 num_classes=0, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0):
         super().__init__()
         self.vqgan = vqgan.eval().requires_grad_(False)  # frozen: stage 2 never changes the tokenizer
         self.num_codes = vqgan.config.num_codebook_vectors
         f = vqgan.config.downsample_factor
-        self.latent_hw = (vqgan.config.image_size // f, vqgan.config.image_size // f)
+        self.image_size = image_size or vqgan.config.image_size
+        if self.image_size % f:
+            raise ValueError(f"--image-size {self.image_size} must divide by the stage-1 downsampling factor {f}.")
+        self.latent_hw = (self.image_size // f, self.image_size // f)  # the token grid (h, w)
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
         if block_size < self.num_tokens:
             raise ValueError(f"--block-size {block_size} is smaller than the {self.num_tokens} tokens of a "
@@ -36,6 +41,21 @@ class VQGANTransformer(nn.Module):
         self.gpt = GPT(vocab_size=self.num_codes + max(1, num_classes), block_size=block_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, embd_pdrop=embd_pdrop, resid_pdrop=resid_pdrop,
                        attn_pdrop=attn_pdrop)
+
+    @classmethod
+    def from_checkpoint(cls, path, vqgan_path=None, trust=False):
+        """Rebuild a trained stage-2 model (and its stage-1 VQGAN) from our checkpoint, in eval mode."""
+        from utils import CheckpointError, load_checkpoint
+        from vqgan import VQGAN
+        ckpt = load_checkpoint(path, trust=trust)
+        vqgan_path = vqgan_path or ckpt["vqgan_checkpoint"]
+        if not Path(vqgan_path).is_file():
+            raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
+                                  f"pass its new place with --vqgan-checkpoint.")
+        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust), **ckpt["config"])
+        model.gpt.load_state_dict(ckpt["model"])
+        model.classes = ckpt.get("classes")
+        return model.eval()
 
     def train(self, mode=True):
         """Train the GPT only; the VQGAN stays in eval mode."""

@@ -119,7 +119,8 @@ def collate_images(batch):
     good = [item for item in batch if item is not None]
     if not good:
         return None
-    out = {'image': torch.stack([item['image'] for item in good])}
+    # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
+    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'indices') if key in good[0]}
     if 'label' in good[0]:
         out['label'] = torch.tensor([item['label'] for item in good], dtype=torch.long)
     out['skipped'] = len(batch) - len(good)

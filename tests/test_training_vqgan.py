@@ -92,7 +92,7 @@ def test_end_to_end_run_then_resume(tmp_path):
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 5 and set(ckpt) >= {"model", "discriminator", "opt_vq", "opt_disc", "step", "epoch",
                                                 "config"}
-    assert (out / "results" / "reconstructions_0000003.png").exists() and (out / "results" / "losses.png").exists()
+    assert (out / "results" / "reconstructions_0000003.png").exists() and (out / "results" / "vqgan_losses.png").exists()
     adam_steps = ckpt["opt_vq"]["state"][0]["step"]
 
     model = VQGAN.from_checkpoint(out / "checkpoints" / "vqgan_last.pt")
@@ -102,7 +102,7 @@ def test_end_to_end_run_then_resume(tmp_path):
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 8
     assert ckpt["opt_vq"]["state"][0]["step"] == adam_steps + 3  # the optimizer state went on, not restarted
-    steps = [json.loads(line)["step"] for line in open(out / "results" / "metrics.jsonl")]
+    steps = [json.loads(line)["step"] for line in open(out / "results" / "vqgan_metrics.jsonl")]
     assert steps == list(range(1, 9))
     assert ckpt["opt_disc"]["state"][0]["step"] == 8 - 3  # the discriminator steps from --disc-start on
 

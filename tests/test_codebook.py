@@ -1,0 +1,212 @@
+"""The codebook's switches against collapse, checked by hand on tiny tensors: projection, l2 norm, dead-code restarts,
+and the usage statistics."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codebook import Codebook, codebook_usage, usage_from_counts
+
+
+def as_map(rows):
+    """(N, C) vectors -> a (1, C, 1, N) latent map, so that the codebook's flattening gives back `rows` in order."""
+    return rows.t().reshape(1, rows.shape[1], 1, rows.shape[0])
+
+
+def as_rows(z_map):
+    """(1, C, 1, N) -> (N, C), the inverse of as_map."""
+    return z_map.reshape(z_map.shape[1], -1).t()
+
+
+# ---- the paper's quantizer stays the default ----
+
+def test_default_is_the_papers_quantizer():
+    cb = Codebook(num_codebook_vectors=2, latent_dim=2, beta=0.25)
+    assert not hasattr(cb, "proj_in") and not hasattr(cb, "proj_out")
+    assert not cb.l2_norm and not cb.restart_dead_codes and cb.codebook_dim == 2
+    cb.embedding.weight.data = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    z = torch.tensor([[0.5, -0.5], [3.0, 1.0]])  # nearest: code 0 (d=0.5), code 1 (d=2)
+    z_q, indices, loss = cb(as_map(z))
+    assert indices.flatten().tolist() == [0, 1]
+    torch.testing.assert_close(as_rows(z_q), torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+    # ||sg[z] - e||^2 + beta ||z - sg[e]||^2, both means over the 4 entries: (0.5 + 2) / 4 = 0.625 each.
+    torch.testing.assert_close(loss, torch.tensor(0.625 * 1.25))
+
+
+def test_default_never_touches_the_codes_in_training():
+    cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_every=1).train()
+    before = cb.embedding.weight.detach().clone()
+    cb.train_steps.fill_(5)
+    cb(as_map(torch.randn(8, 2)))
+    assert torch.equal(cb.embedding.weight, before)
+
+
+# ---- --codebook-dim: lookup in a low-dimensional space ----
+
+def test_projection_looks_codes_up_in_the_low_dimensional_space():
+    cb = Codebook(num_codebook_vectors=2, latent_dim=3, codebook_dim=2, beta=0.25)
+    assert cb.embedding.weight.shape == (2, 2)
+    with torch.no_grad():
+        cb.proj_in.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))  # keep dims 0, 1; drop dim 2
+        cb.proj_in.bias.zero_()
+        cb.proj_out.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        cb.proj_out.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+        cb.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [4.0, 0.0]]))
+    # In 3-D, z's third coordinate would decide: [1, 0, 9] is nearer [4, 0, 5] = proj_out(code 1) than
+    # [0, 0, 5] = proj_out(code 0), yet in 2-D [1, 0] is nearer code 0.
+    z = torch.tensor([[1.0, 0.0, 9.0], [3.0, 1.0, -7.0]])
+    z_q, indices, loss = cb(as_map(z))
+    assert indices.flatten().tolist() == [0, 1]
+    expected = torch.tensor([[0.0, 0.0, 5.0], [4.0, 0.0, 9.0]])  # proj_out of codes 0 and 1
+    torch.testing.assert_close(as_rows(z_q), expected)
+    torch.testing.assert_close(as_rows(cb.lookup(indices)), expected)
+    # The loss is taken in 2-D: squared distances 1 and 2 over 4 entries, times (1 + beta).
+    torch.testing.assert_close(loss, torch.tensor(0.75 * 1.25))
+
+
+def test_projection_passes_gradients_to_both_projections():
+    torch.manual_seed(0)
+    cb = Codebook(num_codebook_vectors=8, latent_dim=4, codebook_dim=2)
+    z = torch.randn(1, 4, 2, 2, requires_grad=True)
+    z_q, _, loss = cb(z)
+    (z_q.sum() + loss).backward()
+    for p in (z, cb.proj_in.weight, cb.proj_out.weight, cb.embedding.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ---- --codebook-l2-norm: cosine similarity ----
+
+def test_l2_norm_picks_the_cosine_nearest_code():
+    codes = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    z = torch.tensor([[0.5, 0.5]])  # Euclidean: code 0 (0.5 vs 12.5); cosine: code 1 (1.0 vs 0.71)
+    plain, cosine = Codebook(num_codebook_vectors=2, latent_dim=2), Codebook(num_codebook_vectors=2, latent_dim=2,
+                                                                            l2_norm=True)
+    plain.embedding.weight.data, cosine.embedding.weight.data = codes.clone(), codes.clone()
+    assert plain(as_map(z))[1].item() == 0
+    z_q, indices, loss = cosine(as_map(z))
+    assert indices.item() == 1
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(as_rows(z_q), torch.tensor([[s, s]]))  # the normalised code
+    torch.testing.assert_close(loss, torch.tensor(0.0))  # the normalised input equals the normalised code
+    torch.testing.assert_close(as_rows(cosine.lookup(indices)), torch.tensor([[s, s]]))
+
+
+def test_l2_norm_after_the_projection():
+    cb = Codebook(num_codebook_vectors=2, latent_dim=3, codebook_dim=2, l2_norm=True)
+    with torch.no_grad():
+        cb.proj_in.weight.copy_(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+        cb.proj_in.bias.zero_()
+        cb.proj_out.weight.copy_(torch.eye(3)[:, :2])
+        cb.proj_out.bias.zero_()
+        cb.embedding.weight.copy_(torch.tensor([[0.1, 0.0], [0.0, 5.0]]))
+    z = torch.tensor([[0.2, 0.1, 0.0], [0.1, 3.0, 0.0]])  # projected: [0.4, 0.2] -> code 0, [0.2, 6] -> code 1
+    z_q, indices, _ = cb(as_map(z))
+    assert indices.flatten().tolist() == [0, 1]
+    torch.testing.assert_close(as_rows(z_q), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+
+
+# ---- --restart-dead-codes ----
+
+def restart_codebook(**kw):
+    """8 codes of dimension 2 in a 3-D latent space, lookups by cosine; codes 1, 4 and 6 are dead."""
+    torch.manual_seed(0)
+    cb = Codebook(num_codebook_vectors=8, latent_dim=3, codebook_dim=2, l2_norm=True, restart_dead_codes=True,
+                  restart_every=10, **kw).train()
+    cb.hit_rate_ema.fill_(1 / 8)
+    cb.hit_rate_ema[[1, 4, 6]] = torch.tensor([0.0, 0.003 / 8, 0.02 / 8])  # share x K below 0.03
+    cb.hit_rate_ema[3] = 0.04 / 8  # rare, but above the threshold
+    return cb
+
+
+def test_restart_reseeds_exactly_the_dead_codes_from_the_batch():
+    cb = restart_codebook()
+    assert cb.dead_codes().nonzero().flatten().tolist() == [1, 4, 6]
+    before = cb.embedding.weight.detach().clone()
+    z = torch.randn(1, 3, 4, 5)
+    cb.train_steps.fill_(20)  # the check fires at multiples of restart_every
+    _, indices, _ = cb(z)
+    with torch.no_grad():
+        z_low = F.normalize(cb.proj_in(z.permute(0, 2, 3, 1).reshape(-1, 3)), dim=-1)  # (20, 2): the lookup's inputs
+    after = cb.embedding.weight.detach()
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [1, 4, 6]
+    picked = []
+    for row in after[[1, 4, 6]]:
+        match = ((z_low - row).abs().max(dim=1).values < 1e-6).nonzero().flatten()
+        assert len(match) == 1  # each new code is one of this batch's projected, normalised encoder outputs
+        picked.append(match.item())
+    assert len(set(picked)) == 3  # three different outputs (the batch has more than enough)
+    # The batch vectors that seeded a code now sit exactly on one (another code may tie only if equal).
+    assert all(indices.flatten()[i].item() in (1, 4, 6) for i in picked)
+    # Restarted codes get a grace rate of 1/K before this step's hits are added; none is dead right after.
+    assert not cb.dead_codes().any()
+
+
+def test_restart_only_at_check_steps_and_only_in_training():
+    cb = restart_codebook()
+    before = cb.embedding.weight.detach().clone()
+    z = torch.randn(1, 3, 4, 5)
+    cb.train_steps.fill_(19)
+    cb(z)  # not a multiple of restart_every
+    assert torch.equal(cb.embedding.weight, before)
+    cb.eval()
+    cb(z)  # step 20, but evaluation neither restarts nor counts
+    assert torch.equal(cb.embedding.weight, before) and cb.train_steps.item() == 20
+    cb.train_steps.zero_()
+    cb.train()
+    cb(z)  # step 0 has no hit history yet
+    assert torch.equal(cb.embedding.weight, before)
+
+
+def test_restart_with_a_batch_smaller_than_the_dead_set():
+    cb = restart_codebook()
+    cb.hit_rate_ema.zero_()  # all 8 codes dead, only 2 encoder outputs
+    cb.train_steps.fill_(10)
+    z = torch.randn(1, 3, 1, 2)
+    cb(z)
+    with torch.no_grad():
+        z_low = F.normalize(cb.proj_in(as_rows(z)), dim=-1)
+    distances = torch.cdist(cb.embedding.weight.detach(), z_low)  # (8, 2)
+    assert (distances.min(dim=1).values < 1e-6).all()
+
+
+def test_hit_rate_is_an_ema_of_each_codes_share():
+    cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_dead_codes=True, ema_decay=0.5).train()
+    cb.embedding.weight.data = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    cb(as_map(cb.embedding.weight.data[[0, 0, 0, 1]]))
+    torch.testing.assert_close(cb.hit_rate_ema, torch.tensor([0.375, 0.125, 0.0, 0.0]))
+    cb(as_map(cb.embedding.weight.data[[2, 2]]))
+    torch.testing.assert_close(cb.hit_rate_ema, torch.tensor([0.1875, 0.0625, 0.5, 0.0]))
+    assert cb.dead_codes().tolist() == [False, False, False, True]
+
+
+# ---- usage statistics ----
+
+@pytest.mark.parametrize("indices, num_codes, usage, perplexity", [
+    ([0, 0, 1, 1], 4, 0.5, 2.0),
+    ([0, 1, 2, 3, 4, 5, 6, 7], 8, 1.0, 8.0),
+    ([3, 3, 3, 3], 8, 0.125, 1.0),
+    ([0, 0, 0, 1], 4, 0.5, math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))),
+])
+def test_codebook_usage_on_known_index_sets(indices, num_codes, usage, perplexity):
+    u, p = codebook_usage(torch.tensor(indices).reshape(2, 1, -1), num_codes)  # any shape: all entries count
+    assert u == pytest.approx(usage) and p == pytest.approx(perplexity)
+
+
+def test_usage_from_no_counts():
+    assert usage_from_counts(torch.zeros(5)) == (0.0, 0.0)
+
+
+def test_usage_window_keeps_the_last_steps_only():
+    cb = Codebook(num_codebook_vectors=4, latent_dim=2, usage_window=2).train()
+    cb.embedding.weight.data = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    codes = cb.embedding.weight.data
+    for step in ([3, 3, 3], [0, 0], [0, 1]):  # the first step falls out of a window of 2
+        cb(as_map(codes[step]))
+    usage, perplexity = cb.usage()
+    assert usage == pytest.approx(0.5)  # codes 0 and 1: 3 and 1 hits
+    assert perplexity == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    cb.eval()
+    cb(as_map(codes[[2, 2, 2, 2]]))  # evaluation does not enter the training window
+    assert cb.usage()[0] == pytest.approx(0.5)

@@ -1,0 +1,155 @@
+"""Stage 2: token handling of VQGANTransformer, and the training and sampling scripts end to end."""
+import json
+
+import pytest
+import torch
+
+import sample_transformer
+import training_transformer
+import training_vqgan
+from demo_flowers import make_demo_flowers
+from transformer import VQGANTransformer, corrupt
+from utils import load_checkpoint
+from vqgan import VQGAN, VQGANConfig
+
+TINY_VQGAN = VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                         z_channels=32, latent_dim=16, num_codebook_vectors=64)
+TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+STAGE1_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
+                "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
+                "--batch-size", "4", "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu"]
+STAGE2_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
+                "--num-workers", "0", "--device", "cpu"]
+
+
+def tiny_model(**kwargs):
+    torch.manual_seed(0)
+    return VQGANTransformer(VQGAN(TINY_VQGAN), **TINY_GPT, **kwargs)
+
+
+def test_pkeep_corruption_rate_and_clean_targets(monkeypatch):
+    torch.manual_seed(0)
+    indices = torch.randint(0, 64, (200, 64))
+    noisy = corrupt(indices, pkeep=0.7, num_codes=64)
+    changed = (noisy != indices).float().mean().item()
+    assert changed == pytest.approx(0.3 * 63 / 64, abs=0.01)  # a replacement equals the original 1/64 of the time
+    assert noisy.max() < 64 and torch.equal(corrupt(indices, 1.0, 64), indices)
+
+    model = tiny_model(pkeep=0.5).train()
+    seen = {}
+
+    def spy(tokens, targets=None):
+        seen.update(tokens=tokens, targets=targets)
+        return tokens.float(), None
+    monkeypatch.setattr(model.gpt, "forward", spy)
+    indices = torch.randint(0, 64, (4, 64))
+    model(indices)
+    assert torch.equal(seen["targets"], indices)  # targets stay clean
+    assert torch.all(seen["tokens"][:, 0] == 64)  # then the start token...
+    assert (seen["tokens"][:, 1:] != indices[:, :-1]).float().mean() > 0.3  # ...and the noised indices, shifted
+    model.eval()
+    model(indices)
+    assert torch.equal(seen["tokens"][:, 1:], indices[:, :-1])  # no noise at evaluation
+
+
+def test_start_tokens_are_never_codes():
+    model = tiny_model()
+    assert model.gpt.config.vocab_size == 65 and torch.all(model.start_tokens(3) == 64)
+    cond = tiny_model(num_classes=3)
+    assert cond.gpt.config.vocab_size == 67
+    assert cond.start_tokens(3, torch.tensor([0, 1, 2])).flatten().tolist() == [64, 65, 66]
+    with pytest.raises(ValueError, match="class labels"):
+        cond.start_tokens(3)
+    # Even a GPT that strongly prefers the start token never samples it as a code.
+    model.gpt.head.weight.data[64:] = 0.0
+    model.gpt.head.weight.data[64:, 0] = 50.0
+    model.gpt.ln_f.bias.data.fill_(1.0)
+    idx = model.sample_indices(2)
+    assert idx.shape == (2, 64) and idx.max() < 64
+
+
+def test_latent_grid_and_block_size_come_from_stage_1():
+    model = tiny_model()
+    assert model.latent_hw == (8, 8) and model.num_tokens == 64
+    assert tiny_model(image_size=16).num_tokens == 16
+    with pytest.raises(ValueError, match="--block-size 32"):
+        VQGANTransformer(VQGAN(TINY_VQGAN), n_layer=1, n_head=1, n_embd=8, block_size=32)
+
+
+def test_log_images_keeps_the_top_half():
+    model = tiny_model().eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    logs = model.log_images(x, top_k=1)
+    assert list(logs) == ["input", "reconstruction", "half_completion", "sample"]
+    assert all(v.shape == x.shape for v in logs.values())
+    # the completion's top half decodes from the input's own indices: the top rows of pixels agree closely
+    indices = model.encode_to_indices(x)
+    completion = model.sample_indices(2, top_k=1, prefix=indices[:, :32])
+    assert torch.equal(completion[:, :32], indices[:, :32])
+
+
+def test_stage1_stage2_sampling_end_to_end(tmp_path):
+    data = make_demo_flowers(tmp_path / "flowers", num_images=16, size=40)
+    stage1 = tmp_path / "stage1"
+    training_vqgan.main(training_vqgan.build_parser().parse_args(
+        STAGE1_FLAGS + ["--dataset-path", str(data), "--out-dir", str(stage1), "--max-steps", "3"]))
+    vq_ckpt = stage1 / "checkpoints" / "vqgan_last.pt"
+
+    out = tmp_path / "stage2"
+    flags = STAGE2_FLAGS + ["--dataset-path", str(data), "--checkpoint-path", str(vq_ckpt), "--out-dir", str(out),
+                            "--sample-every", "3", "--save-every", "2"]
+    parser = training_transformer.build_parser()
+    training_transformer.main(parser.parse_args(flags + ["--max-steps", "3"]))
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "optimizer", "step", "epoch", "config", "vqgan_checkpoint"}
+    assert (out / "results" / "transformer_samples_0000003.png").exists()
+    records = [json.loads(line) for line in open(out / "results" / "transformer_metrics.jsonl")]
+    assert "val_bits_per_token" in records[-1]  # a held-out split is evaluated
+    assert records[-1]["val_bits_per_token"] == pytest.approx(records[-1]["val_loss"] / 0.6931471805599453)
+
+    training_transformer.main(parser.parse_args(flags + ["--max-steps", "5", "--resume"]))
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 5 and ckpt["optimizer"]["state"][0]["step"] == 5
+    assert [json.loads(line)["step"] for line in open(out / "results" / "transformer_metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    samples = tmp_path / "samples"
+    images = sample_transformer.main(sample_transformer.build_parser().parse_args(
+        ["--checkpoint-path", str(out / "checkpoints" / "transformer_last.pt"), "--num-samples", "3",
+         "--batch-size", "2", "--out-dir", str(samples), "--device", "cpu"]))
+    assert len(images) == 3 and images[0].shape == (3, 32, 32)
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "sample_0000.png", "sample_0001.png",
+                                                         "sample_0002.png"]
+
+
+def test_conditional_and_precomputed_tokens(tmp_path):
+    for name, seed in (("roses", 0), ("tulips", 1)):
+        make_demo_flowers(tmp_path / "data" / name, num_images=8, size=32, seed=seed)
+    torch.manual_seed(0)
+    stage1 = tmp_path / "stage1" / "vqgan.pt"
+    from utils import save_checkpoint
+    from dataclasses import asdict
+    save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
+    out = tmp_path / "stage2"
+    flags = STAGE2_FLAGS + ["--dataset-path", str(tmp_path / "data"), "--checkpoint-path", str(stage1),
+                            "--out-dir", str(out), "--conditional", "--precompute-tokens", "--max-steps", "2",
+                            "--sample-every", "2"]
+    training_transformer.main(training_transformer.build_parser().parse_args(flags))
+    caches = sorted(p.name for p in stage1.parent.glob("tokens_*.pt"))
+    assert len(caches) == 2 and caches[0].startswith("tokens_train_32px_")
+    train_cache = load_checkpoint(stage1.parent / caches[0])
+    assert train_cache["indices"].shape[1] == 64 and train_cache["labels"].unique().tolist() == [0, 1]
+    assert len(train_cache["indices"]) % 2 == 0  # each image and its flip
+    # A different image size never reuses the cache.
+    assert training_transformer.token_cache_path(stage1, 16, ["a"], "train") != \
+        training_transformer.token_cache_path(stage1, 32, ["a"], "train")
+
+    ckpt = out / "checkpoints" / "transformer_last.pt"
+    assert load_checkpoint(ckpt)["classes"] == ["roses", "tulips"]
+    images = sample_transformer.main(sample_transformer.build_parser().parse_args(
+        ["--checkpoint-path", str(ckpt), "--num-samples", "2", "--class-id", "1", "--out-dir",
+         str(tmp_path / "s"), "--device", "cpu"]))
+    assert len(images) == 2
+    with pytest.raises(ValueError, match="--class-id"):
+        sample_transformer.main(sample_transformer.build_parser().parse_args(
+            ["--checkpoint-path", str(ckpt), "--num-samples", "2", "--out-dir", str(tmp_path / "s"),
+             "--device", "cpu"]))
