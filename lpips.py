@@ -1,6 +1,7 @@
 """LPIPS perceptual distance (Zhang et al. 2018): torchvision's VGG16 features and the `lpips` package's linear heads."""
 import importlib.metadata
 import os
+import socket
 
 import torch
 import torch.nn as nn
@@ -41,12 +42,14 @@ def vgg16_features(vgg_weights):
         message = (f"LPIPS needs torchvision's ImageNet VGG16 weights: put {os.path.basename(vgg16_path())} "
                    f"(from {VGG16_WEIGHTS.url}) in {os.path.dirname(vgg16_path())}/, "
                    f"or train without perceptual loss with --perceptual-loss-factor 0.")
-        if not lpips_available():  # no download attempt: without internet it can hang
-            raise RuntimeError(message)
-        try:
-            state = VGG16_WEIGHTS.get_state_dict(progress=False, check_hash=True)
-        except Exception as err:  # a corrupt or truncated file, a hash mismatch...
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a download attempt on a machine without internet must not hang
+        try:  # loads the file if it is there, else downloads it once (528 MB)
+            state = VGG16_WEIGHTS.get_state_dict(progress=not lpips_available(), check_hash=True)
+        except Exception as err:  # no network, a corrupt or truncated file, a hash mismatch...
             raise RuntimeError(message) from err
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
         vgg_weights = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     if not isinstance(vgg_weights, dict):
         raise ValueError(f"vgg_weights must be 'imagenet', None or a state dict, not {vgg_weights!r}")

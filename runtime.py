@@ -1,4 +1,5 @@
-"""Run-time plumbing shared by the training scripts: distributed set-up, precision, resumable sampling, signals."""
+"""Run-time plumbing shared by the scripts: distributed set-up, precision, resumable sampling, signals, help."""
+import argparse
 import os
 import signal
 from contextlib import nullcontext
@@ -143,3 +144,10 @@ def mismatched_fields(saved, current):
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
     return [k for k, v in current.items() if k in saved and norm(saved[k]) != norm(v)]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None and the help text says what happens instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)

@@ -10,7 +10,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from runtime import autocast, resolve_precision
+from runtime import HelpFormatter, autocast, resolve_precision
 from transformer import VQGANTransformer
 from utils import CheckpointError, DataError, check_writable, pick_device, save_image_grid, seed_everything, \
     to_image_range
@@ -64,7 +64,7 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--checkpoint-path", default="checkpoints/transformer_last.pt", help="a stage-2 checkpoint")
     a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")

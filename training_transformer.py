@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
-from runtime import (ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
+from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
                      mismatched_fields, no_sync, resolve_precision, setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
@@ -306,7 +306,7 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional)")
     a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")

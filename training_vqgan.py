@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
-from runtime import (ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
+from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
                      mismatched_fields, no_sync, resolve_precision, setup_distributed)
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot,
@@ -298,7 +298,7 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 1 of VQGAN: train the VQ autoencoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")

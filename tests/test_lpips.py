@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import urllib.error
 
 import pytest
 import torch
@@ -70,8 +71,12 @@ def test_matches_lpips_package(model, tmp_path):
     torch.testing.assert_close(expected, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_missing_imagenet_weights_says_what_to_do(empty_hub):
+def test_missing_imagenet_weights_says_what_to_do(empty_hub, monkeypatch):
     assert not lpips_available()
+
+    def offline(url, *args, **kwargs):  # as on a machine without internet (and never a real download in tests)
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError) as info:
         LPIPS()
     assert "vgg16-397923af.pth" in str(info.value)
