@@ -196,7 +196,8 @@ def main(args):
 
     model = torch.compile(transformer) if args.compile else transformer
     if d.enabled:
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+        # The GPT has no buffers and the frozen VQGAN is the same on every rank: nothing to broadcast per step.
+        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 
     train_set = make_dataset(train_paths, args, transformer, True, "train", device, precision, d.is_main)
     sampler = ResumableSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed, rank=d.rank,
@@ -232,12 +233,13 @@ def main(args):
     transformer.train()
     while step < max_steps:
         sampler.set_epoch(epoch, start_batch)
-        step_at_epoch_start, whole_epoch = step, start_batch == 0
+        step_at_epoch_start, whole_epoch, skipped_in_epoch = step, start_batch == 0, 0
         for batch in loader:
             start_batch += 1
+            skipped_in_epoch += args.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
+            skipped_files = max(skipped_files, skipped_in_epoch)  # each pass meets the same bad files: count one
             if batch is None:
                 continue
-            skipped_files += batch["skipped"]
             if fixed_batch is None:
                 fixed_batch = batch
             indices = batch_indices(batch, transformer, device, precision)
@@ -256,8 +258,9 @@ def main(args):
                 tqdm.write(f"Step {step}: non-finite loss, update skipped ({nonfinite} in a row).")
                 if nonfinite >= args.max_nonfinite_steps:
                     bar.close()
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. The last good "
-                                             f"checkpoint is {ckpt_path}; try a lower --learning-rate.")
+                    kept = f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "Nothing was saved"
+                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. {kept}; try a "
+                                             f"lower --learning-rate.")
                 continue
             nonfinite = 0
             scaler.unscale_(optimizer)

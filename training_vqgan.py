@@ -43,9 +43,13 @@ def config_from_args(args):
 def check_args(args):
     """Reject impossible flag values up front, naming the flag."""
     for flag in ("image_size", "batch_size", "epochs", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors",
-                 "z_channels", "grad_accum", "save_every", "sample_every"):
+                 "z_channels", "grad_accum", "save_every", "sample_every", "restart_every", "max_nonfinite_steps"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.codebook_dim < 0:
+        raise ValueError(f"--codebook-dim must be 0 (use --latent-dim) or positive, got {args.codebook_dim}.")
+    if args.learning_rate is not None and not args.learning_rate > 0:  # also refuses nan
+        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
     if any(m <= 0 for m in args.ch_mult):
         raise ValueError(f"--ch-mult values must be positive, got {args.ch_mult}.")
     f = 2 ** (len(args.ch_mult) - 1)
@@ -118,12 +122,9 @@ def train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, prec
 
 
 def optimizer_step(opt, scaler):
-    """Step (for fp16 the scaler skips steps whose gradients overflowed) and clear the gradients."""
-    if scaler.is_enabled():
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
+    """Step and clear the gradients (a disabled scaler just steps; fp16's skips steps whose gradients overflowed)."""
+    scaler.step(opt)
+    scaler.update()
     opt.zero_grad(set_to_none=True)
 
 
@@ -222,11 +223,13 @@ def main(args):
     while step < max_steps:
         sampler.set_epoch(epoch, start_batch)
         step_at_epoch_start, whole_epoch = step, start_batch == 0
+        skipped_in_epoch = 0  # every pass meets the same unreadable files: report one pass's count, not their sum
         for batch in loader:
             start_batch += 1
+            skipped_in_epoch += args.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
+            skipped_files = max(skipped_files, skipped_in_epoch)
             if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
                 continue
-            skipped_files += batch["skipped"]
             x = batch["image"].to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -245,8 +248,9 @@ def main(args):
                 tqdm.write(f"Step {step}: non-finite loss, update skipped ({nonfinite} in a row).")
                 if nonfinite >= args.max_nonfinite_steps:
                     bar.close()
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. The last good "
-                                             f"checkpoint is {ckpt_path}; try a lower --learning-rate.")
+                    kept = f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "Nothing was saved"
+                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. {kept}; try a "
+                                             f"lower --learning-rate.")
                 continue
             nonfinite = 0
             optimizer_step(opt_vq, scalers[0])

@@ -1,4 +1,5 @@
 """Shared helpers: image folders and loaders, devices, atomic checkpoints, image grids, plots and the metrics log."""
+import glob
 import json
 import math
 import os
@@ -152,6 +153,10 @@ def split_paths(paths, val_fraction=0.05, seed=0):
 def pick_device(name=None):
     """The named device, else CUDA when available, else the CPU with a notice."""
     if name is not None:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device '{name}' is not a device name torch knows (cpu, cuda, cuda:1, ...).") from None
         if torch.device(name).type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f"Device '{name}' was requested, but CUDA is not available on this machine.")
         return torch.device(name)
@@ -211,6 +216,8 @@ def save_checkpoint(obj, path):
         partial.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+    for stale in path.parent.glob(f'{glob.escape(path.name)}.*.tmp'):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, trust=False):

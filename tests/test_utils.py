@@ -372,3 +372,14 @@ def test_workers_draw_different_crops(tmp_path):
     utils.seed_everything(0)
     assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
     assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))
+
+
+def test_save_checkpoint_removes_partial_files_of_killed_saves(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    stale = tmp_path / 'ckpt.pt.deadbeef.tmp'  # what a process killed halfway through a save leaves
+    stale.write_bytes(b'half a checkpoint')
+    other = tmp_path / 'other.pt.cafe.tmp'
+    other.write_bytes(b'')
+    utils.save_checkpoint({'step': 1}, path)
+    assert not stale.exists() and other.exists()
+    assert utils.load_checkpoint(path)['step'] == 1
