@@ -153,3 +153,29 @@ def test_conditional_and_precomputed_tokens(tmp_path):
         sample_transformer.main(sample_transformer.build_parser().parse_args(
             ["--checkpoint-path", str(ckpt), "--num-samples", "2", "--out-dir", str(tmp_path / "s"),
              "--device", "cpu"]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must divide by --n-head 4"),
+    (["--block-size", "32"], "--block-size 32 is smaller than the 64 tokens"),
+    (["--pkeep", "0"], "--pkeep must be in"),
+    (["--image-size", "30"], "--image-size 30 must divide by the stage-1 downsampling factor 4"),
+])
+def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
+    from dataclasses import asdict
+    from utils import save_checkpoint
+    stage1 = tmp_path / "vqgan.pt"
+    save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
+    data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
+    flags = STAGE2_FLAGS + ["--dataset-path", str(data), "--checkpoint-path", str(stage1), "--out-dir",
+                            str(tmp_path / "out"), "--max-steps", "1"] + extra
+    with pytest.raises(ValueError, match=message):
+        training_transformer.main(training_transformer.build_parser().parse_args(flags))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
+    from utils import CheckpointError
+    flags = STAGE2_FLAGS + ["--checkpoint-path", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)]
+    with pytest.raises(CheckpointError, match="No stage-1 checkpoint at .*python training_vqgan.py"):
+        training_transformer.main(training_transformer.build_parser().parse_args(flags))
