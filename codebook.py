@@ -30,6 +30,9 @@ class Codebook(nn.Module):
     - l2_norm: l2-normalise codes and inputs, so that the nearest code is the one of highest cosine similarity.
     - restart_dead_codes: re-seed codes whose moving hit rate has fallen below `dead_threshold` of the uniform rate
       with randomly chosen encoder outputs of the current batch, every `restart_every` training steps.
+
+    A training step here is a forward pass in training mode (a micro-step under gradient accumulation); the usage
+    window and the restart schedule count them in `train_steps`. Evaluation passes change no statistic.
     """
 
     def __init__(self, *, num_codebook_vectors=1024, latent_dim=256, beta=0.25, codebook_dim=None, l2_norm=False,
@@ -98,11 +101,10 @@ class Codebook(nn.Module):
         counts = torch.bincount(indices, minlength=self.num_codes).float()
         slot = int(self.train_steps) % self.window_counts.shape[0]
         self.window_counts[slot] = counts
-        if self.restart_dead_codes:
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(counts)  # every rank sees the same hit rates and so takes the same decision
-            rate = counts / counts.sum().clamp(min=1)
-            self.hit_rate_ema.mul_(self.ema_decay).add_(rate, alpha=1 - self.ema_decay)
+        if self.restart_dead_codes and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)  # every rank sees the same hit rates and so takes the same decision
+        rate = counts / counts.sum().clamp(min=1)
+        self.hit_rate_ema.mul_(self.ema_decay).add_(rate, alpha=1 - self.ema_decay)  # kept for dead_codes() anyway
         self.train_steps += 1
 
     def usage(self):

@@ -162,7 +162,7 @@ def pick_device(name=None):
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device('cuda')
-    print('No CUDA device found: training on the CPU (slow).')
+    print('No CUDA device found: running on the CPU (slow).')
     return torch.device('cpu')
 
 

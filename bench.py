@@ -1,0 +1,428 @@
+"""Speed and memory of both stages: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s.
+
+    python bench.py                                          # the paper's config on the default device
+    python bench.py --quick                                  # a tiny config: a minute on a CPU
+    python bench.py --device cpu --batch-size 2 --steps 3 --warmup 1 --threads 2
+
+Each section runs in a fresh process, so that its peak memory (the CUDA allocator's peak, or the process's peak RSS
+on the CPU) is its own. Warm-up steps are never timed; the first one counts the FLOPs of a step (matmuls,
+convolutions and attention, forward and backward) with torch's FLOP formulas, from which come the achieved
+TFLOP/s and, on a GPU of known bf16 peak, the model-FLOPs utilisation (MFU).
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+import training_vqgan
+from discriminator import Discriminator
+from lpips import LPIPS
+from mingpt import GPT
+from runtime import autocast, make_scaler, resolve_precision
+from utils import pick_device
+from vqgan import VQGAN, VQGANConfig
+
+CONFIGS = {
+    # the paper's: 256x256 images, f=16 (a 16x16 grid of 256 tokens), 1024 codes; taming's 24-layer ImageNet GPT
+    "paper": dict(vqgan=dict(), gpt=dict(n_layer=24, n_head=16, n_embd=1024)),
+    # a tiny one for a quick look: 64x64 images, f=8 (8x8 = 64 tokens), 256 codes, a 4-layer GPT
+    "quick": dict(vqgan=dict(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
+                             z_channels=64, latent_dim=64, num_codebook_vectors=256),
+                  gpt=dict(n_layer=4, n_head=4, n_embd=256)),
+}
+# The issue's estimates for the paper config: FLOPs of one training step per 256x256 image (encoder 138 G and
+# decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
+ISSUE_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
+DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
+    "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
+    "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
+}
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched in order against the CUDA device's name.
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+SAMPLING_TOP_K = 100  # taming's sampling default; filtering costs next to nothing
+SECTIONS = ("stage1", "stage2", "sampling")
+
+# torch's FLOP formulas know the CUDA attention kernels but not the CPU one: count it with the same formulas.
+_aten = torch.ops.aten
+if _aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+    @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_attention_flop(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_attention_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# ---- measuring ----
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FlopCounter(TorchDispatchMode):
+    """Sums torch's FLOP formulas (those of FlopCounterMode) over the operators that run inside it.
+
+    FlopCounterMode itself also tracks modules, with hooks that break the autograd.grad calls of train_step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn):
+    """Run fn() once and return the FLOPs of its matmuls, convolutions and attention (forward and backward)."""
+    with FlopCounter() as counter:
+        fn()
+    return counter.flops
+
+
+def time_steps(step, eager_step, warmup, steps, device):
+    """(wall and CPU seconds of each of `steps` timed steps, FLOPs of one step); the first warm-up step is counted.
+
+    The count runs `eager_step` (the model without torch.compile: same FLOPs), so compilation happens in the second.
+    """
+    flops = None
+    for i in range(warmup):
+        if i == 0:
+            flops = count_flops(lambda: eager_step(i))
+        else:
+            step(i)
+    times, cpu_times = [], []
+    for i in range(warmup, warmup + steps):
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(i)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times, flops
+
+
+def busy_cpu_seconds():
+    """Seconds of CPU time the whole machine has spent busy since boot (from /proc/stat), or None without it."""
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = jiffies[3] + jiffies[4]  # idle + iowait
+    return (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user nice system idle iowait irq softirq steal
+
+
+def load_average():
+    """The 1-minute load average (runnable processes, this one included), or None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+class LoadProbe:
+    """How busy the machine was with other work while a section ran: timings on a shared CPU need this beside them."""
+
+    def __init__(self):
+        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), busy_cpu_seconds()
+        self.load_before = load_average()
+
+    def result(self):
+        wall = time.perf_counter() - self.wall
+        out = {"wall_s": wall, "loadavg_1min_before": self.load_before, "loadavg_1min_after": load_average()}
+        busy = busy_cpu_seconds()
+        if busy is not None and self.busy is not None:  # CPU seconds per second used by every other process
+            out["other_processes_cores"] = max(0.0, (busy - self.busy) - (time.process_time() - self.own)) / wall
+        return out
+
+
+def peak_memory(device):
+    """(bytes, what was measured): the CUDA allocator's peak, or this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"  # macOS reports bytes, Linux KiB
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def bf16_peak_flops(device):
+    """(peak FLOP/s or None, device name)."""
+    if device.type != "cuda":
+        return None, cpu_name()
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12, name
+    return None, name
+
+
+def throughput(times, cpu_times, items_per_step, flops, device):
+    """Mean step time, items/s, and from the counted FLOPs the TFLOP/s achieved and the MFU where the peak is known.
+
+    The CPU seconds of this process per step go along: on a shared CPU they change less with the load than the wall
+    time does.
+    """
+    step_s = sum(times) / len(times)
+    out = {"step_s": step_s, "step_s_each": times, "cpu_s_each": cpu_times, "items_per_s": items_per_step / step_s,
+           "flops_per_item": flops / items_per_step if flops else None, "tflops": None, "mfu": None}
+    if flops:
+        out["tflops"] = flops / step_s / 1e12
+        peak, _ = bf16_peak_flops(device)
+        out["mfu"] = flops / step_s / peak if peak else None
+    return out
+
+
+# ---- the three sections ----
+
+def models_config(args):
+    config = VQGANConfig(**CONFIGS[args.config]["vqgan"])
+    grid = config.image_size // config.downsample_factor
+    return config, grid
+
+
+def build_gpt(config, grid, args, device):
+    """The stage-2 GPT: codes plus one start token, a block of one image's tokens (start token + all but the last)."""
+    return GPT(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid, **CONFIGS[args.config]["gpt"]).to(device)
+
+
+def bench_stage1(args, device, precision):
+    """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
+    config, _ = models_config(args)
+    vqgan, disc = VQGAN(config).to(device), Discriminator().to(device)
+    lpips = LPIPS(vgg_weights=None).to(device)  # random VGG16 weights: the same FLOPs, no download needed
+    if device.type == "cuda":  # as training_vqgan does
+        vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
+    lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
+    opt_vq = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(train_args.beta1, train_args.beta2))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(train_args.beta1, train_args.beta2))
+    scalers = (make_scaler(precision, device), make_scaler(precision, device))
+    model, disc_model = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
+    x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step(i, model=model, disc_model=disc_model):
+        metrics = training_vqgan.train_step(x, vqgan, model, disc, disc_model, lpips, scalers, i, train_args,
+                                            precision)
+        if not math.isfinite(metrics["loss"].item()):  # the training loop's check (and its one sync per step)
+            raise FloatingPointError(f"stage 1: non-finite loss at step {i}")
+        training_vqgan.optimizer_step(opt_vq, scalers[0])
+        training_vqgan.optimizer_step(opt_disc, scalers[1])
+
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, vqgan, disc), args.warmup, args.steps, device)
+    return {"batch_size": args.batch_size, "unit": "images",
+            **throughput(times, cpu_times, args.batch_size, flops, device)}
+
+
+def bench_stage2(args, device, precision):
+    """One step of stage-2 training on random tokens: GPT forward and backward, clipping, AdamW (no VQGAN encode)."""
+    config, grid = models_config(args)
+    gpt = build_gpt(config, grid, args, device)
+    opt = gpt.configure_optimizers(4.5e-6 * args.gpt_batch_size)
+    scaler = make_scaler(precision, device)
+    model = torch.compile(gpt) if args.compile else gpt
+    start_token = config.num_codebook_vectors
+    indices = torch.randint(config.num_codebook_vectors, (args.gpt_batch_size, grid * grid), device=device)
+    tokens = torch.cat([torch.full_like(indices[:, :1], start_token), indices[:, :-1]], dim=1)  # (B, h*w)
+
+    def step(i, model=model):
+        with autocast(precision, device):
+            _, loss = model(tokens, indices)
+        scaler.scale(loss).backward()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"stage 2: non-finite loss at step {i}")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)  # training_transformer's default --grad-clip
+        training_vqgan.optimizer_step(opt, scaler)
+
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device)
+    tokens_per_step = args.gpt_batch_size * grid * grid
+    return {"batch_size": args.gpt_batch_size, "unit": "tokens",
+            **throughput(times, cpu_times, tokens_per_step, flops, device)}
+
+
+def bench_sampling(args, device, precision):
+    """Sampling a batch: GPT.generate with the KV cache from the start token, then VQGAN.decode_indices."""
+    config, grid = models_config(args)
+    gpt, vqgan = build_gpt(config, grid, args, device).eval(), VQGAN(config).to(device).eval()
+    n = args.sample_batch_size
+    start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def run(num_tokens):
+        """Seconds to generate num_tokens tokens, to decode a full grid, and CPU seconds of the generation."""
+        synchronize(device)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        with autocast(precision, device):
+            out = gpt.generate(start, num_tokens, top_k=SAMPLING_TOP_K, vocab_limit=config.num_codebook_vectors)
+        synchronize(device)
+        t1, cpu1 = time.perf_counter(), time.process_time()
+        indices = out[:, 1:] if num_tokens == grid * grid else torch.randint_like(start.expand(n, grid * grid),
+                                                                                  config.num_codebook_vectors)
+        with autocast(precision, device):
+            images = vqgan.decode_indices(indices.reshape(n, grid, grid))
+        synchronize(device)
+        assert images.shape == (n, 3, config.image_size, config.image_size)
+        return t1 - t0, time.perf_counter() - t1, cpu1 - cpu0
+
+    if args.warmup:
+        run(min(8, grid * grid))  # a short generation touches every code path; the decode is a full one
+    runs = [dict(zip(("generate_s", "decode_s", "generate_cpu_s"), run(grid * grid))) for _ in range(args.sample_runs)]
+    generate_s = sum(r["generate_s"] for r in runs) / len(runs)
+    decode_s = sum(r["decode_s"] for r in runs) / len(runs)
+    return {"batch_size": n, "tokens": grid * grid, "generate_s": generate_s, "decode_s": decode_s,
+            "step_s": generate_s + decode_s, "runs": runs, "tokens_per_s": n * grid * grid / generate_s,
+            "images_per_s": n / (generate_s + decode_s)}
+
+
+BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling}
+
+
+def run_section(name, args):
+    """Run one section in this process and add its peak memory and the machine's load to its result."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    probe = LoadProbe()
+    result = BENCHES[name](args, device, precision)
+    memory, kind = peak_memory(device)
+    return {**result, "peak_memory_bytes": memory, "memory_kind": kind, **probe.result()}
+
+
+def run_section_in_fresh_process(name, args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_section, name, args).result()
+
+
+# ---- report ----
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(results):
+    """One markdown table of every section that ran."""
+    rows = ["| section | batch | s per step | throughput | GFLOP per item (counted) | achieved TFLOP/s | MFU | "
+            "peak memory | load before, after | other processes (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    titles = {"stage1": "stage-1 training", "stage2": "stage-2 GPT training", "sampling": "sampling"}
+    for name in SECTIONS:
+        r = results.get(name)
+        if r is None:
+            continue
+        memory = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB {'RSS' if 'RSS' in r['memory_kind'] else 'CUDA'}"
+        load = (f"{fmt(r['loadavg_1min_before'], '.2f')}, {fmt(r['loadavg_1min_after'], '.2f')} | "
+                f"{fmt(r.get('other_processes_cores'), '.2f')}")
+        if name == "sampling":
+            step = f"{r['generate_s']:.2f} + {r['decode_s']:.2f} decode"
+            speed = f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.3g} images/s"
+            rows.append(f"| {titles[name]} ({r['tokens']} tokens) | {r['batch_size']} | {step} | {speed} | - | - | - "
+                        f"| {memory} | {load} |")
+            continue
+        gflop = fmt(r["flops_per_item"] and r["flops_per_item"] / 1e9, ".4g")
+        mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else "")
+        rows.append(f"| {titles[name]} | {r['batch_size']} | {r['step_s']:.3f} | {r['items_per_s']:,.3g} "
+                    f"{r['unit']}/s | {gflop} | {fmt(r['tflops'], '.3f')} | {mfu} | {memory} | {load} |")
+    return "\n".join(rows)
+
+
+# ---- main ----
+
+def main(args):
+    device = pick_device(args.device)
+    args.device = str(device)  # the sections' processes use the same one without another notice
+    precision = resolve_precision(args.precision, device)
+    for key, value in DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.compile and args.warmup < 2:
+        raise ValueError("--compile needs --warmup 2 or more: the first warm-up step counts FLOPs in eager mode, "
+                         "the second compiles, and compilation must not be timed.")
+    sections = [name for name in SECTIONS if not getattr(args, f"skip_{name}")]
+
+    _, device_name = bf16_peak_flops(device)
+    results = {"config": args.config, "vqgan": CONFIGS[args.config]["vqgan"] or "VQGANConfig() defaults",
+               "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
+               "precision": precision, "compile": args.compile, "torch": torch.__version__,
+               "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
+               "issue_flops": ISSUE_FLOPS.get(args.config),
+               "notes": ["Stage 1 uses LPIPS with random VGG16 weights: the same FLOPs as the ImageNet ones.",
+                         "Stage 1 and 2 train on one fixed random batch: data loading is not measured.",
+                         "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
+                         f"Sampling uses top_k={SAMPLING_TOP_K}; images/s includes VQGAN.decode_indices.",
+                         "FLOPs are counted with torch's FLOP formulas (matmuls, convolutions, attention, "
+                         "forward and backward); MFU is against the device's dense bf16 peak."]}
+    for name in sections:
+        print(f"bench: {name} ...", flush=True)
+        run = run_section if args.in_process else run_section_in_fresh_process
+        results[name] = run(name, args)
+
+    print(f"\nconfig {args.config}, {device_name} ({device}), {precision}{', compiled' if args.compile else ''}, "
+          f"torch {torch.__version__}, {results['threads']} threads, {args.warmup} warm-up + {args.steps} timed steps")
+    print(markdown_table(results))
+    if args.out_json:
+        path = Path(args.out_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Wrote {path}.")
+    return results
+
+
+# ---- command line ----
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Benchmark stage-1 and stage-2 training and sampling.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
+    a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
+    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
+    a("--compile", action="store_true", help="wrap the models in torch.compile (needs --warmup 2 or more)")
+    a("--batch-size", type=int, default=None, help="stage-1 images per step (default: 16 on CUDA, 2 on the CPU)")
+    a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step (default: 32 on CUDA, 2 on the CPU)")
+    a("--sample-batch-size", type=int, default=None, help="images sampled at once (default: 64 on CUDA, 1 on the CPU)")
+    a("--steps", type=int, default=5, help="timed training steps per stage")
+    a("--warmup", type=int, default=2, help="untimed steps first (sampling: one short generation)")
+    a("--sample-runs", type=int, default=None, help="timed sampling runs (default: 3 on CUDA, 1 on the CPU)")
+    a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    for name in SECTIONS:
+        a(f"--skip-{name}", action="store_true", help=f"do not measure {name}")
+    a("--in-process", action="store_true", help="run every section in this process (peak memory is then shared)")
+    a("--out-json", default="results/bench.json", help="where to write the results ('' for nowhere)")
+    return p
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

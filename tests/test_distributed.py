@@ -1,0 +1,95 @@
+"""Stage-1 training under torchrun on the CPU: two gloo processes, one log and one checkpoint, global-batch lr, equal weights."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+import training_vqgan
+from demo_flowers import make_demo_flowers
+from utils import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
+              "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
+              "--batch-size", "2", "--num-workers", "0", "--perceptual-loss-factor", "0", "--disc-start", "1",
+              "--device", "cpu"]
+
+# Runs training_vqgan.py exactly as `torchrun ... training_vqgan.py` would (as __main__, same argv), and afterwards
+# writes the parameters of the modules this rank wrapped in DDP, so the test can compare the ranks. The script
+# reads DistributedDataParallel from torch.nn.parallel when it imports, so a recording subclass put there first
+# sees every module it wraps; nothing in the script changes.
+RECORD_RANK_WEIGHTS = textwrap.dedent("""
+    import os, runpy, sys
+    import torch, torch.nn.parallel
+
+    script, out = sys.argv[1], sys.argv[2]
+    wrapped = []
+
+    class RecordingDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, *args, **kwargs):
+            super().__init__(module, *args, **kwargs)
+            wrapped.append(module)
+
+    torch.nn.parallel.DistributedDataParallel = RecordingDDP
+    sys.argv = [script] + sys.argv[3:]
+    runpy.run_path(script, run_name="__main__")
+    params = [{name: p.detach().clone() for name, p in module.named_parameters()} for module in wrapped]
+    torch.save(params, os.path.join(out, f"params_rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) with --grad-accum 2: exit 0, one log and one checkpoint by rank 0, lr from
+    the global batch, and the same parameters on both ranks at the end.
+
+    Each rank draws other images (its shard of the sampler, its own augmentation seed), so the ranks' weights can
+    only agree bit for bit if DDP averaged the gradients of every step, accumulated without all-reduce on the first
+    micro-step (no_sync); the discriminator takes part from step 1. Only parameters are compared: BatchNorm running
+    statistics are per rank between forwards (DDP re-broadcasts rank 0's at each forward).
+    """
+    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
+    out = tmp_path / "run"
+    harness = tmp_path / "record_rank_weights.py"
+    harness.write_text(RECORD_RANK_WEIGHTS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(harness),
+               str(ROOT / "training_vqgan.py"), str(tmp_path), *TINY_FLAGS, "--dataset-path", str(data),
+               "--grad-accum", "2", "--max-steps", "3", "--out-dir", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["vqgan_last.pt"]
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 3 and ckpt["opt_vq"]["state"][0]["step"] == 3
+    global_batch = 2 * 2 * 2  # --batch-size x ranks x --grad-accum
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == training_vqgan.BASE_LEARNING_RATE * global_batch
+    logs = list((out / "results").glob("*metrics.jsonl"))
+    assert len(logs) == 1
+    steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines()]
+    assert steps == [1, 2, 3]  # rank 0 alone logs
+
+    rank0, rank1 = (torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2  # the VQGAN and the discriminator
+    for saved, module0, module1 in zip((ckpt["model"], ckpt["discriminator"]), rank0, rank1):
+        assert module0.keys() == module1.keys() and module0
+        for name in module0:
+            assert torch.equal(module0[name], module1[name]), name
+            assert torch.equal(saved[name], module1[name]), name  # what rank 0 saved is what rank 1 holds
+
+
+def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):
+    """One process, --grad-accum 2: lr = 4.5e-6 x (batch x accumulation steps)."""
+    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
+    out = tmp_path / "run"
+    flags = TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(out), "--grad-accum", "2", "--max-steps", "1"]
+    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 1
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == training_vqgan.BASE_LEARNING_RATE * 2 * 2
+    assert ckpt["opt_vq"]["state"][0]["step"] == 1  # two micro-batches, one Adam step
