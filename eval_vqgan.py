@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from codebook import codebook_usage
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
+from runtime import HelpFormatter
 from utils import CheckpointError, DataError, ImageFolder, build_loader, pick_device, save_image_grid, to_image_range
 from vqgan import VQGAN
 
@@ -221,14 +222,14 @@ def print_table(metrics):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Reconstruct a folder of images with a stage-1 VQGAN and measure it.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
     a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")
     a("--dataset-path", required=True, help="folder of images, searched recursively")
-    a("--image-size", type=int, default=None, help="center-crop size (default: the model's training size)")
+    a("--image-size", type=int, default=None, help="center-crop size; default: the model's training size")
     a("--batch-size", type=int, default=16, help="images per batch")
-    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    a("--device", default=None, help="cuda, cuda:1, cpu ...; default: CUDA when available")
     a("--num-workers", type=int, default=2, help="data-loading worker processes")
     a("--num-grid", type=int, default=8, help="images in reconstructions.png (0: no grid)")
     a("--out-json", default="results/eval_vqgan.json", help="metrics file; reconstructions.png goes beside it")
