@@ -188,6 +188,8 @@ def main(args):
     if resume is not None:
         gpt.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        for group in optimizer.param_groups:  # the flags' learning rate, not the saved one
+            group["lr"] = lr
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         step, epoch, start_batch = resume["step"], resume["epoch"], resume.get("batch_in_epoch", 0)

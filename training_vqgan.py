@@ -172,6 +172,8 @@ def main(args):
         disc.load_state_dict(ckpt["discriminator"])
         opt_vq.load_state_dict(ckpt["opt_vq"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
+        for group in opt_vq.param_groups + opt_disc.param_groups:  # the flags' learning rate, not the saved one
+            group["lr"] = lr
         for scaler, key in zip(scalers, ("scaler_vq", "scaler_disc")):
             if ckpt.get(key):
                 scaler.load_state_dict(ckpt[key])
