@@ -1,4 +1,4 @@
-"""LPIPS perceptual distance (Zhang et al. 2018): torchvision's VGG16 features and the `lpips` package's linear heads."""
+"""LPIPS (Zhang et al. 2018): torchvision's VGG16 features and the linear heads of the `lpips` package."""
 import importlib.metadata
 import os
 import socket

@@ -151,7 +151,8 @@ class GPT(nn.Module):
         kv_cache = [{} for _ in self.blocks]  # per layer: keys and values (B, nh, block_size, hs)
         x, pos = idx, 0
         for _ in range(max_new_tokens):
-            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit].float() / temperature  # (B, V), fp32 even under autocast
+            # (B, V), in fp32 even under autocast
+            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit].float() / temperature
             pos += x.size(1)
             probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
             x = torch.multinomial(probs, num_samples=1)  # (B, 1), the only token the next step has to run

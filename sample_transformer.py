@@ -77,7 +77,8 @@ def build_parser():
     a("--seed", type=int, default=0, help="random seed")
     a("--out-dir", default="samples", help="where the PNGs go")
     a("--device", default=None, help="cuda, cpu ... (default: CUDA when available)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
     return p
 

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
-from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
-                     mismatched_fields, no_sync, resolve_precision, setup_distributed)
+from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed,
+                     make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
@@ -334,7 +334,8 @@ def build_parser():
     a("--conditional", action="store_true", help="one start token per class (the sub-folders of the data set)")
     a("--precompute-tokens", action="store_true", help="encode the data set once (and its flips) and train from that")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the model in torch.compile")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     a("--out-dir", default=".", help="where results/ and checkpoints/ go")

@@ -1,4 +1,4 @@
-"""VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder, its config, adaptive GAN weight and loading."""
+"""VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder; config, adaptive GAN weight, loading."""
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -123,7 +123,7 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_taming(cls, ckpt_path, config_path):
-        """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), in eval mode."""
+        """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), eval mode."""
         state, params = read_taming(ckpt_path, config_path)
         dd = params["ddconfig"]
         if dd.get("double_z", False):

@@ -1,4 +1,4 @@
-"""Our LPIPS computes what the `lpips` package computes, is frozen, and fails clearly without the ImageNet VGG16 file."""
+"""Our LPIPS computes what the `lpips` package computes, is frozen, and fails clearly without VGG16 weights."""
 import os
 import subprocess
 import sys

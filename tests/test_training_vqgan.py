@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import training_vqgan
 from demo_flowers import make_demo_flowers
@@ -92,7 +91,8 @@ def test_end_to_end_run_then_resume(tmp_path):
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 5 and set(ckpt) >= {"model", "discriminator", "opt_vq", "opt_disc", "step", "epoch",
                                                 "config"}
-    assert (out / "results" / "reconstructions_0000003.png").exists() and (out / "results" / "vqgan_losses.png").exists()
+    assert (out / "results" / "reconstructions_0000003.png").exists()
+    assert (out / "results" / "vqgan_losses.png").exists()
     adam_steps = ckpt["opt_vq"]["state"][0]["step"]
 
     model = VQGAN.from_checkpoint(out / "checkpoints" / "vqgan_last.pt")

@@ -70,7 +70,8 @@ def test_nearest_code_and_straight_through():
     z = z.clone().requires_grad_(True)
     z_q, indices, _ = cb(z)
     assert indices.tolist() == [[[1, 2], [0, 1]]]
-    torch.testing.assert_close(z_q.detach(), cb.embedding.weight[indices.flatten()].reshape(1, 2, 2, 2).permute(0, 3, 1, 2))
+    chosen = cb.embedding.weight[indices.flatten()].reshape(1, 2, 2, 2).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q.detach(), chosen)
     upstream = torch.randn_like(z_q)
     (z_q * upstream).sum().backward()
     torch.testing.assert_close(z.grad, upstream)  # straight-through: identity gradient
@@ -116,7 +117,8 @@ def test_discriminator_layout_and_init():
     convs = [m for m in disc.main if isinstance(m, torch.nn.Conv2d)]
     bns = [m for m in disc.main if isinstance(m, torch.nn.BatchNorm2d)]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1] and len(bns) == 3
-    assert all(c.kernel_size == (4, 4) for c in convs) and [c.bias is None for c in convs] == [False, True, True, True, False]
+    assert all(c.kernel_size == (4, 4) for c in convs)
+    assert [c.bias is None for c in convs] == [False, True, True, True, False]
     w = torch.cat([c.weight.flatten() for c in convs])
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.001
     bn_w = torch.cat([b.weight for b in bns])
