@@ -1,4 +1,4 @@
-"""Speed and memory of both stages: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s.
+"""Speed and memory: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s.
 
     python bench.py                                          # the paper's config on the default device
     python bench.py --quick                                  # a tiny config: a minute on a CPU
@@ -7,7 +7,8 @@
 Each section runs in a fresh process, so that its peak memory (the CUDA allocator's peak, or the process's peak RSS
 on the CPU) is its own. Warm-up steps are never timed; the first one counts the FLOPs of a step (matmuls,
 convolutions and attention, forward and backward) with torch's FLOP formulas, from which come the achieved
-TFLOP/s and, on a GPU of known bf16 peak, the model-FLOPs utilisation (MFU).
+TFLOP/s and, on a GPU of known bf16 peak, the model-FLOPs utilisation (MFU). On a shared CPU, read the timings
+with the load columns beside them.
 """
 import argparse
 import json
@@ -98,17 +99,16 @@ def count_flops(fn):
     return counter.flops
 
 
-def time_steps(step, eager_step, warmup, steps, device):
-    """(wall and CPU seconds of each of `steps` timed steps, FLOPs of one step); the first warm-up step is counted.
+def time_steps(step, eager_step, warmup, steps, device, compiled):
+    """(wall and CPU seconds of each of `steps` timed steps, FLOPs of one step), after `warmup` untimed steps.
 
-    The count runs `eager_step` (the model without torch.compile: same FLOPs), so compilation happens in the second.
+    The FLOPs are counted on `eager_step` (the model without torch.compile: the same FLOPs) in the first warm-up
+    step; when compiling, that step comes on top, so that every warm-up step (compilation, the recompilations of
+    the first calls) runs the compiled model.
     """
-    flops = None
-    for i in range(warmup):
-        if i == 0:
-            flops = count_flops(lambda: eager_step(i))
-        else:
-            step(i)
+    flops = count_flops(lambda: eager_step(0)) if warmup else None
+    for i in range(0 if compiled else 1, warmup):
+        step(i)
     times, cpu_times = [], []
     for i in range(warmup, warmup + steps):
         synchronize(device)
@@ -205,7 +205,8 @@ def models_config(args):
 
 def build_gpt(config, grid, args, device):
     """The stage-2 GPT: codes plus one start token, a block of one image's tokens (start token + all but the last)."""
-    return GPT(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid, **CONFIGS[args.config]["gpt"]).to(device)
+    gpt = GPT(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid, **CONFIGS[args.config]["gpt"])
+    return gpt.to(device)
 
 
 def bench_stage1(args, device, precision):
@@ -233,7 +234,8 @@ def bench_stage1(args, device, precision):
         training_vqgan.optimizer_step(opt_vq, scalers[0])
         training_vqgan.optimizer_step(opt_disc, scalers[1])
 
-    times, cpu_times, flops = time_steps(step, lambda i: step(i, vqgan, disc), args.warmup, args.steps, device)
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, vqgan, disc), args.warmup, args.steps, device,
+                                         args.compile)
     return {"batch_size": args.batch_size, "unit": "images",
             **throughput(times, cpu_times, args.batch_size, flops, device)}
 
@@ -259,7 +261,7 @@ def bench_stage2(args, device, precision):
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)  # training_transformer's default --grad-clip
         training_vqgan.optimizer_step(opt, scaler)
 
-    times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device)
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device, args.compile)
     tokens_per_step = args.gpt_batch_size * grid * grid
     return {"batch_size": args.gpt_batch_size, "unit": "tokens",
             **throughput(times, cpu_times, tokens_per_step, flops, device)}
@@ -328,6 +330,11 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def rate(value):
+    """1,234 or 0.0578: whole numbers from 100 on, three significant digits below."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def markdown_table(results):
     """One markdown table of every section that ran."""
     rows = ["| section | batch | s per step | throughput | GFLOP per item (counted) | achieved TFLOP/s | MFU | "
@@ -343,13 +350,13 @@ def markdown_table(results):
                 f"{fmt(r.get('other_processes_cores'), '.2f')}")
         if name == "sampling":
             step = f"{r['generate_s']:.2f} + {r['decode_s']:.2f} decode"
-            speed = f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.3g} images/s"
+            speed = f"{rate(r['tokens_per_s'])} tokens/s, {rate(r['images_per_s'])} images/s"
             rows.append(f"| {titles[name]} ({r['tokens']} tokens) | {r['batch_size']} | {step} | {speed} | - | - | - "
                         f"| {memory} | {load} |")
             continue
         gflop = fmt(r["flops_per_item"] and r["flops_per_item"] / 1e9, ".4g")
         mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else "")
-        rows.append(f"| {titles[name]} | {r['batch_size']} | {r['step_s']:.3f} | {r['items_per_s']:,.3g} "
+        rows.append(f"| {titles[name]} | {r['batch_size']} | {r['step_s']:.3f} | {rate(r['items_per_s'])} "
                     f"{r['unit']}/s | {gflop} | {fmt(r['tflops'], '.3f')} | {mfu} | {memory} | {load} |")
     return "\n".join(rows)
 
@@ -367,8 +374,8 @@ def main(args):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     if args.compile and args.warmup < 2:
-        raise ValueError("--compile needs --warmup 2 or more: the first warm-up step counts FLOPs in eager mode, "
-                         "the second compiles, and compilation must not be timed.")
+        raise ValueError("--compile needs --warmup 2 or more: the first compiled call compiles and the second "
+                         "recompiles what turned out to vary (the codebook's step counter); neither may be timed.")
     sections = [name for name in SECTIONS if not getattr(args, f"skip_{name}")]
 
     _, device_name = bf16_peak_flops(device)
@@ -391,6 +398,8 @@ def main(args):
     print(f"\nconfig {args.config}, {device_name} ({device}), {precision}{', compiled' if args.compile else ''}, "
           f"torch {torch.__version__}, {results['threads']} threads, {args.warmup} warm-up + {args.steps} timed steps")
     print(markdown_table(results))
+    print("load: the 1-minute load average before and after (this run included); other processes: the CPU cores "
+          "the rest of the machine kept busy meanwhile.")
     if args.out_json:
         path = Path(args.out_json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +417,8 @@ def build_parser():
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
     a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile (needs --warmup 2 or more)")
     a("--batch-size", type=int, default=None, help="stage-1 images per step (default: 16 on CUDA, 2 on the CPU)")
     a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step (default: 32 on CUDA, 2 on the CPU)")

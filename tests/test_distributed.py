@@ -1,4 +1,4 @@
-"""Stage-1 training under torchrun on the CPU: two gloo processes, one log and one checkpoint, global-batch lr, equal weights."""
+"""Stage-1 training under torchrun on the CPU (two gloo processes); the learning rate from the global batch."""
 import json
 import os
 import subprocess
