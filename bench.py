@@ -30,7 +30,7 @@ import training_vqgan
 from discriminator import Discriminator
 from lpips import LPIPS
 from mingpt import GPT
-from runtime import autocast, make_scaler, resolve_precision
+from runtime import HelpFormatter, autocast, make_scaler, resolve_precision
 from utils import pick_device
 from vqgan import VQGAN, VQGANConfig
 
@@ -213,9 +213,9 @@ def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
     vqgan, disc = VQGAN(config).to(device), Discriminator().to(device)
-    lpips = LPIPS(vgg_weights=None).to(device)  # random VGG16 weights: the same FLOPs, no download needed
-    if device.type == "cuda":  # as training_vqgan does
-        vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    # random VGG16 weights: the same FLOPs, no download needed; channels_last as training_vqgan does
+    lpips = LPIPS(vgg_weights=None).to(device, memory_format=torch.channels_last)
+    vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
     train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
     lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
     opt_vq = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(train_args.beta1, train_args.beta2))
@@ -223,8 +223,7 @@ def bench_stage1(args, device, precision):
     scalers = (make_scaler(precision, device), make_scaler(precision, device))
     model, disc_model = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
 
     def step(i, model=model, disc_model=disc_model):
         metrics = training_vqgan.train_step(x, vqgan, model, disc, disc_model, lpips, scalers, i, train_args,
@@ -412,21 +411,21 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Benchmark stage-1 and stage-2 training and sampling.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
     a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
-    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    a("--device", default=None, help="cuda, cuda:1, cpu ...; default: CUDA when available")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile (needs --warmup 2 or more)")
-    a("--batch-size", type=int, default=None, help="stage-1 images per step (default: 16 on CUDA, 2 on the CPU)")
-    a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step (default: 32 on CUDA, 2 on the CPU)")
-    a("--sample-batch-size", type=int, default=None, help="images sampled at once (default: 64 on CUDA, 1 on the CPU)")
+    a("--batch-size", type=int, default=None, help="stage-1 images per step; default: 16 on CUDA, 2 on the CPU")
+    a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step; default: 32 on CUDA, 2 on the CPU")
+    a("--sample-batch-size", type=int, default=None, help="images sampled at once; default: 64 on CUDA, 1 on the CPU")
     a("--steps", type=int, default=5, help="timed training steps per stage")
     a("--warmup", type=int, default=2, help="untimed steps first (sampling: one short generation)")
-    a("--sample-runs", type=int, default=None, help="timed sampling runs (default: 3 on CUDA, 1 on the CPU)")
-    a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    a("--sample-runs", type=int, default=None, help="timed sampling runs; default: 3 on CUDA, 1 on the CPU")
+    a("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice")
     for name in SECTIONS:
         a(f"--skip-{name}", action="store_true", help=f"do not measure {name}")
     a("--in-process", action="store_true", help="run every section in this process (peak memory is then shared)")

