@@ -1,0 +1,22 @@
+"""bench.py runs its three sections on the tiny config and writes the table's figures as JSON (no timing asserted)."""
+import json
+
+import torch
+
+import bench
+
+
+def test_quick_bench_runs_and_writes_json(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        results = bench.main(bench.build_parser().parse_args(
+            ["--quick", "--steps", "1", "--warmup", "1", "--in-process", "--device", "cpu", "--out-json", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["config"] == results["config"] == "quick"
+    for section in ("stage1", "stage2", "sampling"):
+        assert results[section]["step_s"] > 0 and results[section]["peak_memory_bytes"] > 0
+    # FLOPs are counted, not assumed: a training step costs about 3x its forward, so far more than zero
+    assert results["stage1"]["flops_per_item"] > 1e9 and results["stage2"]["flops_per_item"] > 1e6
+    assert results["stage1"]["mfu"] is None  # no MFU on the CPU
