@@ -1,5 +1,6 @@
 """Run-time plumbing shared by the scripts: distributed set-up, precision, resumable sampling, signals, help."""
 import argparse
+import math
 import os
 import signal
 from contextlib import nullcontext
@@ -151,3 +152,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class NonFiniteGuard:
+    """Skips the update of a step whose loss is not finite, and stops the run after `limit` such steps in a row."""
+
+    def __init__(self, limit, ckpt_path):
+        self.limit, self.ckpt_path, self.in_a_row = limit, ckpt_path, 0
+
+    def skip(self, loss_value, step, d: Dist):
+        """True when this step's update must be skipped (decided alike on every rank)."""
+        if not all_ranks_agree(not math.isfinite(loss_value), d):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if d.is_main:
+            print(f"Step {step}: non-finite loss, update skipped ({self.in_a_row} in a row).", flush=True)
+        if self.in_a_row >= self.limit:
+            kept = f"The last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "Nothing was saved"
+            raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row: stopping. {kept}; try a lower "
+                                     f"--learning-rate.")
+        return True

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
-from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed,
-                     make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
+from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
+                     cleanup_distributed, make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
@@ -219,7 +219,8 @@ def main(args):
     if log is not None:
         log.truncate_after(step)
     stop = StopSignal()
-    nonfinite, skipped_files, micro, fixed_batch = 0, 0, 0, None
+    guard = NonFiniteGuard(args.max_nonfinite_steps, ckpt_path)
+    skipped_files, micro, fixed_batch = 0, 0, None
 
     def save(reason=""):
         if not d.is_main:
@@ -254,17 +255,9 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
             if not sync:
                 continue
-            if all_ranks_agree(not math.isfinite(loss.item()), d):
+            if guard.skip(loss.item(), step, d):  # keep the last good weights
                 optimizer.zero_grad(set_to_none=True)
-                nonfinite += 1
-                tqdm.write(f"Step {step}: non-finite loss, update skipped ({nonfinite} in a row).")
-                if nonfinite >= args.max_nonfinite_steps:
-                    bar.close()
-                    kept = f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "Nothing was saved"
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. {kept}; try a "
-                                             f"lower --learning-rate.")
                 continue
-            nonfinite = 0
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
             scaler.step(optimizer)

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node 4 training_vqgan.py ...     # 4 GPUs
 """
 import argparse
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,8 +15,8 @@ from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
-from runtime import (HelpFormatter, ResumableSampler, StopSignal, all_ranks_agree, autocast, cleanup_distributed, make_scaler,
-                     mismatched_fields, no_sync, resolve_precision, setup_distributed)
+from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
+                     cleanup_distributed, make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot,
                    seed_everything)
@@ -204,7 +203,8 @@ def main(args):
     if log is not None:
         log.truncate_after(step)
     stop = StopSignal()
-    nonfinite, skipped_files, micro = 0, 0, 0
+    guard = NonFiniteGuard(args.max_nonfinite_steps, ckpt_path)
+    skipped_files, micro = 0, 0
     fixed_batch = None
 
     def save(reason=""):
@@ -241,18 +241,10 @@ def main(args):
                 metrics = train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, precision)
             if not sync:
                 continue
-            bad = all_ranks_agree(not math.isfinite(metrics["loss"].item()), d)
-            if bad:  # skip this update, keep the last good weights
-                opt_vq.zero_grad(set_to_none=True), opt_disc.zero_grad(set_to_none=True)
-                nonfinite += 1
-                tqdm.write(f"Step {step}: non-finite loss, update skipped ({nonfinite} in a row).")
-                if nonfinite >= args.max_nonfinite_steps:
-                    bar.close()
-                    kept = f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "Nothing was saved"
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row: stopping. {kept}; try a "
-                                             f"lower --learning-rate.")
+            if guard.skip(metrics["loss"].item(), step, d):  # keep the last good weights
+                opt_vq.zero_grad(set_to_none=True)
+                opt_disc.zero_grad(set_to_none=True)
                 continue
-            nonfinite = 0
             optimizer_step(opt_vq, scalers[0])
             if step >= args.disc_start:
                 optimizer_step(opt_disc, scalers[1])
