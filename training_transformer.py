@@ -255,7 +255,8 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
             if not sync:
                 continue
-            if guard.skip(loss.item(), step, d):  # keep the last good weights
+            loss_value = loss.item()  # the step's one device sync
+            if guard.skip(loss_value, step, d):  # keep the last good weights
                 optimizer.zero_grad(set_to_none=True)
                 continue
             scaler.unscale_(optimizer)
@@ -267,8 +268,9 @@ def main(args):
             bar.update(1)
 
             if d.is_main:
-                values = {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2)}
-                if step % args.sample_every == 0 or step == max_steps:
+                values = {"loss": loss_value, "bits_per_token": loss_value / math.log(2)}
+                sampling = step % args.sample_every == 0 or step == max_steps
+                if sampling:
                     val = evaluate(model, val_loader, transformer, device, precision, args.val_batches) \
                         if val_loader is not None else None
                     if val is not None:
@@ -277,7 +279,7 @@ def main(args):
                                 out_dir / "results" / f"transformer_samples_{step:07d}.png", args.sample_top_k)
                 log.log(step, **values)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "val_loss")})
-                if step % args.sample_every == 0 or step == max_steps:
+                if sampling:
                     save_loss_plot(log.history, out_dir / "results" / "transformer_losses.png", title="stage 2")
             if step % args.save_every == 0:
                 save()

@@ -241,7 +241,8 @@ def main(args):
                 metrics = train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, precision)
             if not sync:
                 continue
-            if guard.skip(metrics["loss"].item(), step, d):  # keep the last good weights
+            values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one device sync per step
+            if guard.skip(values["loss"], step, d):  # keep the last good weights
                 opt_vq.zero_grad(set_to_none=True)
                 opt_disc.zero_grad(set_to_none=True)
                 continue
@@ -254,7 +255,6 @@ def main(args):
             bar.update(1)
 
             if d.is_main:
-                values = {k: v.item() for k, v in metrics.items()}
                 values["usage"], values["perplexity"] = vqgan.quantize.usage()
                 log.log(step, **values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", l1=f"{values['l1']:.3f}",
