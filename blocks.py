@@ -1,5 +1,4 @@
 """Building blocks shared by the encoder and decoder (taming-transformers' layout and names)."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils import pick_device
+from utils import CheckpointError, pick_device
 
 
 # ---- distributed (torchrun) ----
@@ -140,11 +140,14 @@ def no_sync(module, sync):
     return module.no_sync()
 
 
-def mismatched_fields(saved, current):
-    """Names of the config fields whose saved value differs from the current one (lists and tuples compare equal)."""
+def check_same_config(saved, current, ckpt_path):
+    """Refuse to resume a checkpoint whose config differs from the flags, naming every differing field."""
     def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-    return [k for k, v in current.items() if k in saved and norm(saved[k]) != norm(v)]
+        return list(v) if isinstance(v, (list, tuple)) else v  # a saved tuple comes back as a list
+    mismatched = [k for k, v in current.items() if k in saved and norm(saved[k]) != norm(v)]
+    if mismatched:
+        raise CheckpointError(f"The checkpoint {ckpt_path} was trained with other values of "
+                              f"{', '.join(mismatched)}; pass the same flags or another --out-dir.")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

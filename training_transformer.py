@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
-                     cleanup_distributed, make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
+                     check_same_config, cleanup_distributed, make_scaler, no_sync, resolve_precision,
+                     setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
@@ -173,10 +174,7 @@ def main(args):
                   n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep, num_classes=num_classes,
                   embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout)
     if resume is not None:
-        mismatched = mismatched_fields(resume["config"], config)
-        if mismatched:
-            raise CheckpointError(f"The checkpoint {ckpt_path} was trained with other values of "
-                                  f"{', '.join(mismatched)}; pass the same flags or another --out-dir.")
+        check_same_config(resume["config"], config, ckpt_path)
     transformer = VQGANTransformer(vqgan, **config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
-                     cleanup_distributed, make_scaler, mismatched_fields, no_sync, resolve_precision, setup_distributed)
+                     check_same_config, cleanup_distributed, make_scaler, no_sync, resolve_precision,
+                     setup_distributed)
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot,
                    seed_everything)
@@ -163,10 +164,7 @@ def main(args):
     step, epoch, start_batch = 0, 0, 0
     if args.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, trust=args.trust_checkpoint)
-        mismatched = mismatched_fields(ckpt["config"], asdict(config))
-        if mismatched:
-            raise CheckpointError(f"The checkpoint {ckpt_path} was trained with other values of "
-                                  f"{', '.join(mismatched)}; pass the same flags or another --out-dir.")
+        check_same_config(ckpt["config"], asdict(config), ckpt_path)
         vqgan.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["discriminator"])
         opt_vq.load_state_dict(ckpt["opt_vq"])
