@@ -30,7 +30,7 @@ import training_vqgan
 from discriminator import Discriminator
 from lpips import LPIPS
 from mingpt import GPT
-from runtime import HelpFormatter, autocast, make_scaler, resolve_precision
+from runtime import HelpFormatter, autocast, make_scaler, resolve_precision, reuse_freed_memory
 from utils import pick_device
 from vqgan import VQGAN, VQGANConfig
 
@@ -212,14 +212,14 @@ def build_gpt(config, grid, args, device):
 def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
-    vqgan, disc = VQGAN(config).to(device), Discriminator().to(device)
+    recompute = training_vqgan.recompute_default(args.recompute, device)
+    vqgan, disc = VQGAN(config).to(device).set_recompute(recompute), Discriminator().to(device)
     # random VGG16 weights: the same FLOPs, no download needed; channels_last as training_vqgan does
     lpips = LPIPS(vgg_weights=None).to(device, memory_format=torch.channels_last)
     vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
     train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
     lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
-    opt_vq = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(train_args.beta1, train_args.beta2))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(train_args.beta1, train_args.beta2))
+    opt_vq, opt_disc = training_vqgan.build_optimizers(vqgan, disc, lr, train_args)
     scalers = (make_scaler(precision, device), make_scaler(precision, device))
     model, disc_model = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
@@ -308,6 +308,8 @@ def run_section(name, args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if not args.system_malloc:
+        reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -380,7 +382,9 @@ def main(args):
     _, device_name = bf16_peak_flops(device)
     results = {"config": args.config, "vqgan": CONFIGS[args.config]["vqgan"] or "VQGANConfig() defaults",
                "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
-               "precision": precision, "compile": args.compile, "torch": torch.__version__,
+               "precision": precision, "compile": args.compile,
+               "recompute": training_vqgan.recompute_default(args.recompute, device),
+               "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
                "issue_flops": ISSUE_FLOPS.get(args.config),
                "notes": ["Stage 1 uses LPIPS with random VGG16 weights: the same FLOPs as the ImageNet ones.",
@@ -394,7 +398,8 @@ def main(args):
         run = run_section if args.in_process else run_section_in_fresh_process
         results[name] = run(name, args)
 
-    print(f"\nconfig {args.config}, {device_name} ({device}), {precision}{', compiled' if args.compile else ''}, "
+    print(f"\nconfig {args.config}, {device_name} ({device}), {precision}{', compiled' if args.compile else ''}"
+          f"{', recompute' if results['recompute'] else ''}{', system malloc' if args.system_malloc else ''}, "
           f"torch {torch.__version__}, {results['threads']} threads, {args.warmup} warm-up + {args.steps} timed steps")
     print(markdown_table(results))
     print("load: the 1-minute load average before and after (this run included); other processes: the CPU cores "
@@ -419,6 +424,10 @@ def build_parser():
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile (needs --warmup 2 or more)")
+    a("--recompute", action=argparse.BooleanOptionalAction, default=None,
+      help="stage 1 recomputes GroupNorm + swish in the backward; default: on the CPU, off on CUDA (as training)")
+    a("--system-malloc", action="store_true",
+      help="leave glibc's allocator as it is (the training scripts make it reuse freed memory on the CPU)")
     a("--batch-size", type=int, default=None, help="stage-1 images per step; default: 16 on CUDA, 2 on the CPU")
     a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step; default: 32 on CUDA, 2 on the CPU")
     a("--sample-batch-size", type=int, default=None, help="images sampled at once; default: 64 on CUDA, 1 on the CPU")

@@ -1,6 +1,8 @@
 """Building blocks shared by the encoder and decoder (taming-transformers' layout and names)."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def Normalize(channels):
@@ -11,6 +13,26 @@ def Normalize(channels):
 def swish(x):
     """x * sigmoid(x), as one fused kernel (F.silu): about 15% of a CPU training step less than written out."""
     return F.silu(x)
+
+
+def norm_swish_conv(x, norm, conv=None, dropout=None, recompute=False):
+    """conv(dropout(swish(norm(x)))); with `recompute`, only x is kept for the backward.
+
+    Plain autograd keeps three full-size tensors here until the backward: the norm's input, its output (for swish's
+    backward) and swish's output (for the conv's weight gradient). Under a non-reentrant checkpoint only x is kept,
+    and the backward recomputes swish(norm(x)): two elementwise passes. The recomputation stops as soon as the
+    conv's inputs exist again (torch's early stop), so no conv ever runs twice: tests/test_vqgan.py counts them.
+    At the paper config that is 1.4 GiB less peak memory per CPU step at batch 2 for ~5% more time (README, Speed).
+    """
+    def f(x):
+        h = swish(norm(x))
+        h = h if dropout is None else dropout(h)
+        return h if conv is None else conv(h)
+
+    if not (recompute and torch.is_grad_enabled()):
+        return f(x)
+    random = dropout is not None and dropout.training and dropout.p > 0  # the backward must draw the same mask
+    return checkpoint(f, x, use_reentrant=False, preserve_rng_state=random)
 
 
 class ResnetBlock(nn.Module):
@@ -25,10 +47,11 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.recompute = False  # see norm_swish_conv; VQGAN.set_recompute switches every block
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = norm_swish_conv(x, self.norm1, self.conv1, recompute=self.recompute)
+        h = norm_swish_conv(h, self.norm2, self.conv2, self.dropout, recompute=self.recompute)
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h

@@ -1,7 +1,7 @@
 """The taming-transformers convolutional decoder: latents (B, z_channels, h, w) -> image (B, 3, h*f, w*f)."""
 import torch.nn as nn
 
-from blocks import AttnBlock, Normalize, ResnetBlock, Upsample, swish
+from blocks import AttnBlock, Normalize, ResnetBlock, Upsample, norm_swish_conv
 
 
 class Decoder(nn.Module):
@@ -36,6 +36,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.recompute = False  # see blocks.norm_swish_conv
 
     def forward(self, z, return_features=False):
         """Decode; with return_features also return the input of `conv_out` (used for the adaptive GAN weight)."""
@@ -48,6 +49,6 @@ class Decoder(nn.Module):
                     h = level.attn[i](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        h = swish(self.norm_out(h))
+        h = norm_swish_conv(h, self.norm_out, recompute=self.recompute)  # kept: the features for λ
         out = self.conv_out(h)
         return (out, h) if return_features else out

@@ -1,7 +1,7 @@
 """The taming-transformers convolutional encoder: image (B, 3, H, W) -> latents (B, z_channels, H/f, W/f)."""
 import torch.nn as nn
 
-from blocks import AttnBlock, Downsample, Normalize, ResnetBlock, swish
+from blocks import AttnBlock, Downsample, Normalize, ResnetBlock, norm_swish_conv
 
 
 class Encoder(nn.Module):
@@ -34,6 +34,7 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        self.recompute = False  # see blocks.norm_swish_conv
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -45,4 +46,4 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return norm_swish_conv(h, self.norm_out, self.conv_out, recompute=self.recompute)

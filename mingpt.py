@@ -176,7 +176,7 @@ class GPT(nn.Module):
             {"params": [params[n] for n in sorted(decay)], "weight_decay": weight_decay},
             {"params": [params[n] for n in sorted(no_decay)], "weight_decay": 0.0},
         ]
-        fused = all(p.is_cuda for p in params.values())
+        fused = all(p.device.type in ("cpu", "cuda") for p in params.values())  # torch's fused AdamW kernels
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True if fused else None)
 
     @classmethod

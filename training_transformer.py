@@ -17,7 +17,7 @@ from tqdm import tqdm
 from demo_flowers import resolve_dataset
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
                      check_same_config, cleanup_distributed, make_scaler, no_sync, resolve_precision,
-                     setup_distributed)
+                     reuse_freed_memory, setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
@@ -148,6 +148,7 @@ def main(args):
     check_args(args)
     d = setup_distributed(args.device)
     device = d.device
+    reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)
     out_dir = Path(args.out_dir)
     ckpt_path = out_dir / "checkpoints" / "transformer_last.pt"

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
-                     check_same_config, cleanup_distributed, make_scaler, no_sync, resolve_precision,
-                     setup_distributed)
+                     check_same_config, cleanup_distributed, fused_adam, make_scaler, no_sync, resolve_precision,
+                     reuse_freed_memory, setup_distributed)
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot,
                    seed_everything)
@@ -64,6 +64,11 @@ def check_args(args):
         raise ValueError("--ch times every --ch-mult value must divide by 32 (GroupNorm uses 32 groups).")
     if args.z_channels % 32:
         raise ValueError("--z-channels must divide by 32 (GroupNorm uses 32 groups).")
+
+
+def recompute_default(flag, device):
+    """--recompute when given, else on where memory is scarce and time plentiful (the CPU), off on GPUs."""
+    return device.type == "cpu" if flag is None else flag
 
 
 def reconstruction_losses(x, x_rec, lpips, args):
@@ -121,6 +126,13 @@ def train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, prec
                 lam=lam, d_loss=d_loss.detach())
 
 
+def build_optimizers(vqgan, disc, lr, args):
+    """taming's two Adams: one for the encoder, codebook and decoder, one for the discriminator."""
+    fused = fused_adam(next(vqgan.parameters()).device)
+    return (torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused),
+            torch.optim.Adam(disc.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused))
+
+
 def optimizer_step(opt, scaler):
     """Step and clear the gradients (a disabled scaler just steps; fp16's skips steps whose gradients overflowed)."""
     scaler.step(opt)
@@ -134,6 +146,7 @@ def main(args):
     check_args(args)
     d = setup_distributed(args.device)
     device = d.device
+    reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)
     out_dir = Path(args.out_dir)
     ckpt_path = out_dir / "checkpoints" / "vqgan_last.pt"
@@ -146,7 +159,7 @@ def main(args):
     seed_everything(args.seed + d.rank)  # different noise per rank, same model init after DDP's broadcast
 
     config = config_from_args(args)
-    vqgan = VQGAN(config).to(device)
+    vqgan = VQGAN(config).to(device).set_recompute(recompute_default(args.recompute, device))
     disc = Discriminator().to(device)
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
@@ -157,8 +170,7 @@ def main(args):
 
     global_batch = args.batch_size * d.world_size * args.grad_accum
     lr = args.learning_rate if args.learning_rate is not None else BASE_LEARNING_RATE * global_batch
-    opt_vq = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(args.beta1, args.beta2))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(args.beta1, args.beta2))
+    opt_vq, opt_disc = build_optimizers(vqgan, disc, lr, args)
     scalers = (make_scaler(precision, device), make_scaler(precision, device))
 
     step, epoch, start_batch = 0, 0, 0
@@ -322,6 +334,9 @@ def build_parser():
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile")
+    a("--recompute", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
+           "for ~5%% more time; default: on the CPU, off on CUDA")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     a("--out-dir", default=".", help="where results/ and checkpoints/ go")
     a("--resume", action="store_true", help="continue from <out-dir>/checkpoints/vqgan_last.pt")

@@ -93,6 +93,13 @@ class VQGAN(nn.Module):
             return x_rec, features, indices, q_loss
         return self.decode(z_q), indices, q_loss
 
+    def set_recompute(self, on=True):
+        """Recompute GroupNorm + swish in the backward instead of keeping them (blocks.norm_swish_conv); off by default."""
+        for module in self.modules():
+            if hasattr(module, "recompute"):
+                module.recompute = on
+        return self
+
     # ---- the adaptive weight of the GAN loss ----
 
     def last_layer_grad(self, features, grad_out):

@@ -125,3 +125,12 @@ def test_impossible_flags_are_rejected(tmp_path, flag, value, message):
         flags[i + 1] = value
     with pytest.raises(ValueError, match=message):
         training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+
+
+def test_recompute_is_on_for_the_cpu_only_unless_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_vqgan.recompute_default(None, cpu) is True
+    assert training_vqgan.recompute_default(None, cuda) is False
+    assert training_vqgan.recompute_default(False, cpu) is False
+    assert training_vqgan.recompute_default(True, cuda) is True
+    assert training_vqgan.build_parser().parse_args(["--no-recompute"]).recompute is False

@@ -154,3 +154,59 @@ def test_adaptive_weight_equals_hand_computed_value():
     assert not lam.requires_grad
     # Clamping: a vanishing GAN gradient gives the upper bound, times disc_weight.
     assert model.adaptive_weight(torch.ones(3) * 1e6, torch.zeros(3), 0.8).item() == pytest.approx(1e4 * 0.8)
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators that run inside it (after autograd: what actually executes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def saved_bytes_and_grads(model, x, recompute):
+    """Bytes the forward keeps for the backward, then the gradients, with a fixed seed (dropout is on)."""
+    model.set_recompute(recompute)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x_rec, _, q_loss = model(x)
+    model.zero_grad()
+    (x_rec.square().mean() + q_loss).backward()
+    return sum(saved.values()), x_rec.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_recomputing_norm_and_swish_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(**TINY, dropout=0.2)).train()  # dropout: the recomputation must redraw the same mask
+    x = torch.randn(2, 3, 32, 32)
+    kept_plain, rec_plain, grads_plain = saved_bytes_and_grads(model, x, recompute=False)
+    kept, rec, grads = saved_bytes_and_grads(model, x, recompute=True)
+    torch.testing.assert_close(rec, rec_plain, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert kept < 0.75 * kept_plain, (kept, kept_plain)
+
+
+def test_the_backward_recomputes_norms_but_never_a_conv():
+    model = VQGAN(VQGANConfig(**TINY)).train().set_recompute(True)
+    x = torch.randn(2, 3, 32, 32)
+    with CountOps() as forward:
+        x_rec, _, q_loss = model(x)
+    with CountOps() as backward:
+        (x_rec.square().mean() + q_loss).backward()
+    aten = torch.ops.aten
+    assert forward.counts[aten.convolution.default] > 20
+    assert aten.convolution.default not in backward.counts  # early stop: the convs' inputs were all it needed
+    # every ResnetBlock's two norms and the encoder's and decoder's norm_out ran again
+    blocks = sum(1 for m in model.modules() if type(m).__name__ == "ResnetBlock")
+    assert backward.counts[aten.native_group_norm.default] == 2 * blocks + 2
