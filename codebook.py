@@ -53,7 +53,7 @@ class Codebook(nn.Module):
         # Statistics, not weights: kept out of the state dict so that taming checkpoints load unchanged.
         self.register_buffer("hit_rate_ema", torch.zeros(num_codebook_vectors), persistent=False)
         self.register_buffer("window_counts", torch.zeros(usage_window, num_codebook_vectors), persistent=False)
-        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.train_steps = 0  # a Python int: reading it never waits for the GPU
 
     def codes(self):
         """The codebook as the lookup sees it: (K, codebook_dim)."""
@@ -96,10 +96,13 @@ class Codebook(nn.Module):
 
     # ---- usage statistics and dead-code restarts ----
 
+    @torch.compiler.disable  # bookkeeping on Python ints: compiled, every new step count would mean a recompile
     @torch.no_grad()
     def _track(self, indices):
-        counts = torch.bincount(indices, minlength=self.num_codes).float()
-        slot = int(self.train_steps) % self.window_counts.shape[0]
+        # scatter_add rather than bincount, which on CUDA waits for the GPU to learn the largest index
+        counts = torch.zeros(self.num_codes, device=indices.device).scatter_add_(
+            0, indices, torch.ones(indices.shape, device=indices.device))
+        slot = self.train_steps % self.window_counts.shape[0]
         self.window_counts[slot] = counts
         if self.restart_dead_codes and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)  # every rank sees the same hit rates and so takes the same decision
@@ -116,9 +119,10 @@ class Codebook(nn.Module):
         """Boolean mask (K,) of codes hit less often than `dead_threshold` times the uniform rate 1/K."""
         return self.hit_rate_ema * self.num_codes < self.dead_threshold
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _maybe_restart(self, z_low):
-        step = int(self.train_steps)
+        step = self.train_steps
         if step == 0 or step % self.restart_every != 0:
             return
         dead = self.dead_codes().nonzero().squeeze(1)

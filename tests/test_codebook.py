@@ -37,7 +37,7 @@ def test_default_is_the_papers_quantizer():
 def test_default_never_touches_the_codes_in_training():
     cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_every=1).train()
     before = cb.embedding.weight.detach().clone()
-    cb.train_steps.fill_(5)
+    cb.train_steps = 5
     cb(as_map(torch.randn(8, 2)))
     assert torch.equal(cb.embedding.weight, before)
 
@@ -124,7 +124,7 @@ def test_restart_reseeds_exactly_the_dead_codes_from_the_batch():
     assert cb.dead_codes().nonzero().flatten().tolist() == [1, 4, 6]
     before = cb.embedding.weight.detach().clone()
     z = torch.randn(1, 3, 4, 5)
-    cb.train_steps.fill_(20)  # the check fires at multiples of restart_every
+    cb.train_steps = 20  # the check fires at multiples of restart_every
     _, indices, _ = cb(z)
     with torch.no_grad():
         z_low = F.normalize(cb.proj_in(z.permute(0, 2, 3, 1).reshape(-1, 3)), dim=-1)  # (20, 2): the lookup's inputs
@@ -147,13 +147,13 @@ def test_restart_only_at_check_steps_and_only_in_training():
     cb = restart_codebook()
     before = cb.embedding.weight.detach().clone()
     z = torch.randn(1, 3, 4, 5)
-    cb.train_steps.fill_(19)
+    cb.train_steps = 19
     cb(z)  # not a multiple of restart_every
     assert torch.equal(cb.embedding.weight, before)
     cb.eval()
     cb(z)  # step 20, but evaluation neither restarts nor counts
-    assert torch.equal(cb.embedding.weight, before) and cb.train_steps.item() == 20
-    cb.train_steps.zero_()
+    assert torch.equal(cb.embedding.weight, before) and cb.train_steps == 20
+    cb.train_steps = 0
     cb.train()
     cb(z)  # step 0 has no hit history yet
     assert torch.equal(cb.embedding.weight, before)
@@ -162,7 +162,7 @@ def test_restart_only_at_check_steps_and_only_in_training():
 def test_restart_with_a_batch_smaller_than_the_dead_set():
     cb = restart_codebook()
     cb.hit_rate_ema.zero_()  # all 8 codes dead, only 2 encoder outputs
-    cb.train_steps.fill_(10)
+    cb.train_steps = 10
     z = torch.randn(1, 3, 1, 2)
     cb(z)
     with torch.no_grad():
