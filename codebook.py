@@ -1,6 +1,4 @@
 """Vector quantization: nearest-code lookup, straight-through gradient, codebook loss and usage statistics."""
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -13,14 +11,15 @@ def codebook_usage(indices, num_codes):
     return usage_from_counts(counts)
 
 
-def usage_from_counts(counts):
-    """(fraction of codes with a non-zero count, perplexity of the normalised counts)."""
+def usage_from_counts(counts, as_tensors=False):
+    """(fraction of codes with a non-zero count, perplexity of the normalised counts); 0-d tensors with as_tensors,
+    computed without waiting for the device (both 0.0 for no counts at all)."""
     total = counts.sum()
-    if total == 0:
-        return 0.0, 0.0
-    p = counts / total
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return (counts > 0).double().mean().item(), math.exp(entropy.item())
+    p = counts / total.clamp(min=1)
+    perplexity = torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0 log 0 = 0
+    used = (counts > 0).to(p.dtype).mean()
+    perplexity = torch.where(total > 0, perplexity, torch.zeros_like(perplexity))
+    return (used, perplexity) if as_tensors else (used.item(), perplexity.item())
 
 
 class Codebook(nn.Module):
@@ -110,9 +109,9 @@ class Codebook(nn.Module):
         self.hit_rate_ema.mul_(self.ema_decay).add_(rate, alpha=1 - self.ema_decay)  # kept for dead_codes() anyway
         self.train_steps += 1
 
-    def usage(self):
-        """Usage fraction and perplexity over the last `usage_window` training steps."""
-        return usage_from_counts(self.window_counts.sum(0).double())
+    def usage(self, as_tensors=False):
+        """Usage fraction and perplexity over the last `usage_window` training steps (see usage_from_counts)."""
+        return usage_from_counts(self.window_counts.sum(0), as_tensors)
 
     @torch.no_grad()
     def dead_codes(self):

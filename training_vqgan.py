@@ -251,7 +251,9 @@ def main(args):
                 metrics = train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, precision)
             if not sync:
                 continue
-            values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one device sync per step
+            if d.is_main:  # for the bar and the log: computed on the device, read in the same sync
+                metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
+            values = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))  # one sync
             if guard.skip(values["loss"], step, d):  # keep the last good weights
                 opt_vq.zero_grad(set_to_none=True)
                 opt_disc.zero_grad(set_to_none=True)
@@ -265,7 +267,6 @@ def main(args):
             bar.update(1)
 
             if d.is_main:
-                values["usage"], values["perplexity"] = vqgan.quantize.usage()
                 log.log(step, **values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", l1=f"{values['l1']:.3f}",
                                 d=f"{values['d_loss']:.3f}", usage=f"{values['usage']:.2f}")
