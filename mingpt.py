@@ -139,7 +139,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # less per-operator work than no_grad: a few % of CPU sampling time
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
         """Append max_new_tokens sampled tokens to idx (B, T); the prompt is run once, then one token per step.
 
