@@ -166,6 +166,7 @@ class StopSignal:
 
 def no_sync(module, sync):
     """DDP's no_sync() on micro-steps that only accumulate gradients; a no-op otherwise."""
+    module = getattr(module, "_orig_mod", module)  # the DDP module inside torch.compile's wrapper
     if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return module.no_sync()

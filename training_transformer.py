@@ -195,10 +195,12 @@ def main(args):
         if d.is_main:
             print(f"Resumed from {ckpt_path} at step {step}.")
 
-    model = torch.compile(transformer) if args.compile else transformer
+    model = transformer
     if d.enabled:
         # The GPT has no buffers and the frozen VQGAN is the same on every rank: nothing to broadcast per step.
         model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:  # around DDP, as in stage 1
+        model = torch.compile(model)
 
     train_set = make_dataset(train_paths, args, transformer, True, "train", device, precision, d.is_main)
     sampler = ResumableSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed, rank=d.rank,

@@ -193,11 +193,11 @@ def main(args):
         print(f"No checkpoint at {ckpt_path} yet: starting from scratch.")
 
     model, disc_ddp = vqgan, disc
-    if args.compile:
-        model, disc_ddp = torch.compile(model), torch.compile(disc_ddp)
     if d.enabled:
         ids = [d.local_rank] if device.type == "cuda" else None
         model, disc_ddp = DDP(model, device_ids=ids), DDP(disc_ddp, device_ids=ids)
+    if args.compile:  # around DDP, so that the compiler splits the graph at DDP's buckets and overlaps all-reduces
+        model, disc_ddp = torch.compile(model), torch.compile(disc_ddp)
 
     dataset = ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths)
     sampler = ResumableSampler(len(dataset), args.batch_size, shuffle=True, seed=args.seed,
