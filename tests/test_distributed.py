@@ -93,3 +93,19 @@ def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):
     assert ckpt["step"] == 1
     assert ckpt["opt_vq"]["param_groups"][0]["lr"] == training_vqgan.BASE_LEARNING_RATE * 2 * 2
     assert ckpt["opt_vq"]["state"][0]["step"] == 1  # two micro-batches, one Adam step
+
+
+def test_no_sync_reaches_ddp_inside_torch_compile(tmp_path):
+    """torch.compile(DDP(model)), the order the scripts use: no_sync must still find DDP's no_sync."""
+    from runtime import no_sync
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        compiled = torch.compile(ddp)  # compiles lazily: never called here
+        with no_sync(compiled, sync=False):
+            assert ddp.require_backward_grad_sync is False
+        assert ddp.require_backward_grad_sync is True
+        with no_sync(compiled, sync=True):
+            assert ddp.require_backward_grad_sync is True
+    finally:
+        torch.distributed.destroy_process_group()
