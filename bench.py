@@ -270,6 +270,8 @@ def bench_sampling(args, device, precision):
     """Sampling a batch: GPT.generate with the KV cache from the start token, then VQGAN.decode_indices."""
     config, grid = models_config(args)
     gpt, vqgan = build_gpt(config, grid, args, device).eval(), VQGAN(config).to(device).eval()
+    if args.quantize == "int8":
+        gpt.quantize_int8()
     n = args.sample_batch_size
     start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
 
@@ -295,9 +297,9 @@ def bench_sampling(args, device, precision):
     runs = [dict(zip(("generate_s", "decode_s", "generate_cpu_s"), run(grid * grid))) for _ in range(args.sample_runs)]
     generate_s = sum(r["generate_s"] for r in runs) / len(runs)
     decode_s = sum(r["decode_s"] for r in runs) / len(runs)
-    return {"batch_size": n, "tokens": grid * grid, "generate_s": generate_s, "decode_s": decode_s,
-            "step_s": generate_s + decode_s, "runs": runs, "tokens_per_s": n * grid * grid / generate_s,
-            "images_per_s": n / (generate_s + decode_s)}
+    return {"batch_size": n, "tokens": grid * grid, "quantize": args.quantize, "generate_s": generate_s,
+            "decode_s": decode_s, "step_s": generate_s + decode_s, "runs": runs,
+            "tokens_per_s": n * grid * grid / generate_s, "images_per_s": n / (generate_s + decode_s)}
 
 
 BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling}
@@ -352,8 +354,9 @@ def markdown_table(results):
         if name == "sampling":
             step = f"{r['generate_s']:.2f} + {r['decode_s']:.2f} decode"
             speed = f"{rate(r['tokens_per_s'])} tokens/s, {rate(r['images_per_s'])} images/s"
-            rows.append(f"| {titles[name]} ({r['tokens']} tokens) | {r['batch_size']} | {step} | {speed} | - | - | - "
-                        f"| {memory} | {load} |")
+            weights = ", int8 weights" if r.get("quantize") == "int8" else ""
+            rows.append(f"| {titles[name]} ({r['tokens']} tokens{weights}) | {r['batch_size']} | {step} | {speed} "
+                        f"| - | - | - | {memory} | {load} |")
             continue
         gflop = fmt(r["flops_per_item"] and r["flops_per_item"] / 1e9, ".4g")
         mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else "")
@@ -374,6 +377,8 @@ def main(args):
     for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:
+        raise ValueError("--quantize int8 is a CPU sampling path (torch's int8 kernel); on CUDA use --precision bf16.")
     if args.compile and args.warmup < 2:
         raise ValueError("--compile needs --warmup 2 or more: the first compiled call compiles and the second "
                          "recompiles what turned out to vary (the codebook's step counter); neither may be timed.")
@@ -428,6 +433,8 @@ def build_parser():
       help="stage 1 recomputes GroupNorm + swish in the backward; default: on the CPU, off on CUDA (as training)")
     a("--system-malloc", action="store_true",
       help="leave glibc's allocator as it is (the training scripts make it reuse freed memory on the CPU)")
+    a("--quantize", choices=["none", "int8"], default="none",
+      help="sampling with the GPT's weights in int8 (CPU only), as sample_transformer.py --quantize int8")
     a("--batch-size", type=int, default=None, help="stage-1 images per step; default: 16 on CUDA, 2 on the CPU")
     a("--gpt-batch-size", type=int, default=None, help="stage-2 sequences per step; default: 32 on CUDA, 2 on the CPU")
     a("--sample-batch-size", type=int, default=None, help="images sampled at once; default: 64 on CUDA, 1 on the CPU")

@@ -82,6 +82,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class Int8Linear(nn.Module):
+    """A Linear for sampling on the CPU: int8 weights with one scale per output row (weight-only quantization).
+
+    Batch-1 sampling reads every weight once per token, so it is bound by memory bandwidth: a quarter of the fp32
+    bytes makes it about twice as fast. Activations enter torch's int8 kernel in bf16; the output returns to x's dtype.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # the kernel takes bf16 scales: quantize with the rounded scale, so only the int8 rounding is left as error
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).to(torch.bfloat16)
+        self.register_buffer("weight", (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.scale)
+        y = y.float() if self.bias is None else y.float() + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
 def filter_logits(logits, top_k=None, top_p=None):
     """Set to -inf every logit (..., V) outside the top_k largest and outside the top_p nucleus."""
     if top_k is not None:
@@ -158,6 +181,18 @@ class GPT(nn.Module):
             x = torch.multinomial(probs, num_samples=1)  # (B, 1), the only token the next step has to run
             idx = torch.cat((idx, x), dim=1)
         return idx
+
+    def quantize_int8(self):
+        """Replace every Linear (attention, MLP, head) by an Int8Linear, in place; for sampling on the CPU only."""
+        if any(p.device.type != "cpu" for p in self.parameters()):
+            raise ValueError("int8 weights are a CPU sampling path (torch's int8 kernel); on CUDA use --precision bf16")
+        self.eval()
+        parents = [m for m in self.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+        for module in parents:  # holding no Linear here, so each one's fp32 weight is freed once it is replaced
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, Int8Linear(child))
+        return self
 
     def configure_optimizers(self, learning_rate, weight_decay=0.01, betas=(0.9, 0.95)):
         """AdamW that decays only the weights of Linear layers (minGPT's parameter groups)."""

@@ -311,7 +311,8 @@ def build_parser():
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
     a("--epochs", type=int, default=100, help="passes over the data set (unless --max-steps is given)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
+    a("--max-steps", type=int, default=None,
+      help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
     a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
     a("--beta1", type=float, default=0.5, help="Adam beta1")
     a("--beta2", type=float, default=0.9, help="Adam beta2")
@@ -333,7 +334,8 @@ def build_parser():
     a("--rec-loss-factor", type=float, default=1.0, help="weight of the L1 reconstruction loss")
     a("--perceptual-loss-factor", type=float, default=1.0, help="weight of LPIPS (0: VGG is never built)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA if supported, else fp32")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "

@@ -94,7 +94,10 @@ class VQGAN(nn.Module):
         return self.decode(z_q), indices, q_loss
 
     def set_recompute(self, on=True):
-        """Recompute GroupNorm + swish in the backward instead of keeping them (blocks.norm_swish_conv); off by default."""
+        """Recompute GroupNorm + swish in the backward instead of keeping them (blocks.norm_swish_conv).
+
+        Off by default; training_vqgan.py turns it on for the CPU.
+        """
         for module in self.modules():
             if hasattr(module, "recompute"):
                 module.recompute = on

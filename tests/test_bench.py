@@ -20,3 +20,15 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     # FLOPs are counted, not assumed: a training step costs about 3x its forward, so far more than zero
     assert results["stage1"]["flops_per_item"] > 1e9 and results["stage2"]["flops_per_item"] > 1e6
     assert results["stage1"]["mfu"] is None  # no MFU on the CPU
+
+
+def test_quick_bench_samples_with_int8_weights(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(bench.build_parser().parse_args(
+            ["--quick", "--warmup", "1", "--in-process", "--device", "cpu", "--skip-stage1", "--skip-stage2",
+             "--quantize", "int8", "--out-json", ""]))
+    finally:
+        torch.set_num_threads(threads)
+    assert "stage1" not in results and results["sampling"]["quantize"] == "int8"
+    assert "| sampling (64 tokens, int8 weights) |" in bench.markdown_table(results)

@@ -1,4 +1,5 @@
-"""Tests of mingpt.py: causality, the key/value cache, sampling filters, optimizer groups and taming parity."""
+"""Tests of mingpt.py: causality, the key/value cache, sampling filters, optimizer groups, taming parity and the
+int8 sampling weights."""
 
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mingpt import GPT, filter_logits
+from mingpt import GPT, Int8Linear, filter_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
 
@@ -115,3 +116,55 @@ def test_vocab_limit_never_samples_special_tokens():
 def test_n_embd_must_divide_by_n_head():
     with pytest.raises(ValueError, match="--n-head"):
         GPT(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=32)
+
+
+def test_int8_linear_is_exact_on_representable_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    scale = torch.logspace(-4, 1, 24).bfloat16().float()  # rows of very different size, each scale exact in bf16
+    q = torch.randint(-127, 128, (24, 64)).float()
+    q[:, 0] = 127  # each row's largest |weight| is 127 scales, so the quantizer finds exactly this scale
+    linear.weight.data = q * scale[:, None]
+    x = torch.randn(5, 3, 64).bfloat16().float()  # exact in bf16: the kernel's input rounding loses nothing
+    with torch.no_grad():
+        y = Int8Linear(linear)(x)
+        bias_free = x @ linear.weight.t()
+        accumulation = x.abs() @ linear.weight.abs().t() * 1e-5  # fp32 sums in another order
+    assert y.shape == (5, 3, 24) and y.dtype == torch.float32
+    # only the kernel's bf16 output is rounded (2^-8 relative), element by element, so the small rows count as
+    # much as the large ones: one scale for the whole matrix, a scale per column or a transposed weight fail this
+    assert ((y - bias_free - linear.bias.detach()).abs() <= bias_free.abs() * 2**-8 + accumulation).all()
+
+
+def test_int8_weights_round_to_the_nearest_step_of_their_row():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 8)
+    linear.weight.data *= torch.logspace(-3, 2, 8)[:, None]
+    layer = Int8Linear(linear)
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (8, 256)
+    step = layer.scale.float()[:, None]
+    error = (layer.weight.float() * step - linear.weight.data).abs()
+    # round to nearest: at most half a step, plus the clamp of the largest weight after the scale's bf16 rounding
+    assert (error <= step * 0.5 + step * 2**-7 * 127 + 1e-12).all()
+    assert (error.amax(dim=1) > 0.3 * step[:, 0]).all()  # not a trivially exact case
+    assert (error.mean(dim=1) < 0.3 * step[:, 0]).all()  # truncation averages half a step, rounding a quarter
+
+
+def test_int8_gpt_generates_and_keeps_its_logits():
+    model = tiny_gpt(n_embd=64, n_head=4)
+    idx = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    quantized = tiny_gpt(n_embd=64, n_head=4).quantize_int8()
+    assert not any(isinstance(m, nn.Linear) for m in quantized.modules())  # head, attention and MLP all int8
+    with torch.no_grad():
+        q_logits, _ = quantized(idx)
+    relative = (q_logits - logits).norm() / logits.norm()
+    assert 1e-4 < relative < 0.03  # changed by the rounding, but only a little
+    out = quantized.generate(idx[:, :1], 40, top_k=5, vocab_limit=45)
+    assert out.shape == (2, 41) and (out[:, 1:] < 45).all()
+
+
+def test_int8_weights_are_a_cpu_path():
+    with pytest.raises(ValueError, match="CPU"):
+        tiny_gpt().to("meta").quantize_int8()

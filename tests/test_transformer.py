@@ -120,6 +120,11 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
     assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "sample_0000.png", "sample_0001.png",
                                                          "sample_0002.png"]
 
+    int8 = sample_transformer.main(sample_transformer.build_parser().parse_args(
+        ["--checkpoint-path", str(out / "checkpoints" / "transformer_last.pt"), "--num-samples", "2",
+         "--out-dir", str(tmp_path / "int8"), "--device", "cpu", "--quantize", "int8"]))
+    assert len(int8) == 2 and int8[0].shape == (3, 32, 32) and int8[0].abs().max() <= 1
+
 
 def test_conditional_and_precomputed_tokens(tmp_path):
     for name, seed in (("roses", 0), ("tulips", 1)):
