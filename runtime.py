@@ -1,6 +1,7 @@
 """Run-time plumbing shared by the scripts: distributed set-up, precision, resumable sampling, signals, help."""
 import argparse
 import ctypes
+import functools
 import math
 import os
 import signal
@@ -148,18 +149,39 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 # ---- stopping cleanly on Ctrl-C / SIGTERM ----
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopSignal:
     """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting."""
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second Ctrl-C: the user insists
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+
+
+def keeps_signal_handlers(main):
+    """Decorator of the scripts' main(): the SIGINT/SIGTERM handlers of its caller are back on every way out.
+
+    Without it, a notebook that ran main() would find Ctrl-C setting the flag of a finished run instead of
+    interrupting.
+    """
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                if handler is not None:  # None: installed outside Python, which cannot be put back from here
+                    signal.signal(sig, handler)
+    return wrapper
 
 
 # ---- small helpers of the training loops ----

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from demo_flowers import resolve_dataset
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
-                     check_same_config, cleanup_distributed, make_scaler, no_sync, resolve_precision,
-                     reuse_freed_memory, setup_distributed)
+                     check_same_config, cleanup_distributed, keeps_signal_handlers, make_scaler, no_sync,
+                     resolve_precision, reuse_freed_memory, setup_distributed)
 from transformer import VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
@@ -144,6 +144,7 @@ def sample_grid(transformer, batch, device, precision, path, top_k):
 
 # ---- main ----
 
+@keeps_signal_handlers
 def main(args):
     check_args(args)
     d = setup_distributed(args.device)

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from demo_flowers import resolve_dataset
 from discriminator import Discriminator, hinge_d_loss
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
-                     check_same_config, cleanup_distributed, fused_adam, make_scaler, no_sync, resolve_precision,
-                     reuse_freed_memory, setup_distributed)
+                     check_same_config, cleanup_distributed, fused_adam, keeps_signal_handlers, make_scaler, no_sync,
+                     resolve_precision, reuse_freed_memory, setup_distributed)
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot,
                    seed_everything)
@@ -142,6 +142,7 @@ def optimizer_step(opt, scaler):
 
 # ---- main ----
 
+@keeps_signal_handlers
 def main(args):
     check_args(args)
     d = setup_distributed(args.device)

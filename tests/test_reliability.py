@@ -205,14 +205,14 @@ def flowers(tmp_path_factory):
 
 @pytest.fixture
 def train_here():
-    """Calls training_vqgan.main in this process on one thread, then puts back the signal handlers it replaced."""
+    """Calls training_vqgan.main in this process on one thread; after each test, its signal handlers must be gone."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on two busy cores, OpenMP threads waiting for each other make tiny steps 40x slower
     yield lambda argv: training_vqgan.main(training_vqgan.build_parser().parse_args(argv))
     torch.set_num_threads(threads)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    # main() puts them back on every way out, errors included (runtime.keeps_signal_handlers)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 # ---- data ----

@@ -1,4 +1,6 @@
-"""runtime.reuse_freed_memory: big CPU tensors stop page-faulting in afresh at every step."""
+"""runtime.py: big CPU tensors stop page-faulting in afresh at every step (reuse_freed_memory), and the scripts'
+main() gives back the signal handlers it replaced (keeps_signal_handlers)."""
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import reuse_freed_memory
+from runtime import StopSignal, keeps_signal_handlers, reuse_freed_memory
 
 FAULTS = """
 import resource, sys, torch
@@ -38,3 +40,27 @@ def test_freed_memory_is_reused_without_page_faults():
 
 def test_only_the_cpu_is_touched():
     assert reuse_freed_memory(torch.device("meta")) is False
+
+
+def test_main_gives_the_signal_handlers_back_on_return_and_on_error():
+    def callers_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, callers_handler)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        @keeps_signal_handlers
+        def main(fail):
+            stop = StopSignal()
+            assert signal.getsignal(signal.SIGINT) == stop._handle == signal.getsignal(signal.SIGTERM)
+            if fail:
+                raise ValueError("bad flag")
+            return stop
+
+        assert main(False).received is None
+        assert signal.getsignal(signal.SIGINT) is callers_handler and signal.getsignal(signal.SIGTERM) is term
+        with pytest.raises(ValueError, match="bad flag"):
+            main(True)
+        assert signal.getsignal(signal.SIGINT) is callers_handler and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,5 +1,6 @@
 """The stage-1 training step and script: same gradients as the plain formulation, isolation of the GAN step, resume."""
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -87,7 +88,9 @@ def test_end_to_end_run_then_resume(tmp_path):
     flags = TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(out), "--disc-start", "3",
                           "--save-every", "4", "--sample-every", "3"]
     parser = training_vqgan.build_parser()
+    handler = signal.getsignal(signal.SIGINT)
     training_vqgan.main(parser.parse_args(flags + ["--max-steps", "5"]))
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C interrupts the caller again
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 5 and set(ckpt) >= {"model", "discriminator", "opt_vq", "opt_disc", "step", "epoch",
                                                 "config"}

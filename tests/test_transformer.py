@@ -1,5 +1,6 @@
 """Stage 2: token handling of VQGANTransformer, and the training and sampling scripts end to end."""
 import json
+import signal
 
 import pytest
 import torch
@@ -99,7 +100,9 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
     flags = STAGE2_FLAGS + ["--dataset-path", str(data), "--checkpoint-path", str(vq_ckpt), "--out-dir", str(out),
                             "--sample-every", "3", "--save-every", "2"]
     parser = training_transformer.build_parser()
+    handler = signal.getsignal(signal.SIGTERM)
     training_transformer.main(parser.parse_args(flags + ["--max-steps", "3"]))
+    assert signal.getsignal(signal.SIGTERM) is handler  # main's stop handlers are gone once it returns
     ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
     assert ckpt["step"] == 3 and set(ckpt) >= {"model", "optimizer", "step", "epoch", "config", "vqgan_checkpoint"}
     assert (out / "results" / "transformer_samples_0000003.png").exists()
