@@ -82,8 +82,7 @@ def build_parser():
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")
     a("--quantize", choices=["none", "int8"], default="none",
-      help="int8: the GPT's weights in int8 with a scale per row, about 1.7x faster batch-1 sampling on the CPU "
-           "(CPU only)")
+      help="int8: the GPT's weights in int8 with a scale per row, for about 1.7x faster batch-1 sampling (CPU only)")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
     return p
 
