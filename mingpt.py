@@ -185,7 +185,8 @@ class GPT(nn.Module):
     def quantize_int8(self):
         """Replace every Linear (attention, MLP, head) by an Int8Linear, in place; for sampling on the CPU only."""
         if any(p.device.type != "cpu" for p in self.parameters()):
-            raise ValueError("int8 weights are a CPU sampling path (torch's int8 kernel); on CUDA use --precision bf16.")
+            raise ValueError("int8 weights are a CPU sampling path (torch's int8 kernel); on CUDA use "
+                             "--precision bf16.")
         self.eval()
         parents = [m for m in self.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
         for module in parents:  # holding no Linear here, so each one's fp32 weight is freed once it is replaced
