@@ -95,7 +95,8 @@ def train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, prec
     with autocast(precision, device):
         x_rec, features, _, q_loss = model(x, return_features=True)
     rec = x_rec.detach().float().requires_grad_(True)
-    scale = scaler_vq.get_scale() if scaler_vq.is_enabled() else 1.0  # keeps fp16 gradients from underflowing
+    # fp16's loss scale keeps the gradients w.r.t. rec from underflowing; a tensor, as reading it would wait for the GPU
+    scale = scaler_vq.scale(torch.ones((), device=device)) if scaler_vq.is_enabled() else 1.0
 
     with autocast(precision, device):
         nll, p_loss = reconstruction_losses(x, rec, lpips, args)
@@ -105,8 +106,12 @@ def train_step(x, vqgan, model, disc, disc_ddp, lpips, scalers, step, args, prec
         with autocast(precision, device):
             g_loss = -disc(rec).mean()  # the plain module: only d g_loss / d rec is wanted here
         grad_g = torch.autograd.grad(g_loss * scale, rec)[0] / scale
-        lam = vqgan.adaptive_weight(vqgan.last_layer_grad(features, grad_rec),
-                                    vqgan.last_layer_grad(features, grad_g), args.disc_weight)
+        nll_last, g_last = vqgan.last_layer_grad(features, grad_rec), vqgan.last_layer_grad(features, grad_g)
+        lam = vqgan.adaptive_weight(nll_last, g_last, args.disc_weight)
+        if scaler_vq.is_enabled():
+            # fp16: at too high a scale a backward overflows and lam is NaN or huge. No divergence: the scaler finds
+            # the non-finite gradients, skips the step and lowers its scale; lam 0 keeps the logged loss finite.
+            lam = lam.masked_fill(~(torch.isfinite(nll_last).all() & torch.isfinite(g_last).all()), 0.0)
         grad_rec = grad_rec + lam * disc_factor * grad_g
     # d/dx_rec of this surrogate is grad_rec, so one backward gives the gradient of
     # nll + lam * disc_factor * g_loss + q_loss for every VQGAN parameter.
