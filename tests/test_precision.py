@@ -12,12 +12,10 @@ import training_vqgan
 from codebook import Codebook
 from discriminator import Discriminator
 from lpips import LPIPS
-from runtime import make_scaler
 from vqgan import VQGAN, VQGANConfig
 
 TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
             latent_dim=16, num_codebook_vectors=64)
-CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -27,7 +25,7 @@ def test_codebook_distances_ignore_autocast(dtype):
     z = torch.randn(16, 64, 8, 8)  # 1024 vectors; distances in bf16 would pick another code for ~1.5% of them
     _, indices, loss = codebook(z)
     with torch.autocast("cpu", dtype=dtype):
-        z_q, indices_autocast, loss_autocast = codebook(z)
+        _, indices_autocast, loss_autocast = codebook(z)
     assert torch.equal(indices_autocast, indices)
     assert loss_autocast.dtype == torch.float32 and loss_autocast == loss
 
