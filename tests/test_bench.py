@@ -22,7 +22,7 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     assert results["stage1"]["mfu"] is None  # no MFU on the CPU
 
 
-def test_quick_bench_samples_with_int8_weights(tmp_path):
+def test_quick_bench_samples_with_int8_weights():
     threads = torch.get_num_threads()
     try:
         results = bench.main(bench.build_parser().parse_args(

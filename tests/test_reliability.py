@@ -27,6 +27,7 @@ from PIL import Image
 import training_vqgan
 import utils
 from demo_flowers import make_demo_flowers
+from runtime import STOP_SIGNALS
 from utils import CheckpointError, load_checkpoint
 from vqgan import VQGAN
 
@@ -206,7 +207,7 @@ def flowers(tmp_path_factory):
 @pytest.fixture
 def train_here():
     """Calls training_vqgan.main in this process on one thread; after each test, its signal handlers must be gone."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on two busy cores, OpenMP threads waiting for each other make tiny steps 40x slower
     yield lambda argv: training_vqgan.main(training_vqgan.build_parser().parse_args(argv))
