@@ -121,6 +121,20 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token id per row of logits (B, V) -> (B, 1), drawn on the device without a read-back to the host.
+
+    The exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i is token i with probability p_i.
+    torch.multinomial draws the same distribution but waits for the GPU on every call. top_k=1 is the exact argmax.
+    """
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    if top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0/0
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
 class GPT(nn.Module):
     """Token and position embeddings, n_layer blocks, final LayerNorm and an unbiased head (taming's minGPT)."""
 
@@ -175,11 +189,9 @@ class GPT(nn.Module):
         kv_cache = [{} for _ in self.blocks]  # per layer: keys and values (B, nh, block_size, hs)
         x, pos = idx, 0
         for _ in range(max_new_tokens):
-            # (B, V), in fp32 even under autocast
-            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit].float() / temperature
+            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit]  # (B, V)
             pos += x.size(1)
-            probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-            x = torch.multinomial(probs, num_samples=1)  # (B, 1), the only token the next step has to run
+            x = sample_next(logits, temperature, top_k, top_p)  # (B, 1), the only token the next step has to run
             idx = torch.cat((idx, x), dim=1)
         return idx
 

@@ -6,7 +6,7 @@
 """
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -32,12 +32,8 @@ BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch s
 # ---- helpers ----
 
 def config_from_args(args):
-    return VQGANConfig(image_size=args.image_size, ch=args.ch, ch_mult=tuple(args.ch_mult),
-                       num_res_blocks=args.num_res_blocks, attn_resolutions=tuple(args.attn_resolutions),
-                       z_channels=args.z_channels, latent_dim=args.latent_dim,
-                       num_codebook_vectors=args.num_codebook_vectors, beta=args.beta,
-                       codebook_dim=args.codebook_dim, codebook_l2_norm=args.codebook_l2_norm,
-                       restart_dead_codes=args.restart_dead_codes, restart_every=args.restart_every)
+    """The VQGAN config from the flags: every config field has the flag of the same name."""
+    return VQGANConfig(**{f.name: getattr(args, f.name) for f in fields(VQGANConfig) if hasattr(args, f.name)})
 
 
 def check_args(args):
