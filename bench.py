@@ -24,7 +24,7 @@ import training_vqgan
 from discriminator import Discriminator
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
-from mingpt import GPT
+from mingpt import GPT, GPTConfig
 from runtime import HelpFormatter, autocast, make_scaler, resolve_precision, reuse_freed_memory
 from utils import pick_device
 from vqgan import VQGAN, VQGANConfig
@@ -57,7 +57,8 @@ def models_config(args):
 
 def build_gpt(config, grid, args, device):
     """The stage-2 GPT: codes plus one start token, a block of one image's tokens (start token + all but the last)."""
-    gpt = GPT(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid, **CONFIGS[args.config]["gpt"])
+    gpt = GPT(GPTConfig(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid,
+                        **CONFIGS[args.config]["gpt"]))
     return gpt.to(device)
 
 

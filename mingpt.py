@@ -138,16 +138,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 class GPT(nn.Module):
     """Token and position embeddings, n_layer blocks, final LayerNorm and an unbiased head (taming's minGPT)."""
 
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, embd_pdrop=0.0, resid_pdrop=0.0,
-                 attn_pdrop=0.0):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, embd_pdrop, resid_pdrop, attn_pdrop)
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
-        self.drop = nn.Dropout(embd_pdrop)
-        self.blocks = nn.ModuleList([Block(self.config) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.block_size, config.n_embd))
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)  # LayerNorms keep their default weight 1, bias 0; pos_emb stays zero
 
     @staticmethod
@@ -235,7 +234,7 @@ class GPT(nn.Module):
             hparams = yaml.safe_load(f)["model"]["params"]["transformer_config"]["params"]
         if hparams.get("n_unmasked", 0) != 0:
             raise ValueError("taming GPTs with n_unmasked > 0 (a bidirectional prefix) are not supported")
-        model = cls(**{k: hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+        model = cls(GPTConfig(**{k: hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}))
         state_dict = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
         prefix = "transformer."
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items()

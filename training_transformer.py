@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from demo_flowers import resolve_dataset
 from runtime import (HelpFormatter, NonFiniteGuard, ResumableSampler, StopSignal, all_ranks_agree, autocast,
                      check_same_config, cleanup_distributed, keeps_signal_handlers, make_scaler, no_sync,
                      resolve_precision, reuse_freed_memory, setup_distributed)
-from transformer import VQGANTransformer
+from transformer import TransformerConfig, VQGANTransformer
 from utils import (CheckpointError, DataError, ImageFolder, MetricsLog, build_loader, check_writable, find_images,
                    load_checkpoint, save_checkpoint, save_image_grid, save_loss_plot, seed_everything, split_paths)
 from vqgan import VQGAN
@@ -172,12 +173,13 @@ def main(args):
         train_paths, val_paths = split_paths(paths, args.val_fraction, seed=args.seed)
     classes = ImageFolder(args.dataset_path, 8, with_labels=True, paths=paths).classes if args.conditional else None
     num_classes = len(classes) if classes else 0
-    config = dict(image_size=args.image_size or vqgan.config.image_size, n_layer=args.n_layer, n_head=args.n_head,
-                  n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep, num_classes=num_classes,
-                  embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout)
+    config = TransformerConfig(image_size=args.image_size or vqgan.config.image_size, n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep,
+                               num_classes=num_classes, embd_pdrop=args.dropout, resid_pdrop=args.dropout,
+                               attn_pdrop=args.dropout)
     if resume is not None:
-        check_same_config(resume["config"], config, ckpt_path)
-    transformer = VQGANTransformer(vqgan, **config).to(device)
+        check_same_config(resume["config"], asdict(config), ckpt_path)
+    transformer = VQGANTransformer(vqgan, config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
 
     global_batch = args.batch_size * d.world_size * args.grad_accum
@@ -228,7 +230,7 @@ def main(args):
         if not d.is_main:
             return
         save_checkpoint(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             step=step, epoch=epoch, batch_in_epoch=start_batch, config=config,
+                             step=step, epoch=epoch, batch_in_epoch=start_batch, config=asdict(config),
                              vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()),
                              classes=classes, args=vars(args)), ckpt_path)
         if reason:

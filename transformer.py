@@ -1,18 +1,54 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from mingpt import GPT
+from mingpt import GPT, GPTConfig
 
 
-def corrupt(indices, pkeep, num_codes):
+def corrupt(indices, pkeep, num_codebook_vectors):
     """Replace each index by a uniformly random code with probability 1 - pkeep (taming's input noise)."""
     if pkeep >= 1.0:
         return indices
     keep = torch.bernoulli(torch.full(indices.shape, pkeep, device=indices.device)).bool()
-    return torch.where(keep, indices, torch.randint_like(indices, num_codes))
+    return torch.where(keep, indices, torch.randint_like(indices, num_codebook_vectors))
+
+
+@dataclass
+class TransformerConfig:
+    """Stage 2: the GPT over a VQGAN's token grid; the defaults are taming's ImageNet transformer."""
+    image_size: Optional[int] = None  # training crop; None: the VQGAN's training size
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    block_size: int = 256  # at least the h*w tokens of the grid (start token + all indices but the last)
+    pkeep: float = 1.0  # probability of keeping each input index (taming's input noise)
+    num_classes: int = 0  # 0: unconditional, one start token
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"--image-size must be positive, got {self.image_size}.")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} must divide by --n-head {self.n_head}.")
+        if not 0.0 < self.pkeep <= 1.0:
+            raise ValueError(f"--pkeep must be in (0, 1], got {self.pkeep}.")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a checkpoint's `config` dict; unknown keys are an error that names them."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"The checkpoint's transformer config has fields this code does not know: {unknown}.")
+        return cls(**d)
 
 
 class VQGANTransformer(nn.Module):
@@ -22,25 +58,26 @@ class VQGANTransformer(nn.Module):
     K .. K + num_classes - 1 (class-conditional).
     """
 
-    def __init__(self, vqgan, *, image_size=None, n_layer=24, n_head=16, n_embd=1024, block_size=256, pkeep=1.0,
-                 num_classes=0, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0):
+    def __init__(self, vqgan, config: TransformerConfig):
         super().__init__()
         self.vqgan = vqgan.eval().requires_grad_(False)  # frozen: stage 2 never changes the tokenizer
-        self.num_codes = vqgan.config.num_codebook_vectors
+        self.config = config
+        self.num_codebook_vectors = vqgan.config.num_codebook_vectors
         f = vqgan.config.downsample_factor
-        self.image_size = image_size or vqgan.config.image_size
+        self.image_size = config.image_size or vqgan.config.image_size
         if self.image_size % f:
             raise ValueError(f"--image-size {self.image_size} must divide by the stage-1 downsampling factor {f}.")
         self.latent_hw = (self.image_size // f, self.image_size // f)  # the token grid (h, w)
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
-        if block_size < self.num_tokens:
-            raise ValueError(f"--block-size {block_size} is smaller than the {self.num_tokens} tokens of a "
+        if config.block_size < self.num_tokens:
+            raise ValueError(f"--block-size {config.block_size} is smaller than the {self.num_tokens} tokens of a "
                              f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the start token "
                              f"and all indices but the last).")
-        self.pkeep, self.num_classes = pkeep, num_classes
-        self.gpt = GPT(vocab_size=self.num_codes + max(1, num_classes), block_size=block_size, n_layer=n_layer,
-                       n_head=n_head, n_embd=n_embd, embd_pdrop=embd_pdrop, resid_pdrop=resid_pdrop,
-                       attn_pdrop=attn_pdrop)
+        self.pkeep, self.num_classes = config.pkeep, config.num_classes
+        self.gpt = GPT(GPTConfig(vocab_size=self.num_codebook_vectors + max(1, config.num_classes),
+                                 block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
+                                 n_embd=config.n_embd, embd_pdrop=config.embd_pdrop, resid_pdrop=config.resid_pdrop,
+                                 attn_pdrop=config.attn_pdrop))
 
     @classmethod
     def from_checkpoint(cls, path, vqgan_path=None, trust=False):
@@ -52,7 +89,7 @@ class VQGANTransformer(nn.Module):
         if not Path(vqgan_path).is_file():
             raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
                                   f"pass its new place with --vqgan-checkpoint.")
-        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust), **ckpt["config"])
+        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust), TransformerConfig.from_dict(ckpt["config"]))
         model.gpt.load_state_dict(ckpt["model"])
         model.classes = ckpt.get("classes")
         return model.eval()
@@ -69,8 +106,8 @@ class VQGANTransformer(nn.Module):
         if self.num_classes:
             if labels is None:
                 raise ValueError("A class-conditional model needs class labels.")
-            return (self.num_codes + labels.to(device).long()).view(-1, 1)
-        return torch.full((batch_size, 1), self.num_codes, dtype=torch.long, device=device)
+            return (self.num_codebook_vectors + labels.to(device).long()).view(-1, 1)
+        return torch.full((batch_size, 1), self.num_codebook_vectors, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def encode_to_indices(self, x):
@@ -85,7 +122,7 @@ class VQGANTransformer(nn.Module):
 
     def forward(self, indices, labels=None):
         """Next-token logits (B, h*w, V) and loss: the input is the start token + the (noised) indices but the last."""
-        noisy = corrupt(indices, self.pkeep, self.num_codes) if self.training else indices
+        noisy = corrupt(indices, self.pkeep, self.num_codebook_vectors) if self.training else indices
         tokens = torch.cat([self.start_tokens(len(indices), labels, indices.device), noisy[:, :-1]], dim=1)
         return self.gpt(tokens, targets=indices)  # targets stay clean
 
@@ -96,7 +133,7 @@ class VQGANTransformer(nn.Module):
         if prefix is not None:
             tokens = torch.cat([tokens, prefix], dim=1)
         out = self.gpt.generate(tokens, self.num_tokens + 1 - tokens.shape[1], temperature=temperature, top_k=top_k,
-                                top_p=top_p, vocab_limit=self.num_codes)
+                                top_p=top_p, vocab_limit=self.num_codebook_vectors)
         return out[:, 1:]
 
     @torch.no_grad()

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mingpt import GPT, Int8Linear, filter_logits
+from mingpt import GPT, GPTConfig, Int8Linear, filter_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
 
 
 def tiny_gpt(**kwargs):
     torch.manual_seed(0)
-    return GPT(**{"vocab_size": 50, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, **kwargs}).eval()
+    return GPT(GPTConfig(**{"vocab_size": 50, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                            **kwargs})).eval()
 
 
 def test_causality():
@@ -115,7 +116,7 @@ def test_vocab_limit_never_samples_special_tokens():
 
 def test_n_embd_must_divide_by_n_head():
     with pytest.raises(ValueError, match="--n-head"):
-        GPT(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=32)
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=32)
 
 
 def test_int8_linear_is_exact_on_representable_weights():

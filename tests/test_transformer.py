@@ -9,7 +9,7 @@ import sample_transformer
 import training_transformer
 import training_vqgan
 from demo_flowers import make_demo_flowers
-from transformer import VQGANTransformer, corrupt
+from transformer import TransformerConfig, VQGANTransformer, corrupt
 from utils import load_checkpoint
 from vqgan import VQGAN, VQGANConfig
 
@@ -25,13 +25,13 @@ STAGE2_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-si
 
 def tiny_model(**kwargs):
     torch.manual_seed(0)
-    return VQGANTransformer(VQGAN(TINY_VQGAN), **TINY_GPT, **kwargs)
+    return VQGANTransformer(VQGAN(TINY_VQGAN), TransformerConfig(**TINY_GPT, **kwargs))
 
 
 def test_pkeep_corruption_rate_and_clean_targets(monkeypatch):
     torch.manual_seed(0)
     indices = torch.randint(0, 64, (200, 64))
-    noisy = corrupt(indices, pkeep=0.7, num_codes=64)
+    noisy = corrupt(indices, pkeep=0.7, num_codebook_vectors=64)
     changed = (noisy != indices).float().mean().item()
     assert changed == pytest.approx(0.3 * 63 / 64, abs=0.01)  # a replacement equals the original 1/64 of the time
     assert noisy.max() < 64 and torch.equal(corrupt(indices, 1.0, 64), indices)
@@ -74,7 +74,7 @@ def test_latent_grid_and_block_size_come_from_stage_1():
     assert model.latent_hw == (8, 8) and model.num_tokens == 64
     assert tiny_model(image_size=16).num_tokens == 16
     with pytest.raises(ValueError, match="--block-size 32"):
-        VQGANTransformer(VQGAN(TINY_VQGAN), n_layer=1, n_head=1, n_embd=8, block_size=32)
+        VQGANTransformer(VQGAN(TINY_VQGAN), TransformerConfig(n_layer=1, n_head=1, n_embd=8, block_size=32))
 
 
 def test_log_images_keeps_the_top_half():
