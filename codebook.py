@@ -1,4 +1,10 @@
-"""Vector quantization: nearest-code lookup, straight-through gradient, codebook loss and usage statistics."""
+"""Quantizers behind one contract, and their usage statistics.
+
+forward(z (B, C, h, w)) -> (z_q (B, C, h, w), indices (B, h, w) int64 in [0, K), auxiliary loss (scalar));
+lookup(indices) -> z_q; usage() -> (fraction of codes used, perplexity) over the last training steps;
+K is `num_codebook_vectors`. Here: the paper's VQ (`Codebook`) and the EMA codebook; FSQ and LFQ, whose codebooks
+are implicit, are in scalar_quantizers.py. `build_quantizer(config)` picks one by `config.quantizer`.
+"""
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -22,22 +28,100 @@ def usage_from_counts(counts, as_tensors=False):
     return (used, perplexity) if as_tensors else (used.item(), perplexity.item())
 
 
-class Codebook(nn.Module):
-    """Nearest-neighbour vector quantizer (the paper's VQ), with three optional switches against codebook collapse.
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def to_rows(z):
+    """(B, C, h, w) -> (B*h*w, C) in fp32: every quantizer computes in fp32, also under bf16/fp16 autocast."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+
+
+def to_map(rows, like):
+    """(B*h*w, C) -> (B, C, h, w) in the dtype of `like`, the quantizer's input."""
+    B, _, h, w = like.shape
+    return rows.to(like.dtype).reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+class Quantizer(nn.Module):
+    """What every quantizer shares: its size and the usage window over the last `usage_window` training steps.
+
+    A training step here is a forward pass in training mode (a micro-step under gradient accumulation), counted in
+    `train_steps`, a Python int so that reading it never waits for the GPU. Evaluation passes change no statistic.
+    """
+
+    def __init__(self, num_codebook_vectors, usage_window=100):
+        super().__init__()
+        self.num_codebook_vectors = num_codebook_vectors
+        # Statistics, not weights: kept out of the state dict so that taming checkpoints load unchanged.
+        self.register_buffer("window_counts", torch.zeros(usage_window, num_codebook_vectors), persistent=False)
+        self.train_steps = 0
+
+    @torch.compiler.disable  # bookkeeping on Python ints: compiled, every new step count would mean a recompile
+    @torch.no_grad()
+    def _track(self, indices):
+        # scatter_add rather than bincount, which on CUDA waits for the GPU to learn the largest index
+        counts = torch.zeros(self.num_codebook_vectors, device=indices.device).scatter_add_(
+            0, indices, torch.ones(indices.shape, device=indices.device))
+        self.window_counts[self.train_steps % self.window_counts.shape[0]] = counts
+        self._observe(counts)
+        self.train_steps += 1
+
+    def _observe(self, counts):
+        """Called with each training step's (K,) code counts; for quantizers that keep more statistics."""
+
+    def usage(self, as_tensors=False):
+        """Usage fraction and perplexity over the last `usage_window` training steps (see usage_from_counts)."""
+        return usage_from_counts(self.window_counts.sum(0), as_tensors)
+
+
+# ---- the paper's VQ ----
+
+def rotate_onto(e, q):
+    """The rotation trick (Fifty et al. 2024): q in the forward pass; backwards, e's gradient is lambda R^T g.
+
+    R rotates e's direction onto q's and lambda = |q| / |e| rescales, both constants of the backward pass:
+    R = I - 2 r r^T + 2 q_hat e_hat^T with r = (e_hat + q_hat) / |e_hat + q_hat|, so R e = |e| q_hat. e, q: (N, D).
+    """
+    e_norm, q_norm = e.detach().norm(dim=1, keepdim=True), q.detach().norm(dim=1, keepdim=True)
+    e_hat, q_hat = e.detach() / e_norm.clamp(min=1e-12), q.detach() / q_norm.clamp(min=1e-12)
+    r = F.normalize(e_hat + q_hat, dim=1)
+    rotated = e - 2 * (e * r).sum(1, keepdim=True) * r + 2 * (e * e_hat).sum(1, keepdim=True) * q_hat
+    rotated = rotated * (q_norm / e_norm.clamp(min=1e-12))
+    return q.detach() + (rotated - rotated.detach())  # exactly q forwards, the rotation's Jacobian backwards
+
+
+@torch.no_grad()
+def kmeans(x, k, iterations=10):
+    """k centres of the rows of x (N, D) by Lloyd's algorithm from k random rows; an empty cluster keeps its centre."""
+    pick = torch.randperm(len(x), device=x.device)[:k]
+    if len(pick) < k:
+        pick = torch.randint(len(x), (k,), device=x.device)
+    centres = x[pick].clone()
+    for _ in range(iterations):
+        nearest = torch.cdist(x, centres).argmin(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        counts = torch.zeros(k, device=x.device).index_add_(0, nearest, torch.ones(len(x), device=x.device))
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+    return centres
+
+
+class Codebook(Quantizer):
+    """Nearest-neighbour vector quantizer (the paper's VQ), with optional switches against codebook collapse.
 
     - codebook_dim: look up in a low-dimensional space through linear projections in and out (ViT-VQGAN, LlamaGen).
     - l2_norm: l2-normalise codes and inputs, so that the nearest code is the one of highest cosine similarity.
     - restart_dead_codes: re-seed codes whose moving hit rate has fallen below `dead_threshold` of the uniform rate
       with randomly chosen encoder outputs of the current batch, every `restart_every` training steps.
-
-    A training step here is a forward pass in training mode (a micro-step under gradient accumulation); the usage
-    window and the restart schedule count them in `train_steps`. Evaluation passes change no statistic.
+    - rotation_trick: the encoder's gradient through the rotation onto its code instead of a copy (rotate_onto).
+    - kmeans_init: at the first training step, the codes become k-means centres of the batch's encoder outputs
+      (of all ranks' batches, computed on rank 0 and broadcast).
     """
 
     def __init__(self, *, num_codebook_vectors=1024, latent_dim=256, beta=0.25, codebook_dim=None, l2_norm=False,
-                 restart_dead_codes=False, restart_every=100, dead_threshold=0.03, ema_decay=0.99, usage_window=100):
-        super().__init__()
-        self.num_codes = num_codebook_vectors
+                 restart_dead_codes=False, restart_every=100, dead_threshold=0.03, ema_decay=0.99, usage_window=100,
+                 rotation_trick=False, kmeans_init=False):
+        super().__init__(num_codebook_vectors, usage_window)
         self.beta = beta
         self.l2_norm = l2_norm
         self.codebook_dim = codebook_dim or latent_dim
@@ -47,28 +131,32 @@ class Codebook(nn.Module):
             self.proj_in = nn.Linear(latent_dim, self.codebook_dim)
             self.proj_out = nn.Linear(self.codebook_dim, latent_dim)
 
-        self.restart_dead_codes = restart_dead_codes
+        self.restart_dead_codes, self.rotation_trick, self.kmeans_init = restart_dead_codes, rotation_trick, kmeans_init
         self.restart_every, self.dead_threshold, self.ema_decay = restart_every, dead_threshold, ema_decay
-        # Statistics, not weights: kept out of the state dict so that taming checkpoints load unchanged.
         self.register_buffer("hit_rate_ema", torch.zeros(num_codebook_vectors), persistent=False)
-        self.register_buffer("window_counts", torch.zeros(usage_window, num_codebook_vectors), persistent=False)
-        self.train_steps = 0  # a Python int: reading it never waits for the GPU
+        if kmeans_init:  # saved, so that a resumed run does not initialise again
+            self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))
 
     def codes(self):
         """The codebook as the lookup sees it: (K, codebook_dim)."""
         w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.l2_norm else w
 
+    def loss(self, z_low, z_q_low):
+        """The paper's: ||sg[z] - z_q||^2 moves the codes, beta * ||z - sg[z_q]||^2 commits the encoder."""
+        return F.mse_loss(z_q_low, z_low.detach()) + self.beta * F.mse_loss(z_low, z_q_low.detach())
+
     def forward(self, z):
         """z (B, C, h, w) -> z_q (B, C, h, w) with straight-through gradient, indices (B, h, w), loss (scalar)."""
         B, C, h, w = z.shape
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, C)  # (N, C), N = B*h*w
         with torch.autocast(device_type=z.device.type, enabled=False):  # distances and loss in fp32
-            z_low = z_flat.float()
+            z_low = to_rows(z)  # (N, C), N = B*h*w
             if hasattr(self, "proj_in"):
                 z_low = self.proj_in(z_low)
             if self.l2_norm:
                 z_low = F.normalize(z_low, dim=-1)
+            if self.training and self.kmeans_init and self.train_steps == 0:
+                self._maybe_kmeans_init(z_low.detach())
             if self.training and self.restart_dead_codes:
                 self._maybe_restart(z_low.detach())
             codes = self.codes()
@@ -77,14 +165,17 @@ class Codebook(nn.Module):
                              - 2.0 * z_low @ codes.t())  # (N, K): ||z - e||^2
                 indices = distances.argmin(dim=1)
             z_q_low = codes[indices]
-            # The paper's loss: ||sg[z] - z_q||^2 moves the codes, beta * ||z - sg[z_q]||^2 commits the encoder.
-            loss = F.mse_loss(z_q_low, z_low.detach()) + self.beta * F.mse_loss(z_low, z_q_low.detach())
-            z_q_low = z_low + (z_q_low - z_low).detach()  # straight-through: the decoder's gradient reaches z
+            loss = self.loss(z_low, z_q_low)
+            if self.training:
+                self._update_codes(z_low.detach(), indices)
+            if self.rotation_trick:
+                z_q_low = rotate_onto(z_low, z_q_low)
+            else:
+                z_q_low = z_low + (z_q_low - z_low).detach()  # straight-through: the decoder's gradient reaches z
             z_q = self.proj_out(z_q_low) if hasattr(self, "proj_out") else z_q_low
         if self.training:
             self._track(indices)
-        z_q = z_q.to(z.dtype).reshape(B, h, w, C).permute(0, 3, 1, 2).contiguous()
-        return z_q, indices.reshape(B, h, w), loss
+        return to_map(z_q, z), indices.reshape(B, h, w), loss
 
     def lookup(self, indices):
         """indices (B, h, w) -> quantized latents (B, latent_dim, h, w), as the decoder expects them."""
@@ -93,30 +184,26 @@ class Codebook(nn.Module):
             z_q = self.proj_out(z_q)
         return z_q.permute(0, 3, 1, 2).contiguous()
 
-    # ---- usage statistics and dead-code restarts ----
+    def _update_codes(self, z_low, indices):
+        """Codes learn by gradient here; the EMA codebook overrides this."""
 
-    @torch.compiler.disable  # bookkeeping on Python ints: compiled, every new step count would mean a recompile
     @torch.no_grad()
-    def _track(self, indices):
-        # scatter_add rather than bincount, which on CUDA waits for the GPU to learn the largest index
-        counts = torch.zeros(self.num_codes, device=indices.device).scatter_add_(
-            0, indices, torch.ones(indices.shape, device=indices.device))
-        slot = self.train_steps % self.window_counts.shape[0]
-        self.window_counts[slot] = counts
-        if self.restart_dead_codes and dist.is_available() and dist.is_initialized():
+    def _reseed(self, which, new_codes):
+        """Set the codes `which` (index tensor) to `new_codes` (len(which), codebook_dim)."""
+        self.embedding.weight.data[which] = new_codes.to(self.embedding.weight.dtype)
+
+    # ---- usage statistics, dead-code restarts, k-means initialisation ----
+
+    def _observe(self, counts):
+        if self.restart_dead_codes and distributed():
             dist.all_reduce(counts)  # every rank sees the same hit rates and so takes the same decision
         rate = counts / counts.sum().clamp(min=1)
         self.hit_rate_ema.mul_(self.ema_decay).add_(rate, alpha=1 - self.ema_decay)  # kept for dead_codes() anyway
-        self.train_steps += 1
-
-    def usage(self, as_tensors=False):
-        """Usage fraction and perplexity over the last `usage_window` training steps (see usage_from_counts)."""
-        return usage_from_counts(self.window_counts.sum(0), as_tensors)
 
     @torch.no_grad()
     def dead_codes(self):
         """Boolean mask (K,) of codes hit less often than `dead_threshold` times the uniform rate 1/K."""
-        return self.hit_rate_ema * self.num_codes < self.dead_threshold
+        return self.hit_rate_ema * self.num_codebook_vectors < self.dead_threshold
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -132,7 +219,86 @@ class Codebook(nn.Module):
         if len(pick) < len(dead):
             pick = torch.randint(len(z_low), (len(dead),), device=z_low.device)
         new_codes = z_low[pick].to(self.embedding.weight.dtype)
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.broadcast(new_codes, src=0)
-        self.embedding.weight.data[dead] = new_codes
-        self.hit_rate_ema[dead] = 1.0 / self.num_codes  # a grace period: judged again only after they had a chance
+        self._reseed(dead, new_codes)
+        self.hit_rate_ema[dead] = 1.0 / self.num_codebook_vectors  # a grace period: judged again after a chance
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _maybe_kmeans_init(self, z_low):
+        if self.kmeans_done.item():  # one read per process start: a resumed run keeps its codes
+            return
+        if distributed():  # every rank's batch, so that all ranks start from the same codes
+            gathered = [torch.empty_like(z_low) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, z_low.contiguous())
+            z_low = torch.cat(gathered)
+        centres = kmeans(z_low, self.num_codebook_vectors).to(self.embedding.weight.dtype)
+        if distributed():
+            dist.broadcast(centres, src=0)
+        self._reseed(torch.arange(self.num_codebook_vectors, device=centres.device), centres)
+        self.kmeans_done.fill_(True)
+
+
+class EMACodebook(Codebook):
+    """Codes as exponential moving averages of the encoder outputs assigned to them (van den Oord et al. 2017,
+    appendix A.1; taming's EMAVectorQuantizer). No gradient reaches the codes; the loss is beta * commitment only.
+
+    Per training step, with n_k the number of vectors assigned to code k and s_k their sum (all-reduced over ranks):
+    N_k <- decay N_k + (1 - decay) n_k, m_k <- decay m_k + (1 - decay) s_k, e_k = m_k / N~_k, where N~_k is N_k with
+    Laplace smoothing, (N_k + eps) / (sum N + K eps) * sum N. Only the codes assigned this step are rewritten.
+    Every code starts as one past vector at its initial position (N_k = 1, m_k = e_k).
+    """
+
+    def __init__(self, *, decay=0.99, eps=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding.weight.requires_grad_(False)
+        self.decay, self.eps = decay, eps
+        self.register_buffer("cluster_size", torch.ones(self.num_codebook_vectors))
+        self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
+
+    def loss(self, z_low, z_q_low):
+        return self.beta * F.mse_loss(z_low, z_q_low.detach())
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _update_codes(self, z_low, indices):
+        K = self.num_codebook_vectors
+        counts = torch.zeros(K, device=z_low.device).index_add_(0, indices, torch.ones(len(indices),
+                                                                                      device=z_low.device))
+        sums = torch.zeros(K, z_low.shape[1], device=z_low.device).index_add_(0, indices, z_low)
+        if distributed():  # every rank then holds the same codebook
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + K * self.eps) * total
+        updated = self.embed_avg / smoothed[:, None]
+        w = self.embedding.weight
+        w.copy_(torch.where(counts[:, None] > 0, updated.to(w.dtype), w))
+
+    @torch.no_grad()
+    def _reseed(self, which, new_codes):
+        super()._reseed(which, new_codes)
+        self.cluster_size[which] = 1.0
+        self.embed_avg[which] = new_codes.to(self.embed_avg.dtype)
+
+
+# ---- choosing one ----
+
+def build_quantizer(c):
+    """The quantizer that `c.quantizer` names, from a (validated) VQGANConfig."""
+    if c.quantizer in ("vq", "ema"):
+        kw = dict(num_codebook_vectors=c.num_codebook_vectors, latent_dim=c.latent_dim, beta=c.beta,
+                  codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
+                  restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every,
+                  rotation_trick=c.rotation_trick, kmeans_init=c.kmeans_init)
+        return Codebook(**kw) if c.quantizer == "vq" else EMACodebook(decay=c.ema_decay, **kw)
+    from scalar_quantizers import FSQ, LFQ  # they build on Quantizer above
+    if c.quantizer == "fsq":
+        return FSQ(levels=c.fsq_levels, latent_dim=c.latent_dim)
+    if c.quantizer == "lfq":
+        return LFQ(bits=c.lfq_bits, latent_dim=c.latent_dim, beta=c.beta, entropy_weight=c.lfq_entropy_weight,
+                   diversity_weight=c.lfq_diversity_weight)
+    raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {c.quantizer!r}.")

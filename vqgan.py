@@ -1,11 +1,12 @@
 """VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder; config, adaptive GAN weight, loading."""
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import yaml
 
-from codebook import Codebook
+from codebook import build_quantizer
 from decoder import Decoder
 from encoder import Encoder
 
@@ -22,15 +23,61 @@ class VQGANConfig:
     z_channels: int = 256
     dropout: float = 0.0
     latent_dim: int = 256
-    num_codebook_vectors: int = 1024
+    quantizer: str = "vq"  # vq (the paper), ema, fsq, lfq: see codebook.py and scalar_quantizers.py
+    num_codebook_vectors: int = None  # None: 1024 for vq and ema; fsq and lfq derive it from levels or bits
     beta: float = 0.25
     codebook_dim: int = 0  # 0: look codes up in the latent space itself (the paper)
     codebook_l2_norm: bool = False
     restart_dead_codes: bool = False
     restart_every: int = 100
+    rotation_trick: bool = False
+    kmeans_init: bool = False
+    ema_decay: float = 0.99
+    fsq_levels: tuple = ()
+    lfq_bits: int = 0
+    lfq_entropy_weight: float = 0.1
+    lfq_diversity_weight: float = 1.0
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+        self.fsq_levels, self.lfq_bits = tuple(self.fsq_levels or ()), self.lfq_bits or 0
+        self.num_codebook_vectors = self.check_quantizer()
+
+    def check_quantizer(self):
+        """The codebook size the quantizer flags make; a ValueError naming the flags when they do not fit."""
+        q, n = self.quantizer, self.num_codebook_vectors
+        if q not in ("vq", "ema", "fsq", "lfq"):
+            raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {q!r}.")
+        if self.fsq_levels and q != "fsq":
+            raise ValueError(f"--fsq-levels only applies to --quantizer fsq, not {q}.")
+        if self.lfq_bits and q != "lfq":
+            raise ValueError(f"--lfq-bits only applies to --quantizer lfq, not {q}.")
+        if q in ("vq", "ema"):
+            if not 0 < self.ema_decay < 1:
+                raise ValueError(f"--ema-decay must lie between 0 and 1, got {self.ema_decay}.")
+            n = 1024 if n is None else n
+            if n <= 0:
+                raise ValueError(f"--num-codebook-vectors must be positive, got {n}.")
+            return n
+        learned = [flag for flag, on in (("--codebook-dim", self.codebook_dim), ("--codebook-l2-norm",
+                   self.codebook_l2_norm), ("--restart-dead-codes", self.restart_dead_codes),
+                   ("--rotation-trick", self.rotation_trick), ("--kmeans-init", self.kmeans_init)) if on]
+        if learned:
+            raise ValueError(f"{learned[0]} is for a learned codebook (--quantizer vq or ema); {q} has none.")
+        if q == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"--quantizer fsq needs --fsq-levels, each at least 2 (e.g. 8 8 8 for 512 codes), "
+                                 f"got {list(self.fsq_levels)}.")
+            size, given = math.prod(self.fsq_levels), f"--fsq-levels {' '.join(map(str, self.fsq_levels))}"
+        else:
+            if not 1 <= self.lfq_bits <= 16:
+                raise ValueError(f"--quantizer lfq needs --lfq-bits between 1 and 16 (2^bits codes, all of which its "
+                                 f"entropy loss scores), got {self.lfq_bits}.")
+            size, given = 2 ** self.lfq_bits, f"--lfq-bits {self.lfq_bits}"
+        if n is not None and n != size:
+            raise ValueError(f"--num-codebook-vectors {n} does not match {given}, which make {size} codes; "
+                             f"leave it out.")
+        return size
 
     @property
     def downsample_factor(self):
@@ -65,9 +112,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(in_channels=c.in_channels, **arch)
         self.decoder = Decoder(out_channels=c.in_channels, **arch)
         self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
-        self.quantize = Codebook(num_codebook_vectors=c.num_codebook_vectors, latent_dim=c.latent_dim, beta=c.beta,
-                                 codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
-                                 restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every)
+        self.quantize = build_quantizer(c)  # codebook.py: vq (the paper), ema, fsq or lfq
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
 
     def encode(self, x):
