@@ -1,12 +1,19 @@
-"""Sample new images from a trained stage-2 model: one PNG per sample plus a grid.
+"""Sample new images from a trained stage-2 model: one PNG per sample, a grid, and the token grids (indices.pt).
 
     python sample_transformer.py --checkpoint-path checkpoints/transformer_last.pt --num-samples 16
+    python sample_transformer.py ... --size 256 1024                     # a canvas 4x as wide (sliding window)
+    python sample_transformer.py ... --input-image me.png --mask mask.png # regenerate the white part of the mask
+    python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
+    python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
 """
 import argparse
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -14,6 +21,75 @@ from runtime import HelpFormatter, autocast, resolve_precision
 from transformer import VQGANTransformer
 from utils import CheckpointError, DataError, check_writable, pick_device, save_image_grid, seed_everything, \
     to_image_range
+
+
+# ---- the canvas and what to keep of an input image ----
+
+def canvas_size(args, model):
+    """(H, W) pixels of --size (default: the training size), each a multiple of the downsampling factor f."""
+    f = model.vqgan.config.downsample_factor
+    size = tuple(args.size) if args.size else (model.image_size, model.image_size)
+    if any(s % f for s in size):
+        raise ValueError(f"--size {size[0]} {size[1]} must be a multiple of the downsampling factor {f} in both "
+                         f"directions.")
+    if size[0] < model.image_size or size[1] < model.image_size:
+        raise ValueError(f"--size {size[0]} {size[1]} is smaller than the training size {model.image_size}, the "
+                         f"window the model predicts each token from.")
+    return size
+
+
+def read_image(path, what):
+    """A PIL RGB image, or a DataError that names the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as err:  # missing, unreadable, not an image, truncated
+        reason = getattr(err, "strerror", None) or "not an image file PIL can read"
+        raise DataError(f"Cannot read the {what} {path} ({reason}).") from None
+
+
+def load_input_image(path, size):
+    """The image at path, resized to cover size (H, W) and centre-cropped to it: (1, 3, H, W) in [-1, 1]."""
+    image = read_image(path, "input image")
+    scale = max(size[0] / image.height, size[1] / image.width)
+    resized = image.resize((max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale))),
+                           Image.BICUBIC)
+    x = center_crop(pil_to_tensor(resized), list(size)).float() / 127.5 - 1
+    return x.unsqueeze(0)
+
+
+def load_mask(path, canvas, f):
+    """(H/f, W/f) bool: True where the f x f cell of a token holds a white pixel of the mask PNG (H, W)."""
+    image = read_image(path, "mask")
+    if (image.height, image.width) != canvas:
+        raise ValueError(f"The mask {path} is {image.height}x{image.width} pixels; it must be the canvas size, "
+                         f"{canvas[0]}x{canvas[1]} (height x width).")
+    white = pil_to_tensor(image.convert("L"))[0] >= 128  # (H, W)
+    return F.max_pool2d(white[None].float(), f)[0].bool()
+
+
+def completion_grid(args, model, size, device):
+    """Codes (1, Hc, Wc) of the input image on the canvas, and which tokens (Hc, Wc) to regenerate."""
+    f = model.vqgan.config.downsample_factor
+    x = load_input_image(args.input_image, size).to(device)
+    codes = model.encode_to_grid(x)  # (1, H/f, W/f)
+    if args.mask:
+        return codes, load_mask(args.mask, size, f)
+    left, top, right, bottom = args.pad
+    if any(p < 0 or p % f for p in args.pad):
+        raise ValueError(f"--pad {left} {top} {right} {bottom} must be non-negative multiples of the downsampling "
+                         f"factor {f}.")
+    codes = F.pad(codes, (left // f, right // f, top // f, bottom // f))  # the padding's codes are all regenerated
+    regenerate = torch.ones(codes.shape[1:], dtype=torch.bool)
+    regenerate[top // f:top // f + size[0] // f, left // f:left // f + size[1] // f] = False
+    return codes, regenerate
+
+
+def masked_input(model, codes, regenerate):
+    """The input's reconstruction on the canvas, grey where tokens are regenerated: (3, H, W) in [-1, 1]."""
+    f = model.vqgan.config.downsample_factor
+    image = model.indices_to_image(codes)[0].float().cpu()
+    return image.masked_fill(regenerate.repeat_interleave(f, 0).repeat_interleave(f, 1), 0.0)
 
 
 def check_args(args, model):
@@ -27,6 +103,14 @@ def check_args(args, model):
     if model.num_classes and args.class_id is None:
         raise ValueError(f"This model is class-conditional: pass --class-id between 0 and {model.num_classes - 1}"
                          f" ({', '.join(model.classes or [])}).")
+    if args.cfg_scale is not None and model.null_token is None:
+        raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it with "
+                         "--conditional --class-dropout P (P > 0).")
+    if (args.mask or args.pad) and not args.input_image:
+        raise ValueError("--mask and --pad regenerate part of an input image: pass one with --input-image.")
+    if args.input_image and bool(args.mask) == bool(args.pad):
+        raise ValueError("--input-image needs exactly one of --mask (white: regenerate) and --pad (pixels added "
+                         "around it).")
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
         raise ValueError(f"--class-id {args.class_id} is not a class of this model "
                          f"({model.num_classes} classes)." if model.num_classes else
@@ -39,28 +123,40 @@ def main(args):
     model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint,
                                              trust=args.trust_checkpoint).to(device)
     check_args(args, model)
+    size = canvas_size(args, model)
     if args.quantize == "int8":
         model.gpt.quantize_int8()
     out_dir = check_writable(args.out_dir)
     seed_everything(args.seed)
+    f = model.vqgan.config.downsample_factor
+    codes, regenerate = None, torch.ones(size[0] // f, size[1] // f, dtype=torch.bool)  # (Hc, Wc) tokens
+    if args.input_image:
+        with autocast(precision, device):
+            codes, regenerate = completion_grid(args, model, size, device)
+            save_image(to_image_range(masked_input(model, codes, regenerate)), out_dir / "masked_input.png")
 
-    images, start = [], time.perf_counter()
+    images, grids, start = [], [], time.perf_counter()
     with tqdm(total=args.num_samples, desc="sampling") as bar:
         while len(images) < args.num_samples:
             n = min(args.batch_size, args.num_samples - len(images))
             labels = torch.full((n,), args.class_id, device=device) if args.class_id is not None else None
             with autocast(precision, device):
-                batch = model.sample(n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     labels=labels)
+                grid = model.sample_canvas(n, tuple(regenerate.shape), temperature=args.temperature, top_k=args.top_k,
+                                           top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale,
+                                           codes=None if codes is None else codes.expand(n, -1, -1),
+                                           regenerate=regenerate)  # (n, Hc, Wc)
+                batch = model.indices_to_image(grid)  # the whole canvas in one decode
+            grids.append(grid.cpu())
             images += list(batch.float().cpu())
             bar.update(n)
     elapsed = time.perf_counter() - start
     for i, image in enumerate(images):
         save_image(to_image_range(image), out_dir / f"sample_{i:04d}.png")
     save_image_grid(torch.stack(images), out_dir / "grid.png", nrow=min(8, len(images)))
+    torch.save(torch.cat(grids), out_dir / "indices.pt")  # (N, Hc, Wc) int64: re-decode or inspect them
     rate = len(images) / elapsed
-    print(f"{len(images)} samples in {elapsed:.1f} s ({rate:.2f} samples/s, "
-          f"{rate * model.num_tokens:.0f} tokens/s) written to {out_dir}/")
+    print(f"{len(images)} samples of {images[0].shape[1]}x{images[0].shape[2]} in {elapsed:.1f} s ({rate:.2f} "
+          f"samples/s, {rate * int(regenerate.sum()):.0f} tokens/s) written to {out_dir}/")
     return images
 
 
@@ -76,6 +172,16 @@ def build_parser():
     a("--top-k", type=int, default=None, help="sample among the k most likely codes only (1: greedy)")
     a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
     a("--class-id", type=int, default=None, help="the class to sample, for a model trained with --conditional")
+    a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+      help="canvas in pixels, multiples of f, at least the training size (default); larger ones are sampled with "
+           "a sliding window of the training size")
+    a("--input-image", default=None, help="an image to complete, resized and centre-cropped to --size")
+    a("--mask", default=None, help="a PNG of the canvas size: the tokens under its white pixels are regenerated")
+    a("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), default=None,
+      help="pixels added around the input image (multiples of f), all regenerated: the canvas is --size plus these")
+    a("--cfg-scale", type=float, default=None,
+      help="classifier-free guidance: sample from uncond + S x (cond - uncond); needs a model trained with "
+           "--class-dropout; 1 is plain conditional sampling")
     a("--seed", type=int, default=0, help="random seed")
     a("--out-dir", default="samples", help="where the PNGs go")
     a("--device", default=None, help="cuda, cpu ... (default: CUDA when available)")

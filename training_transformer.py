@@ -176,7 +176,9 @@ def main(args):
     config = TransformerConfig(image_size=args.image_size or vqgan.config.image_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep,
                                num_classes=num_classes, embd_pdrop=args.dropout, resid_pdrop=args.dropout,
-                               attn_pdrop=args.dropout)
+                               attn_pdrop=args.dropout,
+                               class_dropout=(0.1 if args.conditional else 0.0) if args.class_dropout is None
+                               else args.class_dropout)
     if resume is not None:
         check_same_config(resume["config"], asdict(config), ckpt_path)
     transformer = VQGANTransformer(vqgan, config).to(device)
@@ -331,6 +333,8 @@ def build_parser():
     a("--block-size", type=int, default=256, help="longest sequence; at least the h*w tokens of the latent grid")
     a("--dropout", type=float, default=0.0, help="embedding, residual and attention dropout")
     a("--conditional", action="store_true", help="one start token per class (the sub-folders of the data set)")
+    a("--class-dropout", type=float, default=None, help="with --conditional: how often a learned null class "
+      "replaces the class token, for sample_transformer.py --cfg-scale (default 0.1; 0: no null class)")
     a("--precompute-tokens", action="store_true", help="encode the data set once (and its flips) and train from that")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,

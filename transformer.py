@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from mingpt import GPT, GPTConfig
+from mingpt import GPT, GPTConfig, sample_next
 
 
 def corrupt(indices, pkeep, num_codebook_vectors):
@@ -27,6 +27,7 @@ class TransformerConfig:
     block_size: int = 256  # at least the h*w tokens of the grid (start token + all indices but the last)
     pkeep: float = 1.0  # probability of keeping each input index (taming's input noise)
     num_classes: int = 0  # 0: unconditional, one start token
+    class_dropout: float = 0.0  # > 0: a learned null-class token replaces the class this often (classifier-free)
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
@@ -41,6 +42,10 @@ class TransformerConfig:
             raise ValueError(f"--n-embd {self.n_embd} must divide by --n-head {self.n_head}.")
         if not 0.0 < self.pkeep <= 1.0:
             raise ValueError(f"--pkeep must be in (0, 1], got {self.pkeep}.")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"--class-dropout must be in [0, 1), got {self.class_dropout}.")
+        if self.class_dropout and not self.num_classes:
+            raise ValueError("--class-dropout needs a class-conditional model (--conditional).")
 
     @classmethod
     def from_dict(cls, d):
@@ -51,11 +56,40 @@ class TransformerConfig:
         return cls(**d)
 
 
+def window_origin(i, j, canvas_hw, window_hw):
+    """Top-left token (row, col) of the window that predicts token (i, j) of a canvas: taming's sliding window.
+
+    Inside the canvas the token sits at the window's centre row and column (h // 2, w // 2); near a border the
+    window stops at the edge, and the token keeps its own distance to that edge.
+    """
+    (H, W), (h, w) = canvas_hw, window_hw
+    return min(max(i - h // 2, 0), H - h), min(max(j - w // 2, 0), W - w)
+
+
+class WindowCache:
+    """The GPT's key/value cache of one window: the next token of the same window runs alone; any other token
+    runs its window's prefix from the start token, so a token never costs more than one forward over a window."""
+
+    def __init__(self, gpt):
+        self.gpt, self.origin, self.length = gpt, None, 0
+        self.kv = [{} for _ in gpt.blocks]  # allocated on first use; a new prefix overwrites it from position 0
+
+    def next_logits(self, tokens, origin):
+        """Logits (B, V) after tokens (B, T): a start token, then the first T - 1 tokens of the window at origin."""
+        T = tokens.size(1)
+        if origin == self.origin and T == self.length + 1:
+            logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
+        else:
+            logits = self.gpt._run(tokens, self.kv, 0)  # (B, T, V)
+        self.origin, self.length = origin, T
+        return logits[:, -1]
+
+
 class VQGANTransformer(nn.Module):
     """Tokens are the codebook indices in raster order, preceded by a start token that is never a code.
 
     Vocabulary: codes 0 .. K-1, then the start token K (unconditional) or one start token per class,
-    K .. K + num_classes - 1 (class-conditional).
+    K .. K + num_classes - 1 (class-conditional), then with class_dropout > 0 the null class K + num_classes.
     """
 
     def __init__(self, vqgan, config: TransformerConfig):
@@ -74,7 +108,9 @@ class VQGANTransformer(nn.Module):
                              f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the start token "
                              f"and all indices but the last).")
         self.pkeep, self.num_classes = config.pkeep, config.num_classes
-        self.gpt = GPT(GPTConfig(vocab_size=self.num_codebook_vectors + max(1, config.num_classes),
+        self.null_token = self.num_codebook_vectors + config.num_classes if config.class_dropout > 0 else None
+        num_start_tokens = max(1, config.num_classes) + (self.null_token is not None)
+        self.gpt = GPT(GPTConfig(vocab_size=self.num_codebook_vectors + num_start_tokens,
                                  block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                                  n_embd=config.n_embd, embd_pdrop=config.embd_pdrop, resid_pdrop=config.resid_pdrop,
                                  attn_pdrop=config.attn_pdrop))
@@ -109,6 +145,14 @@ class VQGANTransformer(nn.Module):
             return (self.num_codebook_vectors + labels.to(device).long()).view(-1, 1)
         return torch.full((batch_size, 1), self.num_codebook_vectors, dtype=torch.long, device=device)
 
+    def null_tokens(self, batch_size, device=None):
+        """(B, 1) null-class start tokens: the unconditional half of classifier-free guidance."""
+        if self.null_token is None:
+            raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it "
+                             "with --conditional --class-dropout P (P > 0).")
+        device = device or self.gpt.head.weight.device
+        return torch.full((batch_size, 1), self.null_token, dtype=torch.long, device=device)
+
     @torch.no_grad()
     def encode_to_indices(self, x):
         """Images (B, 3, H, W) in [-1, 1] -> indices (B, h*w) in raster order."""
@@ -116,14 +160,24 @@ class VQGANTransformer(nn.Module):
         return indices.flatten(1)
 
     @torch.no_grad()
+    def encode_to_grid(self, x):
+        """Images (B, 3, H, W) of any size that divides by f -> token grids (B, H/f, W/f)."""
+        return self.vqgan.encode(x)[1]
+
+    @torch.no_grad()
     def indices_to_image(self, indices):
-        """Indices (B, h*w) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.vqgan.decode_indices(indices.view(-1, *self.latent_hw)).clamp(-1, 1)
+        """Indices (B, h*w), or token grids (B, H, W) of any canvas, -> images (B, 3, H*f, W*f) in [-1, 1]."""
+        grid = indices if indices.dim() == 3 else indices.view(-1, *self.latent_hw)
+        return self.vqgan.decode_indices(grid).clamp(-1, 1)  # the whole canvas in one decode
 
     def forward(self, indices, labels=None):
         """Next-token logits (B, h*w, V) and loss: the input is the start token + the (noised) indices but the last."""
         noisy = corrupt(indices, self.pkeep, self.num_codebook_vectors) if self.training else indices
-        tokens = torch.cat([self.start_tokens(len(indices), labels, indices.device), noisy[:, :-1]], dim=1)
+        starts = self.start_tokens(len(indices), labels, indices.device)  # (B, 1)
+        if self.training and self.null_token is not None:  # learn p(x) beside p(x | class) for guidance
+            dropped = torch.rand(starts.shape, device=starts.device) < self.config.class_dropout
+            starts = starts.masked_fill(dropped, self.null_token)
+        tokens = torch.cat([starts, noisy[:, :-1]], dim=1)
         return self.gpt(tokens, targets=indices)  # targets stay clean
 
     @torch.no_grad()
@@ -135,6 +189,38 @@ class VQGANTransformer(nn.Module):
         out = self.gpt.generate(tokens, self.num_tokens + 1 - tokens.shape[1], temperature=temperature, top_k=top_k,
                                 top_p=top_p, vocab_limit=self.num_codebook_vectors)
         return out[:, 1:]
+
+    @torch.inference_mode()
+    def sample_canvas(self, n, canvas_hw=None, temperature=1.0, top_k=None, top_p=None, labels=None, cfg_scale=None,
+                      codes=None, regenerate=None):
+        """Sample token grids (n, H, W) on a canvas of H x W tokens, each token predicted from its sliding window.
+
+        codes (n, H, W) and regenerate (H, W) bool: keep the codes where regenerate is False (completion).
+        cfg_scale: draw from uncond + cfg_scale * (cond - uncond) logits (classifier-free guidance).
+        At the training size, with neither, this draws the tokens of sample_indices, token for token.
+        """
+        (H, W), (h, w) = canvas_hw or self.latent_hw, self.latent_hw
+        if H < h or W < w:
+            raise ValueError(f"A canvas of {H}x{W} tokens is smaller than the model's {h}x{w} window.")
+        device = self.gpt.head.weight.device
+        grid = torch.zeros(n, H, W, dtype=torch.long, device=device) if codes is None else codes.to(device).clone()
+        regenerate = torch.ones(H, W, dtype=torch.bool) if regenerate is None else regenerate.cpu()
+        starts = self.start_tokens(n, labels, device)  # (n, 1)
+        guided = cfg_scale is not None and cfg_scale != 1  # scale 1 is the conditional model itself
+        if guided:
+            starts = torch.cat([starts, self.null_tokens(n, device)])  # (2n, 1): conditional rows, then null ones
+        cache = WindowCache(self.gpt)
+        for i, j in regenerate.nonzero().tolist():  # raster order
+            top, left = window_origin(i, j, (H, W), (h, w))
+            p = (i - top) * w + j - left  # the token's place in its window's raster order
+            before = grid[:, top:top + h, left:left + w].flatten(1)[:, :p]  # (n, p): final tokens only
+            tokens = torch.cat([starts, before.repeat(len(starts) // n, 1)], dim=1)  # (n or 2n, 1 + p)
+            logits = cache.next_logits(tokens, (top, left))[:, :self.num_codebook_vectors]  # codes only
+            if guided:
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            grid[:, i, j] = sample_next(logits, temperature, top_k, top_p)[:, 0]
+        return grid
 
     @torch.no_grad()
     def sample(self, n, temperature=1.0, top_k=None, top_p=None, labels=None):

@@ -120,8 +120,9 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
         ["--checkpoint-path", str(out / "checkpoints" / "transformer_last.pt"), "--num-samples", "3",
          "--batch-size", "2", "--out-dir", str(samples), "--device", "cpu"]))
     assert len(images) == 3 and images[0].shape == (3, 32, 32)
-    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "sample_0000.png", "sample_0001.png",
-                                                         "sample_0002.png"]
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "indices.pt", "sample_0000.png",
+                                                         "sample_0001.png", "sample_0002.png"]
+    assert torch.load(samples / "indices.pt").shape == (3, 8, 8)  # the token grids, to decode again
 
     int8 = sample_transformer.main(sample_transformer.build_parser().parse_args(
         ["--checkpoint-path", str(out / "checkpoints" / "transformer_last.pt"), "--num-samples", "2",
