@@ -1,4 +1,5 @@
-"""Speed and memory: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s.
+"""Speed and memory: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s, and
+sliding-window sampling per token on canvases of 1x1, 2x2 and 4x4 training sizes.
 
     python bench.py                                          # the paper's config on the default device
     python bench.py --quick                                  # a tiny config: a minute on a CPU
@@ -27,6 +28,7 @@ from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throug
 from mingpt import GPT, GPTConfig
 from runtime import HelpFormatter, autocast, make_scaler, resolve_precision, reuse_freed_memory
 from utils import pick_device
+from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
 CONFIGS = {
@@ -45,7 +47,7 @@ DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
     "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
 }
 SAMPLING_TOP_K = 100  # taming's sampling default; filtering costs next to nothing
-SECTIONS = ("stage1", "stage2", "sampling")
+SECTIONS = ("stage1", "stage2", "sampling", "window")
 
 # ---- the three sections ----
 
@@ -155,7 +157,42 @@ def bench_sampling(args, device, precision):
             "tokens_per_s": n * grid * grid / generate_s, "images_per_s": n / (generate_s + decode_s)}
 
 
-BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling}
+def bench_window(args, device, precision):
+    """VQGANTransformer.sample_canvas on canvases of --window-scales x the training grid: seconds per token.
+
+    A token costs one cached step while its window stays where the previous token's was, else one forward over its
+    window's prefix, so the cost per token is bounded by one window, whatever the canvas.
+    """
+    config, grid = models_config(args)
+    model = VQGANTransformer(VQGAN(config), TransformerConfig(block_size=grid * grid, **CONFIGS[args.config]["gpt"]))
+    model = model.to(device).eval()
+    if args.quantize == "int8":
+        model.gpt.quantize_int8()
+    n = args.sample_batch_size
+
+    def run(canvas_hw, regenerate=None):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(precision, device):
+            model.sample_canvas(n, canvas_hw, top_k=SAMPLING_TOP_K, regenerate=regenerate)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    if args.warmup:  # a few tokens of a moving window: every code path once
+        first = torch.zeros(2 * grid, 2 * grid, dtype=torch.bool)
+        first[0, :grid + 2] = True
+        run((2 * grid, 2 * grid), first)
+    canvases = {}
+    for scale in args.window_scales:
+        tokens = (grid * scale) ** 2
+        seconds = run((grid * scale, grid * scale))
+        canvases[f"{scale}x{scale}"] = {"tokens": tokens, "generate_s": seconds, "s_per_token": seconds / tokens,
+                                       "tokens_per_s": n * tokens / seconds}
+    return {"batch_size": n, "window_tokens": grid * grid, "canvases": canvases,
+            "step_s": sum(c["generate_s"] for c in canvases.values())}
+
+
+BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window}
 
 
 def run_section(name, args):
@@ -196,7 +233,8 @@ def markdown_table(results):
     rows = ["| section | batch | s per step | throughput | GFLOP per item (counted) | achieved TFLOP/s | MFU | "
             "peak memory | load before, after | other processes (cores) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    titles = {"stage1": "stage-1 training", "stage2": "stage-2 GPT training", "sampling": "sampling"}
+    titles = {"stage1": "stage-1 training", "stage2": "stage-2 GPT training", "sampling": "sampling",
+              "window": "sliding-window sampling"}
     for name in SECTIONS:
         r = results.get(name)
         if r is None:
@@ -210,6 +248,12 @@ def markdown_table(results):
             weights = ", int8 weights" if r.get("quantize") == "int8" else ""
             rows.append(f"| {titles[name]} ({r['tokens']} tokens{weights}) | {r['batch_size']} | {step} | {speed} "
                         f"| - | - | - | {memory} | {load} |")
+            continue
+        if name == "window":
+            for canvas, c in r["canvases"].items():
+                rows.append(f"| {titles[name]} ({canvas} canvas, {c['tokens']} tokens) | {r['batch_size']} | "
+                            f"{c['generate_s']:.2f} | {1e3 * c['s_per_token']:.2f} ms per token, "
+                            f"{rate(c['tokens_per_s'])} tokens/s | - | - | - | {memory} | {load} |")
             continue
         gflop = fmt(r["flops_per_item"] and r["flops_per_item"] / 1e9, ".4g")
         mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else "")
@@ -230,6 +274,8 @@ def main(args):
     for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if min(args.window_scales) <= 0:
+        raise ValueError(f"--window-scales must be positive, got {args.window_scales}.")
     if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:
         raise ValueError("--quantize int8 is a CPU sampling path (torch's int8 kernel); on CUDA use --precision bf16.")
     if args.compile and args.warmup < 2:
@@ -249,6 +295,7 @@ def main(args):
                          "Stage 1 and 2 train on one fixed random batch: data loading is not measured.",
                          "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
                          f"Sampling uses top_k={SAMPLING_TOP_K}; images/s includes VQGAN.decode_indices.",
+                         "Sliding-window sampling: the GPT alone (no decode), every token of each canvas.",
                          "FLOPs are counted with torch's FLOP formulas (matmuls, convolutions, attention, "
                          "forward and backward); MFU is against the device's dense bf16 peak."]}
     for name in sections:
@@ -294,6 +341,8 @@ def build_parser():
     a("--steps", type=int, default=5, help="timed training steps per stage")
     a("--warmup", type=int, default=2, help="untimed steps first (sampling: one short generation)")
     a("--sample-runs", type=int, default=None, help="timed sampling runs; default: 3 on CUDA, 1 on the CPU")
+    a("--window-scales", type=int, nargs="+", default=[1, 2, 4],
+      help="sliding-window sampling on canvases of these multiples of the training grid (each way)")
     a("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice")
     for name in SECTIONS:
         a(f"--skip-{name}", action="store_true", help=f"do not measure {name}")

@@ -11,7 +11,8 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     try:
         results = bench.main(bench.build_parser().parse_args(
-            ["--quick", "--steps", "1", "--warmup", "1", "--in-process", "--device", "cpu", "--out-json", str(out)]))
+            ["--quick", "--steps", "1", "--warmup", "1", "--in-process", "--device", "cpu", "--out-json", str(out),
+             "--window-scales", "1", "2"]))
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text())["config"] == results["config"] == "quick"
@@ -20,6 +21,9 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     # FLOPs are counted, not assumed: a training step costs about 3x its forward, so far more than zero
     assert results["stage1"]["flops_per_item"] > 1e9 and results["stage2"]["flops_per_item"] > 1e6
     assert results["stage1"]["mfu"] is None  # no MFU on the CPU
+    assert list(results["window"]["canvases"]) == ["1x1", "2x2"]  # sliding-window sampling on 8x8 and 16x16 tokens
+    assert results["window"]["canvases"]["2x2"]["tokens"] == 256
+    assert "| sliding-window sampling (2x2 canvas, 256 tokens) | 1 |" in bench.markdown_table(results)
 
 
 def test_quick_bench_samples_with_int8_weights():
@@ -27,7 +31,7 @@ def test_quick_bench_samples_with_int8_weights():
     try:
         results = bench.main(bench.build_parser().parse_args(
             ["--quick", "--warmup", "1", "--in-process", "--device", "cpu", "--skip-stage1", "--skip-stage2",
-             "--quantize", "int8", "--out-json", ""]))
+             "--skip-window", "--quantize", "int8", "--out-json", ""]))
     finally:
         torch.set_num_threads(threads)
     assert "stage1" not in results and results["sampling"]["quantize"] == "int8"
