@@ -23,11 +23,11 @@ import torch
 
 import training_vqgan
 from discriminator import Discriminator
+from loss import LossConfig, Stage1, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import HelpFormatter, autocast, make_scaler, resolve_precision, reuse_freed_memory
-from utils import pick_device
+from runtime import HelpFormatter, autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -68,27 +68,28 @@ def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
     recompute = training_vqgan.recompute_default(args.recompute, device)
-    vqgan, disc = VQGAN(config).to(device).set_recompute(recompute), Discriminator().to(device)
-    # random VGG16 weights: the same FLOPs, no download needed; channels_last as training_vqgan does
-    lpips = LPIPS(vgg_weights=None).to(device, memory_format=torch.channels_last)
-    vqgan, disc = vqgan.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if training_vqgan.channels_last_default(args.channels_last, device) else \
+        torch.contiguous_format
+    vqgan = VQGAN(config).set_recompute(recompute).to(device, memory_format=fmt)
+    disc = Discriminator().to(device, memory_format=fmt)
+    lpips = LPIPS(vgg_weights=None).to(device, memory_format=fmt)  # random VGG16 weights: the same FLOPs, no download
     train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
     lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
     opt_vq, opt_disc = training_vqgan.build_optimizers(vqgan, disc, lr, train_args)
-    scalers = (make_scaler(precision, device), make_scaler(precision, device))
-    model, disc_model = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
+    s = Stage1(vqgan, disc, lpips, training_vqgan.from_flags(LossConfig, train_args), precision)
+    compiled = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=fmt)
 
-    def step(i, model=model, disc_model=disc_model):
-        metrics = training_vqgan.train_step(x, vqgan, model, disc, disc_model, lpips, scalers, i, train_args,
-                                            precision)
+    def step(i, models=compiled):
+        s.vqgan_ddp, s.disc_ddp = models
+        metrics = train_step(s, x, i)
         if not math.isfinite(metrics["loss"].item()):  # the training loop's check (and its one sync per step)
             raise FloatingPointError(f"stage 1: non-finite loss at step {i}")
-        training_vqgan.optimizer_step(opt_vq, scalers[0])
-        training_vqgan.optimizer_step(opt_disc, scalers[1])
+        training_vqgan.optimizer_step(opt_vq, s.scalers[0])
+        training_vqgan.optimizer_step(opt_disc, s.scalers[1])
 
-    times, cpu_times, flops = time_steps(step, lambda i: step(i, vqgan, disc), args.warmup, args.steps, device,
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, (vqgan, disc)), args.warmup, args.steps, device,
                                          args.compile)
     return {"batch_size": args.batch_size, "unit": "images",
             **throughput(times, cpu_times, args.batch_size, flops, device)}
@@ -288,6 +289,7 @@ def main(args):
                "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
                "precision": precision, "compile": args.compile,
                "recompute": training_vqgan.recompute_default(args.recompute, device),
+               "channels_last": training_vqgan.channels_last_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
                "issue_flops": ISSUE_FLOPS.get(args.config),
@@ -329,6 +331,8 @@ def build_parser():
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")
     a("--compile", action="store_true", help="wrap the models in torch.compile (needs --warmup 2 or more)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="stage 1 in the channels_last memory format; default: on the CPU, off on CUDA (as training)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="stage 1 recomputes GroupNorm + swish in the backward; default: on the CPU, off on CUDA (as training)")
     a("--system-malloc", action="store_true",

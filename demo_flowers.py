@@ -115,10 +115,3 @@ def make_demo_flowers(root, num_images=300, size=256, seed=0):
     return root
 
 
-def resolve_dataset(path, demo_path):
-    """The image files under `path`; the default `demo_path` gets the demo set on first use; other paths must exist."""
-    from utils import find_images
-    if str(path) == str(demo_path) and not Path(path).exists():
-        print(f"Writing the demo data set of drawn flowers to {path}/ (first run with the default path).")
-        make_demo_flowers(path)
-    return find_images(path)

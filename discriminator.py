@@ -1,6 +1,17 @@
-"""The pix2pix PatchGAN discriminator used by taming-transformers, and its initialisation."""
-import torch
+"""The pix2pix PatchGAN discriminator used by taming-transformers, its config and its initialisation."""
+from dataclasses import dataclass
+
 import torch.nn as nn
+
+from checkpoint import read_taming
+
+
+@dataclass
+class DiscriminatorConfig:
+    """taming's defaults: 3 hidden layers of 64, 128, 256 (then 512) channels."""
+    in_channels: int = 3
+    ndf: int = 64
+    n_layers: int = 3
 
 
 def weights_init(m):
@@ -15,9 +26,10 @@ def weights_init(m):
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: 4x4 convs, each logit of the (B, 1, h, w) output judges one overlapping patch (70x70 for 3 layers)."""
 
-    def __init__(self, *, in_channels=3, ndf=64, n_layers=3):
+    def __init__(self, config: DiscriminatorConfig = None):
         super().__init__()
-        self.config = dict(in_channels=in_channels, ndf=ndf, n_layers=n_layers)
+        self.config = config = config or DiscriminatorConfig()
+        in_channels, ndf, n_layers = config.in_channels, config.ndf, config.n_layers
         layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
@@ -35,11 +47,11 @@ class NLayerDiscriminator(nn.Module):
     @classmethod
     def from_taming(cls, ckpt_path, config_path):
         """Load the discriminator of a taming-transformers `last.ckpt` + `model.yaml` pair, in eval mode."""
-        from vqgan import read_taming  # the shared reader of taming's file pair lives with the VQGAN
         state, params = read_taming(ckpt_path, config_path)
         loss_params = params.get("lossconfig", {}).get("params", {})
-        model = cls(in_channels=loss_params.get("disc_in_channels", 3), ndf=loss_params.get("disc_ndf", 64),
-                    n_layers=loss_params.get("disc_num_layers", 3))
+        model = cls(DiscriminatorConfig(in_channels=loss_params.get("disc_in_channels", 3),
+                                        ndf=loss_params.get("disc_ndf", 64),
+                                        n_layers=loss_params.get("disc_num_layers", 3)))
         prefix = "loss.discriminator."
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return model.eval()
@@ -47,7 +59,3 @@ class NLayerDiscriminator(nn.Module):
 
 Discriminator = NLayerDiscriminator  # the name the training script uses
 
-
-def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: 0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))))."""
-    return 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())

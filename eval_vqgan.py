@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from codebook import codebook_usage
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
-from runtime import HelpFormatter
-from utils import CheckpointError, DataError, ImageFolder, build_loader, pick_device, save_image_grid, to_image_range
+from checkpoint import CheckpointError
+from data import DataError, ImageFolder, build_loader
+from runtime import HelpFormatter, pick_device
+from utils import save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.

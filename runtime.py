@@ -1,18 +1,63 @@
-"""Run-time plumbing shared by the scripts: distributed set-up, precision, resumable sampling, signals, help."""
+"""Run-time plumbing shared by the scripts: device, distributed set-up, precision, signals, and TrainingRun, the
+part of the two training loops that is not the algorithm (resume, atomic saves, stop signals, the non-finite guard,
+epochs and skipped files, the metrics log and progress bar)."""
 import argparse
 import ctypes
+import datetime
 import functools
-import math
 import os
+import random
 import signal
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from utils import CheckpointError, pick_device
+from checkpoint import check_same_config, load_checkpoint, save_checkpoint
+from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
+from utils import MetricsLog, check_writable
+
+
+# ---- device and reproducibility ----
+
+def pick_device(name=None):
+    """The named device, else CUDA when available, else the CPU with a notice."""
+    if name is not None:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device '{name}' is not a device name torch knows (cpu, cuda, cuda:1, ...).") from None
+        if torch.device(name).type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f"Device '{name}' was requested, but CUDA is not available on this machine.")
+        return use_device(torch.device(name))
+    if torch.cuda.is_available():
+        return use_device(torch.device('cuda'))
+    print('No CUDA device found: running on the CPU (slow).')
+    return torch.device('cpu')
+
+
+def use_device(device):
+    """Make a CUDA device current (pinned memory, new tensors and cuDNN follow it, not GPU 0) and let cuDNN pick
+    its fastest kernels for the fixed shapes of a training run."""
+    if device.type == 'cuda':
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (torch.manual_seed covers every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ---- distributed (torchrun) ----
@@ -33,18 +78,18 @@ class Dist:
         return self.world_size > 1
 
 
-def setup_distributed(device_name=None):
-    """Read torchrun's RANK/WORLD_SIZE; a plain `python script.py` runs as a single process with no variables."""
+def setup_distributed(device_name=None, timeout_minutes=30):
+    """Read torchrun's RANK/WORLD_SIZE; a plain `python script.py` runs as a single process with no variables.
+
+    A collective that waits longer than `timeout_minutes` ends the job with an error instead of hanging.
+    """
     if "RANK" not in os.environ:
         return Dist(device=pick_device(device_name))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = use_device(torch.device("cuda", local_rank)) if use_cuda else torch.device("cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -53,13 +98,33 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def all_ranks_agree(flag, d: Dist):
-    """True on every rank if `flag` is true on any rank (so all ranks skip, stop or save together)."""
-    if not d.enabled:
-        return bool(flag)
-    t = torch.tensor(float(bool(flag)), device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_model(module, d: Dist, compile=False):
+    """DDP (when distributed), then torch.compile around it, so that the compiler splits the graph at DDP's buckets.
+
+    broadcast_buffers=False: DDP would otherwise copy rank 0's buffers into every rank before each forward. That is
+    wasted work for the VQGAN's usage counters, and for the discriminator, run on real then fake images before one
+    backward, it overwrites the BatchNorm statistics that the first forward saved for the backward (torch >= 2.6
+    then fails the backward with "modified by an inplace operation"). Running statistics stay per rank; they are
+    used only in eval mode, and rank 0's are saved.
+    """
+    if d.enabled:
+        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+    return torch.compile(module) if compile else module
+
+
+def no_sync(*modules, sync):
+    """DDP's no_sync() on micro-steps that only accumulate gradients; a no-op otherwise."""
+    stack = ExitStack()
+    for module in modules:
+        module = getattr(module, "_orig_mod", module)  # the DDP module inside torch.compile's wrapper
+        if not sync and isinstance(module, DDP):
+            stack.enter_context(module.no_sync())
+    return stack
 
 
 # ---- the CPU's memory allocator and optimizers ----
@@ -118,35 +183,6 @@ def make_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-# ---- resumable, shardable shuffling ----
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Shuffles with a seed per epoch, shards across ranks, and can start mid-epoch so a resume repeats no batch."""
-
-    def __init__(self, num_items, batch_size, shuffle=True, seed=0, rank=0, world_size=1):
-        self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = num_items // world_size  # equal shards keep the ranks in step (DDP needs that)
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def _indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_items, generator=g).tolist()
-        else:
-            order = list(range(self.num_items))
-        return order[self.rank:self.per_rank * self.world_size:self.world_size]
-
-    def __iter__(self):
-        return iter(self._indices()[self.start_batch * self.batch_size:])
-
-    def __len__(self):
-        return max(0, self.per_rank - self.start_batch * self.batch_size)
-
-
 # ---- stopping cleanly on Ctrl-C / SIGTERM ----
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -184,26 +220,6 @@ def keeps_signal_handlers(main):
     return wrapper
 
 
-# ---- small helpers of the training loops ----
-
-def no_sync(module, sync):
-    """DDP's no_sync() on micro-steps that only accumulate gradients; a no-op otherwise."""
-    module = getattr(module, "_orig_mod", module)  # the DDP module inside torch.compile's wrapper
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext()
-    return module.no_sync()
-
-
-def check_same_config(saved, current, ckpt_path):
-    """Refuse to resume a checkpoint whose config differs from the flags, naming every differing field."""
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v  # a saved tuple comes back as a list
-    mismatched = [k for k, v in current.items() if k in saved and norm(saved[k]) != norm(v)]
-    if mismatched:
-        raise CheckpointError(f"The checkpoint {ckpt_path} was trained with other values of "
-                              f"{', '.join(mismatched)}; pass the same flags or another --out-dir.")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where it is None and the help text says what happens instead."""
 
@@ -211,22 +227,206 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-class NonFiniteGuard:
-    """Skips the update of a step whose loss is not finite, and stops the run after `limit` such steps in a row."""
+# ---- the flags both training scripts share ----
 
-    def __init__(self, limit, ckpt_path):
-        self.limit, self.ckpt_path, self.in_a_row = limit, ckpt_path, 0
+def add_run_flags(parser, name):
+    """Flags of the training loop, the same in both scripts."""
+    a = parser.add_argument
+    a("--epochs", type=int, default=100, help="passes over the data set (unless --max-steps is given)")
+    a("--max-steps", type=int, default=None,
+      help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
+    a("--compile", action="store_true", help="wrap the models in torch.compile")
+    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    a("--out-dir", default=".", help="where results/ and checkpoints/ go")
+    a("--resume", action="store_true", help=f"continue from <out-dir>/checkpoints/{name}_last.pt")
+    a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--seed", type=int, default=0, help="random seed (offset by rank)")
+    a("--num-workers", type=int, default=4, help="data-loading worker processes per GPU")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints")
+    a("--sample-every", type=int, default=500, help="steps between sample grids (and validation in stage 2)")
+    a("--log-every", type=int, default=10,
+      help="steps between reads of the logged values (each read waits for the GPU); they are averaged over them")
+    a("--max-nonfinite-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    a("--dist-timeout", type=float, default=30.0,
+      help="minutes a rank may wait in a collective under torchrun before the job stops with an error")
 
-    def skip(self, loss_value, step, d: Dist):
-        """True when this step's update must be skipped (decided alike on every rank)."""
-        if not all_ranks_agree(not math.isfinite(loss_value), d):
-            self.in_a_row = 0
+
+def check_positive(args, *names):
+    """Reject a zero or negative value of each named flag, naming the flag."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+
+
+# ---- TrainingRun: what both training loops share ----
+
+class TrainingRun:
+    """Everything of a training run that is not the algorithm: the script builds its models, then loops
+
+        for batches in run.steps(loader):      # the micro-batches of one optimizer step
+            ...forward, backward...
+            if run.skip_update(loss): ...      # non-finite on any rank: keep the last good weights
+            ...optimizer step...
+            run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
+
+    and run.finish() saves the last checkpoint. `run.state_dict` (set by the script) returns the models' and
+    optimizers' states; the run adds its position (step, epoch, batch in epoch), the config and the flags.
+    """
+
+    def __init__(self, args, name):
+        self.args, self.name = args, name
+        self.d = setup_distributed(args.device, args.dist_timeout)
+        self.device, self.is_main = self.d.device, self.d.is_main
+        reuse_freed_memory(self.device)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.out_dir = Path(args.out_dir)
+        self.results = self.out_dir / "results"
+        self.ckpt_path = self.out_dir / "checkpoints" / f"{name}_last.pt"
+        if self.is_main:
+            check_writable(self.out_dir)
+        seed_everything(args.seed + self.d.rank)  # different noise per rank, the same model init after DDP's broadcast
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.config, self.state_dict, self.log, self.bar = None, None, None, None
+        self.stop = StopSignal()
+        self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
+        self.flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective a step
+        self.sums, self.count = None, 0
+
+    def dataset_paths(self, path, default_path):
+        """The data set's image files; rank 0 writes the demo set first if the default path is still empty."""
+        paths = resolve_dataset(path, default_path) if self.is_main else None
+        barrier()
+        return paths if paths is not None else find_images(path)
+
+    def resume(self, config):
+        """With --resume and a checkpoint: check its config against `config` (a dict), take its position, return it."""
+        self.config = config
+        if not self.args.resume:
+            return None
+        if not self.ckpt_path.exists():
+            if self.is_main:
+                print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
+            return None
+        ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
+        check_same_config(ckpt["config"], config, self.ckpt_path)
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+        if self.is_main:
+            print(f"Resumed from {self.ckpt_path} at step {self.step}.")
+        return ckpt
+
+    def wrap(self, module):
+        return wrap_model(module, self.d, self.args.compile)
+
+    def loader(self, dataset, batch_size):
+        """A loader of this rank's shard, resumable mid-epoch; sets the number of steps of the run."""
+        args, d = self.args, self.d
+        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=d.rank,
+                                        world_size=d.world_size)
+        batches_per_epoch = len(dataset) // d.world_size // batch_size
+        if batches_per_epoch < args.grad_accum:
+            raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
+                            f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
+        self.max_steps = args.max_steps if args.max_steps is not None else \
+            args.epochs * (batches_per_epoch // args.grad_accum)
+        self.batch_size = batch_size
+        return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
+
+    def steps(self, loader):
+        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal."""
+        if self.is_main:
+            self.log = MetricsLog(self.results / f"{self.name}_metrics.jsonl", resume=self.step > 0)
+            self.log.truncate_after(self.step)
+        self.bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_main,
+                        dynamic_ncols=True)
+        group = []  # a step's micro-batches may span an epoch's end
+        while self.step < self.max_steps:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.batch_in_epoch == 0, 0
+            for batch in loader:
+                self.batch_in_epoch += 1
+                skipped_in_epoch += self.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
+                self.skipped_files = max(self.skipped_files, skipped_in_epoch)  # every pass meets the same bad files
+                if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+                    continue
+                group.append(batch)
+                if len(group) < self.args.grad_accum:
+                    continue
+                yield group
+                group = []
+                if self.stopped:
+                    self.save(f"received {self.stop.received or 'a stop signal'}")
+                    return
+                if self.step >= self.max_steps:
+                    return
+            if self.step == step_at_epoch_start and whole_epoch:
+                raise DataError(f"A whole epoch gave no usable batch: are the images in "
+                                f"{self.args.dataset_path} readable?")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def skip_update(self, loss):
+        """True (on every rank alike) when the step's loss is not finite on some rank: skip its update.
+
+        The step's one collective and one read: the non-finite flag and the stop flag travel together.
+        """
+        self.flags[0] = (~torch.isfinite(loss.detach())).any()
+        self.flags[1].fill_(float(self.stop.received is not None))
+        if self.d.enabled:
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = self.flags.tolist()
+        self.stopped = self.stopped or stop > 0
+        if not nonfinite:
+            self.nonfinite_in_a_row = 0
             return False
-        self.in_a_row += 1
-        if d.is_main:
-            print(f"Step {step}: non-finite loss, update skipped ({self.in_a_row} in a row).", flush=True)
-        if self.in_a_row >= self.limit:
+        self.nonfinite_in_a_row += 1
+        if self.is_main:
+            print(f"Step {self.step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row).",
+                  flush=True)
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             kept = f"The last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "Nothing was saved"
-            raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row: stopping. {kept}; try a lower "
-                                     f"--learning-rate.")
+            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite losses in a row: stopping. {kept}; try a "
+                                     f"lower --learning-rate.")
         return True
+
+    def end_step(self, metrics, bar_keys=("loss",)):
+        """Count the step; every --log-every steps (and at the end) log the means of `metrics` (0-d tensors) since
+        the last log, read from the device at once; every --save-every steps save."""
+        self.step += 1
+        self.bar.update(1)
+        if self.is_main:
+            values = torch.stack([v.detach().float() for v in metrics.values()])  # on the device: no wait
+            self.sums, self.count = values if self.sums is None else self.sums + values, self.count + 1
+            if self.step % self.args.log_every == 0 or self.step == self.max_steps or self.stopped:
+                means = dict(zip(metrics, (self.sums / self.count).tolist()))
+                self.sums, self.count = None, 0
+                self.log.log(self.step, **means)
+                self.bar.set_postfix({k: f"{means[k]:.3f}" for k in bar_keys if k in means})
+        if self.step % self.args.save_every == 0:
+            self.save()
+
+    def due(self, every):
+        """True after a step that is a multiple of `every`, and after the last step."""
+        return self.step % every == 0 or self.step == self.max_steps
+
+    def save(self, reason=""):
+        """Rank 0 writes the checkpoint atomically: the script's states, the run's position, config and flags."""
+        if not self.is_main:
+            return
+        save_checkpoint(dict(**self.state_dict(), step=self.step, epoch=self.epoch,
+                             batch_in_epoch=self.batch_in_epoch, config=self.config, args=vars(self.args)),
+                        self.ckpt_path)
+        if reason:
+            tqdm.write(f"Saved {self.ckpt_path} at step {self.step} ({reason}).")
+
+    def finish(self):
+        """Save the last checkpoint (unless a stop signal already did), report skipped files, leave torchrun."""
+        self.bar.close()
+        if not self.stopped:
+            self.save("end of training")
+        if self.is_main and self.skipped_files:
+            print(f"Skipped {self.skipped_files} unreadable image file(s) during training (named in the warnings "
+                  f"above).")
+        cleanup_distributed()
+        return self.ckpt_path

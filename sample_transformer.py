@@ -17,10 +17,11 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from runtime import HelpFormatter, autocast, resolve_precision
+from checkpoint import CheckpointError
+from data import DataError
+from runtime import HelpFormatter, autocast, pick_device, resolve_precision, seed_everything
 from transformer import VQGANTransformer
-from utils import CheckpointError, DataError, check_writable, pick_device, save_image_grid, seed_everything, \
-    to_image_range
+from utils import check_writable, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----

@@ -6,7 +6,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from checkpoint import CheckpointError, load_checkpoint
 from mingpt import GPT, GPTConfig, sample_next
+from vqgan import VQGAN
 
 
 def corrupt(indices, pkeep, num_codebook_vectors):
@@ -118,8 +120,6 @@ class VQGANTransformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, vqgan_path=None, trust=False):
         """Rebuild a trained stage-2 model (and its stage-1 VQGAN) from our checkpoint, in eval mode."""
-        from utils import CheckpointError, load_checkpoint
-        from vqgan import VQGAN
         ckpt = load_checkpoint(path, trust=trust)
         vqgan_path = vqgan_path or ckpt["vqgan_checkpoint"]
         if not Path(vqgan_path).is_file():

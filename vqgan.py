@@ -4,8 +4,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-import yaml
 
+from checkpoint import load_checkpoint, read_taming
 from codebook import build_quantizer
 from decoder import Decoder
 from encoder import Encoder
@@ -39,9 +39,29 @@ class VQGANConfig:
     lfq_diversity_weight: float = 1.0
 
     def __post_init__(self):
+        """Refuse impossible values once, naming the flag."""
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         self.fsq_levels, self.lfq_bits = tuple(self.fsq_levels or ()), self.lfq_bits or 0
         self.num_codebook_vectors = self.check_quantizer()
+        for name in ("image_size", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors", "z_channels",
+                     "restart_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.codebook_dim < 0:
+            raise ValueError(f"--codebook-dim must be 0 (use --latent-dim) or positive, got {self.codebook_dim}.")
+        if any(m <= 0 for m in self.ch_mult):
+            raise ValueError(f"--ch-mult values must be positive, got {list(self.ch_mult)}.")
+        f = self.downsample_factor
+        if self.image_size % f:
+            raise ValueError(f"--image-size {self.image_size} must divide by the downsampling factor {f} "
+                             f"(2 ** (len(--ch-mult) - 1)).")
+        resolutions = {self.image_size // 2 ** i for i in range(len(self.ch_mult))}
+        missing = sorted(set(self.attn_resolutions) - resolutions)
+        if missing:
+            raise ValueError(f"--attn-resolutions {missing} never occur; the feature maps are {sorted(resolutions)} "
+                             f"wide.")
+        if any(self.ch * m % 32 for m in self.ch_mult):
+            raise ValueError("--ch times every --ch-mult value must divide by 32 (GroupNorm uses 32 groups).")
 
     def check_quantizer(self):
         """The codebook size the quantizer flags make; a ValueError naming the flags when they do not fit."""
@@ -93,14 +113,6 @@ class VQGANConfig:
         return cls(**d)
 
 
-def read_taming(ckpt_path, config_path):
-    """The state dict of a taming-transformers checkpoint and the `model.params` of its yaml config."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    with open(config_path) as f:
-        params = yaml.safe_load(f)["model"]["params"]
-    return state, params
-
 
 class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
@@ -148,7 +160,7 @@ class VQGAN(nn.Module):
                 module.recompute = on
         return self
 
-    # ---- the adaptive weight of the GAN loss ----
+    # ---- the adaptive weight of the GAN loss (loss.py) ----
 
     def last_layer_grad(self, features, grad_out):
         """Gradient at the decoder's last conv weight of a loss whose gradient w.r.t. x_rec is `grad_out`.
@@ -159,18 +171,11 @@ class VQGAN(nn.Module):
         w = self.decoder.conv_out.weight
         return torch.nn.grad.conv2d_weight(features.float(), w.shape, grad_out.float(), padding=1)
 
-    @staticmethod
-    def adaptive_weight(nll_grad, g_grad, disc_weight=0.8):
-        """lambda = ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], detached, times disc_weight (Eq. 7)."""
-        lam = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
-        return torch.clamp(lam, 0.0, 1e4).detach() * disc_weight
-
     # ---- checkpoints ----
 
     @classmethod
     def from_checkpoint(cls, path, trust=False):
         """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode."""
-        from utils import load_checkpoint
         ckpt = load_checkpoint(path, trust=trust)
         model = cls(VQGANConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"])

@@ -10,13 +10,11 @@ import torch
 
 import training_vqgan
 from demo_flowers import make_demo_flowers
-from utils import load_checkpoint
+from checkpoint import load_checkpoint
+from conftest import TINY_FLAGS as CONFTEST_TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-              "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
-              "--batch-size", "2", "--num-workers", "0", "--perceptual-loss-factor", "0", "--disc-start", "1",
-              "--device", "cpu"]
+TINY_FLAGS = CONFTEST_TINY_FLAGS + ["--batch-size", "2", "--disc-start", "1"]  # the last value of a flag wins
 
 # Runs training_vqgan.py exactly as `torchrun ... training_vqgan.py` would (as __main__, same argv), and afterwards
 # writes the parameters of the modules this rank wrapped in DDP, so the test can compare the ranks. The script

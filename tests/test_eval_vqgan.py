@@ -9,11 +9,10 @@ import torch
 
 import eval_vqgan
 from demo_flowers import make_demo_flowers
-from utils import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, save_checkpoint
 from vqgan import VQGAN, VQGANConfig
+from conftest import TINY
 
-TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-            latent_dim=16, num_codebook_vectors=64)
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
 KEYS = {"psnr": float, "ssim": float, "codebook_usage": float, "perplexity": float, "num_images": int}
 
@@ -90,7 +89,7 @@ def test_eval_on_our_checkpoint(tmp_path, flowers):
 
     # The same numbers by hand: center crops, one forward, per-image PSNR averaged, usage over all indices.
     from codebook import codebook_usage
-    from utils import ImageFolder
+    from data import ImageFolder
     x = torch.stack([item["image"] for item in ImageFolder(flowers, 32, train=False)])
     with torch.no_grad():  # in the script's batches of 4 and 2 (the same shapes run faster the second time)
         (rec_a, indices_a, _), (rec_b, indices_b, _) = model(x[:4]), model(x[4:])

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import training_vqgan
+from loss import LossConfig, Stage1, hinge_d_loss, train_step
 from codebook import Codebook
-from discriminator import Discriminator
+from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
 from vqgan import VQGAN, VQGANConfig
+from conftest import TINY
 
-TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-            latent_dim=16, num_codebook_vectors=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -48,17 +48,15 @@ def test_lpips_normalisation_survives_fp16():
 
 def tiny_models():
     torch.manual_seed(0)
-    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(ndf=16, n_layers=2)
-    args = SimpleNamespace(rec_loss_factor=1.0, perceptual_loss_factor=1.0, disc_factor=1.0, disc_weight=0.8,
-                           disc_start=0, grad_accum=1)
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(DiscriminatorConfig(ndf=16, n_layers=2))
+    args = LossConfig(rec_loss_factor=1.0, perceptual_loss_factor=1.0, disc_factor=1.0, disc_weight=0.8, disc_start=0)
     return vqgan, disc, LPIPS(vgg_weights=None), torch.rand(4, 3, 32, 32) * 2 - 1, args
 
 
 def step_gradients(vqgan, disc, lpips, x, args, precision, scalers):
     """train_step from the models' current weights: its metrics and both models' gradients, unscaled."""
     vqgan.zero_grad(), disc.zero_grad()
-    metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, lpips, scalers, step=0, args=args,
-                                        precision=precision)
+    metrics = train_step(Stage1(vqgan, disc, lpips, args, precision, scalers), x, step=0)
     grads = [{n: p.grad / scaler.get_scale() if scaler.is_enabled() else p.grad.clone()
               for n, p in model.named_parameters()} for model, scaler in ((vqgan, scalers[0]), (disc, scalers[1]))]
     return metrics, grads
@@ -104,8 +102,7 @@ def test_fp16_overflow_lowers_the_scale_instead_of_counting_as_divergence():
     updated = []
     while not any(updated) and len(updated) < 8:
         before = vqgan.decoder.conv_out.weight.detach().clone()
-        metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, lpips, (scaler_vq, scaler_disc), step=0,
-                                            args=args, precision="fp16")
+        metrics = train_step(Stage1(vqgan, disc, lpips, args, "fp16", (scaler_vq, scaler_disc)), x, step=0)
         assert all(torch.isfinite(v) for v in metrics.values()), metrics
         training_vqgan.optimizer_step(opts[0], scaler_vq)
         training_vqgan.optimizer_step(opts[1], scaler_disc)

@@ -24,19 +24,19 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import loss
 import training_vqgan
-import utils
 from demo_flowers import make_demo_flowers
+from checkpoint import CheckpointError, load_checkpoint
+from data import find_images
 from runtime import STOP_SIGNALS
-from utils import CheckpointError, load_checkpoint
 from vqgan import VQGAN
+from conftest import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_vqgan.py"
 # The tiny model of tests/test_training_vqgan.py: 32x32 crops, 3 levels, no VGG.
-TINY_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-              "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
-              "--batch-size", "4", "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu"]
 BATCHES_PER_EPOCH = 3  # 12 demo images, batches of 4
 
 
@@ -119,7 +119,7 @@ def _save_forever(path, first_step):
     torch.set_num_threads(1)
     step = first_step
     while True:
-        utils.save_checkpoint({"step": step, "weights": checkpoint_weights(step)}, path)
+        checkpoint.save_checkpoint({"step": step, "weights": checkpoint_weights(step)}, path)
         step += 1
 
 
@@ -198,12 +198,6 @@ def script(fork_server, tmp_path):
         run.proc.join()
 
 
-@pytest.fixture(scope="module")
-def flowers(tmp_path_factory):
-    """12 readable 40x40 images; runs never write into it."""
-    return make_demo_flowers(tmp_path_factory.mktemp("flowers"), num_images=12, size=40)
-
-
 @pytest.fixture
 def train_here():
     """Calls training_vqgan.main in this process on one thread; after each test, its signal handlers must be gone."""
@@ -222,7 +216,7 @@ def test_bad_files_are_skipped_and_named_odd_images_are_converted(tmp_path):
     """A fresh interpreter: 11 good images, 6 that need converting and 3 undecodable ones, over two epochs."""
     data = make_demo_flowers(tmp_path / "data", num_images=11, size=40)
     converted, bad = write_odd_images(data), write_corrupt_files(data)
-    assert len(utils.find_images(data)) == 20  # 5 full batches of 4: each epoch reads every file
+    assert len(find_images(data)) == 20  # 5 full batches of 4: each epoch reads every file
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(SCRIPT), *script_flags(data, out, "--epochs", 2)], cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
@@ -410,14 +404,14 @@ def test_resume_with_other_model_flags_names_every_mismatched_field(train_here, 
 
 
 def test_every_torch_load_is_weights_only():
-    """Only utils.load_checkpoint may unpickle more, and only when --trust-checkpoint asks it to."""
+    """Only checkpoint.load_checkpoint may unpickle more, and only when --trust-checkpoint asks it to."""
     try:
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout.split()
         files = [REPO / name for name in listed]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout
         files = [path for path in REPO.rglob("*.py") if not any(part.startswith(".") for part in path.parts)]
-    allowed = {("utils.py", "not trust")}
+    allowed = {("checkpoint.py", "not trust")}
     offenders, calls = [], 0
     for path in files:
         if not path.exists():  # deleted but still listed
@@ -438,7 +432,7 @@ def test_non_finite_losses_skip_the_update_then_stop_keeping_the_last_good_check
                                                                                       monkeypatch, capsys):
     """Losses 3 and 8-10 are NaN: one skipped step, training goes on, then three in a row stop the run."""
     models, weights = [], {}  # weights[call]: the parameters when reconstruction_losses is called the call-th time
-    real_losses = training_vqgan.reconstruction_losses
+    real_losses = loss.reconstruction_losses
 
     class RecordedVQGAN(VQGAN):
         def __init__(self, config):
@@ -455,7 +449,7 @@ def test_non_finite_losses_skip_the_update_then_stop_keeping_the_last_good_check
         return all(torch.equal(a[name], b[name]) for name in a)
 
     monkeypatch.setattr(training_vqgan, "VQGAN", RecordedVQGAN)
-    monkeypatch.setattr(training_vqgan, "reconstruction_losses", losses)
+    monkeypatch.setattr(loss, "reconstruction_losses", losses)
     out = tmp_path / "run"
     ckpt_path = out / "checkpoints" / "vqgan_last.pt"
     with pytest.raises(FloatingPointError) as error:
@@ -478,7 +472,7 @@ def test_divergence_before_any_save_says_nothing_was_saved(train_here, flowers, 
     def nan_losses(x, x_rec, lpips, args):
         return (x - x_rec).abs().mean() * float("nan"), torch.zeros(())
 
-    monkeypatch.setattr(training_vqgan, "reconstruction_losses", nan_losses)
+    monkeypatch.setattr(loss, "reconstruction_losses", nan_losses)
     with pytest.raises(FloatingPointError, match="2 non-finite losses in a row: stopping. Nothing was saved"):
         train_here(script_flags(flowers, tmp_path / "run", "--max-steps", 5, "--max-nonfinite-steps", 2))
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -7,18 +7,15 @@ import pytest
 import torch
 
 import training_vqgan
+from loss import LossConfig, Stage1, hinge_d_loss, train_step
 from demo_flowers import make_demo_flowers
-from discriminator import Discriminator, hinge_d_loss
+from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
 from runtime import make_scaler
-from utils import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from vqgan import VQGAN, VQGANConfig
+from conftest import TINY, TINY_FLAGS
 
-TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-            latent_dim=16, num_codebook_vectors=64)
-TINY_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-              "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
-              "--batch-size", "4", "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu"]
 
 
 def plain_step_gradients(x, vqgan, disc, lpips, args):
@@ -46,19 +43,17 @@ def plain_step_gradients(x, vqgan, disc, lpips, args):
 def test_train_step_equals_the_plain_formulation():
     """One VGG backward and one reconstruction per step give taming's gradients for both networks."""
     torch.manual_seed(0)
-    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(ndf=16, n_layers=2)
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(DiscriminatorConfig(ndf=16, n_layers=2))
     lpips = LPIPS(vgg_weights=None)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    args = SimpleNamespace(rec_loss_factor=1.0, perceptual_loss_factor=1.0, disc_factor=1.0, disc_weight=0.8,
-                           disc_start=0, grad_accum=1)
+    args = LossConfig(rec_loss_factor=1.0, perceptual_loss_factor=1.0, disc_factor=1.0, disc_weight=0.8, disc_start=0)
     state_v, state_d = vqgan.state_dict(), disc.state_dict()
     gen_expected, disc_expected, lam_expected = plain_step_gradients(x, vqgan, disc, lpips, args)
 
     vqgan.load_state_dict(state_v), disc.load_state_dict(state_d)  # BatchNorm statistics as they were
     vqgan.zero_grad(), disc.zero_grad()
     scalers = (make_scaler("fp32", x.device), make_scaler("fp32", x.device))
-    metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, lpips, scalers, step=0, args=args,
-                                        precision="fp32")
+    metrics = train_step(Stage1(vqgan, disc, lpips, args, "fp32", scalers), x, step=0)
     torch.testing.assert_close(metrics["lam"], lam_expected, rtol=1e-4, atol=1e-6)
     for n, p in vqgan.named_parameters():
         torch.testing.assert_close(p.grad, gen_expected[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -68,13 +63,11 @@ def test_train_step_equals_the_plain_formulation():
 
 def test_before_disc_start_there_is_no_gan_loss():
     torch.manual_seed(0)
-    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(ndf=16, n_layers=2)
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(DiscriminatorConfig(ndf=16, n_layers=2))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    args = SimpleNamespace(rec_loss_factor=1.0, perceptual_loss_factor=0.0, disc_factor=1.0, disc_weight=0.8,
-                           disc_start=100, grad_accum=1)
+    args = LossConfig(rec_loss_factor=1.0, perceptual_loss_factor=0.0, disc_factor=1.0, disc_weight=0.8, disc_start=100)
     scalers = (make_scaler("fp32", x.device), make_scaler("fp32", x.device))
-    metrics = training_vqgan.train_step(x, vqgan, vqgan, disc, disc, None, scalers, step=99, args=args,
-                                        precision="fp32")
+    metrics = train_step(Stage1(vqgan, disc, None, args, "fp32", scalers), x, step=99)
     assert metrics["d_loss"] == 0 and metrics["lam"] == 0
     assert all(p.grad is None for p in disc.parameters())
     x_rec, _, q_loss = vqgan(x)

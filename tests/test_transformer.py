@@ -10,17 +10,11 @@ import training_transformer
 import training_vqgan
 from demo_flowers import make_demo_flowers
 from transformer import TransformerConfig, VQGANTransformer, corrupt
-from utils import load_checkpoint
+from checkpoint import load_checkpoint
 from vqgan import VQGAN, VQGANConfig
+from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
 
-TINY_VQGAN = VQGANConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                         z_channels=32, latent_dim=16, num_codebook_vectors=64)
-TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
-STAGE1_FLAGS = ["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-                "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16", "--num-codebook-vectors", "64",
-                "--batch-size", "4", "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu"]
-STAGE2_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
-                "--num-workers", "0", "--device", "cpu"]
+TINY_VQGAN = VQGANConfig(**TINY)
 
 
 def tiny_model(**kwargs):
@@ -93,7 +87,7 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
     data = make_demo_flowers(tmp_path / "flowers", num_images=16, size=40)
     stage1 = tmp_path / "stage1"
     training_vqgan.main(training_vqgan.build_parser().parse_args(
-        STAGE1_FLAGS + ["--dataset-path", str(data), "--out-dir", str(stage1), "--max-steps", "3"]))
+        TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(stage1), "--max-steps", "3"]))
     vq_ckpt = stage1 / "checkpoints" / "vqgan_last.pt"
 
     out = tmp_path / "stage2"
@@ -135,7 +129,7 @@ def test_conditional_and_precomputed_tokens(tmp_path):
         make_demo_flowers(tmp_path / "data" / name, num_images=8, size=32, seed=seed)
     torch.manual_seed(0)
     stage1 = tmp_path / "stage1" / "vqgan.pt"
-    from utils import save_checkpoint
+    from checkpoint import save_checkpoint
     from dataclasses import asdict
     save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
     out = tmp_path / "stage2"
@@ -172,7 +166,7 @@ def test_conditional_and_precomputed_tokens(tmp_path):
 ])
 def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
     from dataclasses import asdict
-    from utils import save_checkpoint
+    from checkpoint import save_checkpoint
     stage1 = tmp_path / "vqgan.pt"
     save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
     data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
@@ -184,7 +178,7 @@ def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
 
 
 def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
-    from utils import CheckpointError
+    from checkpoint import CheckpointError
     flags = STAGE2_FLAGS + ["--checkpoint-path", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)]
     with pytest.raises(CheckpointError, match="No stage-1 checkpoint at .*python training_vqgan.py"):
         training_transformer.main(training_transformer.build_parser().parse_args(flags))

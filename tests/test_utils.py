@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import data
 import demo_flowers
+import runtime
 import utils
-from utils import CheckpointError, DataError
+from checkpoint import CheckpointError
+from data import DataError
 
 
 def write_image(path, size=(32, 24), colour=(200, 30, 60)):
@@ -48,8 +52,8 @@ def test_find_images_is_recursive_sorted_and_case_insensitive(tmp_path):
                 write_image(tmp_path / 'c' / 'd' / 'e.webp'), write_image(tmp_path / 'f.Jpeg')]
     (tmp_path / 'notes.txt').write_text('not an image')
     write_image(tmp_path / '.ipynb_checkpoints' / 'copy.png')
-    assert utils.find_images(tmp_path) == sorted(expected)
-    assert utils.find_images(str(tmp_path)) == sorted(expected)
+    assert data.find_images(tmp_path) == sorted(expected)
+    assert data.find_images(str(tmp_path)) == sorted(expected)
 
 
 @pytest.mark.parametrize('case', ['missing', 'empty', 'file'])
@@ -57,7 +61,7 @@ def test_find_images_explains_bad_paths(tmp_path, case):
     path = {'missing': tmp_path / 'nope', 'empty': tmp_path, 'file': tmp_path / 'notes.txt'}[case]
     (tmp_path / 'notes.txt').write_text('not an image')
     with pytest.raises(DataError) as error:
-        utils.find_images(path)
+        data.find_images(path)
     message = str(error.value)
     assert str(path) in message and message.endswith('.') and '\n' not in message
 
@@ -94,7 +98,7 @@ def test_load_rgb_converts_every_mode(tmp_path, mode):
     image.save(path)
     if mode == 'I;16':
         assert Image.open(path).mode.startswith('I')  # really 16-bit on disk
-    rgb = utils.load_rgb(path)
+    rgb = data.load_rgb(path)
     assert rgb.mode == 'RGB' and rgb.size == (2, 1)
     assert rgb.getpixel((0, 0)) == first and rgb.getpixel((1, 0)) == second
 
@@ -103,14 +107,14 @@ def test_load_rgb_converts_cmyk_jpeg(tmp_path):
     path = tmp_path / 'cmyk.jpg'
     Image.new('CMYK', (8, 8), (0, 255, 255, 0)).save(path, quality=95)  # no cyan, full magenta and yellow: red
     assert Image.open(path).mode == 'CMYK'
-    red, green, blue = utils.load_rgb(path).getpixel((4, 4))
+    red, green, blue = data.load_rgb(path).getpixel((4, 4))
     assert red > 240 and green < 15 and blue < 15
 
 
 def test_load_rgb_raises_on_undecodable_files(tmp_path):
     for path in write_bad_files(tmp_path):
         with pytest.raises(Exception):
-            utils.load_rgb(path)
+            data.load_rgb(path)
 
 
 # ---- the dataset ----
@@ -119,7 +123,7 @@ def test_image_folder_output_shape_dtype_and_range(tmp_path):
     write_noise(tmp_path / 'a.png', size=(40, 30))
     write_noise(tmp_path / 'b.jpg', size=(30, 50), seed=1)
     for train in (True, False):
-        dataset = utils.ImageFolder(tmp_path, image_size=16, train=train)
+        dataset = data.ImageFolder(tmp_path, image_size=16, train=train)
         assert len(dataset) == 2
         for item in dataset:
             image = item['image']
@@ -129,12 +133,12 @@ def test_image_folder_output_shape_dtype_and_range(tmp_path):
 
 def test_image_folder_eval_is_deterministic_and_train_follows_the_seed(tmp_path):
     write_noise(tmp_path / 'a.png', size=(64, 48))
-    dataset = utils.ImageFolder(tmp_path, image_size=16, train=False)
+    dataset = data.ImageFolder(tmp_path, image_size=16, train=False)
     assert torch.equal(dataset[0]['image'], dataset[0]['image'])
-    dataset = utils.ImageFolder(tmp_path, image_size=16, train=True)
-    utils.seed_everything(3)
+    dataset = data.ImageFolder(tmp_path, image_size=16, train=True)
+    runtime.seed_everything(3)
     first = [dataset[0]['image'] for _ in range(4)]
-    utils.seed_everything(3)
+    runtime.seed_everything(3)
     again = [dataset[0]['image'] for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(first[0], other) for other in first[1:])  # the crops do vary
@@ -142,20 +146,20 @@ def test_image_folder_eval_is_deterministic_and_train_follows_the_seed(tmp_path)
 
 def test_image_folder_upscales_small_images_and_centre_crops(tmp_path):
     write_image(tmp_path / 'small' / 'tiny.png', size=(10, 7))
-    assert utils.ImageFolder(tmp_path / 'small', image_size=16, train=False)[0]['image'].shape == (3, 16, 16)
-    assert utils.ImageFolder(tmp_path / 'small', image_size=16, train=True)[0]['image'].shape == (3, 16, 16)
+    assert data.ImageFolder(tmp_path / 'small', image_size=16, train=False)[0]['image'].shape == (3, 16, 16)
+    assert data.ImageFolder(tmp_path / 'small', image_size=16, train=True)[0]['image'].shape == (3, 16, 16)
     # 48x16: red, green and blue thirds; the centre crop of a 16-pixel image is the green third.
     stripes = np.zeros((16, 48, 3), dtype=np.uint8)
     stripes[:, :16, 0] = stripes[:, 16:32, 1] = stripes[:, 32:, 2] = 255
     Image.fromarray(stripes).save(tmp_path / 'wide.png')
-    image = utils.ImageFolder(tmp_path, image_size=16, train=False, paths=[tmp_path / 'wide.png'])[0]['image']
+    image = data.ImageFolder(tmp_path, image_size=16, train=False, paths=[tmp_path / 'wide.png'])[0]['image']
     assert torch.equal(image, torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
 
 
 def test_image_folder_skips_unreadable_files_with_one_warning_each(tmp_path):
     bad = write_bad_files(tmp_path)
     write_noise(tmp_path / 'good.png')
-    dataset = utils.ImageFolder(tmp_path, image_size=16, train=False)
+    dataset = data.ImageFolder(tmp_path, image_size=16, train=False)
     for path in bad:
         with pytest.warns(UserWarning, match=path.name):
             assert dataset[dataset.paths.index(path)] is None
@@ -169,32 +173,32 @@ def test_image_folder_labels_come_from_top_level_sub_folders(tmp_path):
     write_image(tmp_path / 'dogs' / 'b.png')
     write_image(tmp_path / 'cats' / 'a.png')
     write_image(tmp_path / 'dogs' / 'puppies' / 'c.png')
-    dataset = utils.ImageFolder(tmp_path, image_size=8, with_labels=True)
+    dataset = data.ImageFolder(tmp_path, image_size=8, with_labels=True)
     assert dataset.classes == ['cats', 'dogs']
     assert [dataset[i]['label'] for i in range(3)] == [0, 1, 1]
     # A split that lacks a class keeps the same class indices.
-    dogs_only = utils.ImageFolder(tmp_path, image_size=8, with_labels=True, paths=[tmp_path / 'dogs' / 'b.png'])
+    dogs_only = data.ImageFolder(tmp_path, image_size=8, with_labels=True, paths=[tmp_path / 'dogs' / 'b.png'])
     assert dogs_only.classes == ['cats', 'dogs'] and dogs_only[0]['label'] == 1
 
 
 def test_image_folder_labels_need_sub_folders(tmp_path):
     write_image(tmp_path / 'flat' / 'a.png')
     with pytest.raises(DataError, match='sub-folder'):
-        utils.ImageFolder(tmp_path / 'flat', image_size=8, with_labels=True)
+        data.ImageFolder(tmp_path / 'flat', image_size=8, with_labels=True)
     write_image(tmp_path / 'mixed' / 'loose.png')
     write_image(tmp_path / 'mixed' / 'cats' / 'a.png')
     with pytest.raises(DataError, match='loose.png'):
-        utils.ImageFolder(tmp_path / 'mixed', image_size=8, with_labels=True)
+        data.ImageFolder(tmp_path / 'mixed', image_size=8, with_labels=True)
 
 
 # ---- batching ----
 
 def test_collate_images_drops_bad_items():
     item = {'image': torch.zeros(3, 4, 4), 'label': 2}
-    batch = utils.collate_images([item, None, item])
+    batch = data.collate_images([item, None, item])
     assert batch['image'].shape == (2, 3, 4, 4) and batch['skipped'] == 1
     assert batch['label'].dtype == torch.long and batch['label'].tolist() == [2, 2]
-    assert utils.collate_images([None, None]) is None
+    assert data.collate_images([None, None]) is None
 
 
 def test_build_loader_skips_bad_files_and_counts_them(tmp_path):
@@ -202,8 +206,8 @@ def test_build_loader_skips_bad_files_and_counts_them(tmp_path):
         write_noise(tmp_path / f'good{i}.png', seed=i)
     write_bad_files(tmp_path)
     (tmp_path / 'text.png').unlink()  # 6 good files and 2 bad ones
-    dataset = utils.ImageFolder(tmp_path, image_size=8, train=True)
-    loader = utils.build_loader(dataset, batch_size=3, train=True, drop_last=False)
+    dataset = data.ImageFolder(tmp_path, image_size=8, train=True)
+    loader = data.build_loader(dataset, batch_size=3, train=True, drop_last=False)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         batches = [batch for batch in loader if batch is not None]
@@ -213,21 +217,21 @@ def test_build_loader_skips_bad_files_and_counts_them(tmp_path):
 
 def test_build_loader_shuffles_only_for_training(tmp_path):
     dataset = list(range(10))
-    train = utils.build_loader(dataset, batch_size=4)
+    train = data.build_loader(dataset, batch_size=4)
     assert isinstance(train.sampler, torch.utils.data.RandomSampler) and train.drop_last
-    val = utils.build_loader(dataset, batch_size=4, train=False)
+    val = data.build_loader(dataset, batch_size=4, train=False)
     assert isinstance(val.sampler, torch.utils.data.SequentialSampler) and not val.drop_last
     given = torch.utils.data.SequentialSampler(dataset)
-    assert utils.build_loader(dataset, batch_size=4, sampler=given).sampler is given
+    assert data.build_loader(dataset, batch_size=4, sampler=given).sampler is given
 
 
 def test_split_paths_is_deterministic_and_disjoint():
     paths = [f'image{i:03d}.png' for i in range(100)]
-    train, val = utils.split_paths(paths, val_fraction=0.1, seed=0)
-    assert (train, val) == utils.split_paths(list(reversed(paths)), val_fraction=0.1, seed=0)
+    train, val = data.split_paths(paths, val_fraction=0.1, seed=0)
+    assert (train, val) == data.split_paths(list(reversed(paths)), val_fraction=0.1, seed=0)
     assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == paths
-    assert utils.split_paths(paths, val_fraction=0.1, seed=1)[1] != val
-    assert utils.split_paths(paths[:2])[1] != [] and utils.split_paths(paths[:1]) == (paths[:1], [])
+    assert data.split_paths(paths, val_fraction=0.1, seed=1)[1] != val
+    assert data.split_paths(paths[:2])[1] != [] and data.split_paths(paths[:1]) == (paths[:1], [])
 
 
 # ---- demo data set ----
@@ -240,7 +244,7 @@ def test_make_demo_flowers_is_deterministic(tmp_path):
     demo_flowers.make_demo_flowers(tmp_path / 'c', num_images=6, size=64, seed=1)
     assert len(contents(first)) == 6 and contents(first) == contents(tmp_path / 'b')
     assert all(a != c for a, c in zip(contents(first), contents(tmp_path / 'c')))
-    assert Image.open(utils.find_images(first)[0]).size == (64, 64)
+    assert Image.open(data.find_images(first)[0]).size == (64, 64)
     stamps = [path.stat().st_mtime_ns for path in sorted(first.glob('*.png'))]
     demo_flowers.make_demo_flowers(first, num_images=6, size=64, seed=0)  # already there: nothing is rewritten
     assert stamps == [path.stat().st_mtime_ns for path in sorted(first.glob('*.png'))]
@@ -249,14 +253,14 @@ def test_make_demo_flowers_is_deterministic(tmp_path):
 # ---- devices ----
 
 def test_pick_device(capsys):
-    assert utils.pick_device('cpu') == torch.device('cpu')
+    assert runtime.pick_device('cpu') == torch.device('cpu')
     if torch.cuda.is_available():
-        assert utils.pick_device().type == 'cuda'
+        assert runtime.pick_device().type == 'cuda'
     else:
-        assert utils.pick_device() == torch.device('cpu')
+        assert runtime.pick_device() == torch.device('cpu')
         assert 'No CUDA device found' in capsys.readouterr().out
         with pytest.raises(ValueError, match='CUDA'):
-            utils.pick_device('cuda')
+            runtime.pick_device('cuda')
 
 
 # ---- checkpoints ----
@@ -264,15 +268,15 @@ def test_pick_device(capsys):
 def test_save_checkpoint_round_trips(tmp_path):
     path = tmp_path / 'new' / 'folder' / 'ckpt.pt'
     state = {'model': {'weight': torch.arange(6.0)}, 'step': 7, 'config': {'lr': 1e-4}}
-    utils.save_checkpoint(state, path)
-    loaded = utils.load_checkpoint(path)
+    checkpoint.save_checkpoint(state, path)
+    loaded = checkpoint.load_checkpoint(path)
     assert torch.equal(loaded['model']['weight'], state['model']['weight']) and loaded['step'] == 7
     assert [p.name for p in path.parent.iterdir()] == ['ckpt.pt']
 
 
 def test_save_checkpoint_failure_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pt'
-    utils.save_checkpoint({'step': 1}, path)
+    checkpoint.save_checkpoint({'step': 1}, path)
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b'half a checkpoint')
@@ -280,9 +284,9 @@ def test_save_checkpoint_failure_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError, match='disk full'):
-        utils.save_checkpoint({'step': 2}, path)
+        checkpoint.save_checkpoint({'step': 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path) == {'step': 1}
+    assert checkpoint.load_checkpoint(path) == {'step': 1}
     assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pt']
 
 
@@ -301,9 +305,9 @@ def test_load_checkpoint_refuses_code_without_trust(tmp_path):
     path = tmp_path / 'evil.pt'
     torch.save({'step': 1, 'payload': WritesMarker(marker)}, path)
     with pytest.raises(CheckpointError, match='--trust-checkpoint'):
-        utils.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
-    utils.load_checkpoint(path, trust=True)  # the payload is real: trusting the file runs it
+    checkpoint.load_checkpoint(path, trust=True)  # the payload is real: trusting the file runs it
     assert marker.exists()
 
 
@@ -311,13 +315,13 @@ def test_load_checkpoint_with_trust_and_missing_files(tmp_path):
     path = tmp_path / 'args.pt'
     torch.save({'args': argparse.Namespace(lr=0.1)}, path)  # a plain object weights_only refuses
     with pytest.raises(CheckpointError, match='--trust-checkpoint'):
-        utils.load_checkpoint(path)
-    assert utils.load_checkpoint(path, trust=True)['args'].lr == 0.1
+        checkpoint.load_checkpoint(path)
+    assert checkpoint.load_checkpoint(path, trust=True)['args'].lr == 0.1
     with pytest.raises(CheckpointError, match='missing.pt'):
-        utils.load_checkpoint(tmp_path / 'missing.pt')
+        checkpoint.load_checkpoint(tmp_path / 'missing.pt')
     (tmp_path / 'cut.pt').write_bytes(path.read_bytes()[:40])
     with pytest.raises(CheckpointError, match='cut.pt'):
-        utils.load_checkpoint(tmp_path / 'cut.pt')
+        checkpoint.load_checkpoint(tmp_path / 'cut.pt')
 
 
 # ---- images, plots and the metrics log ----
@@ -365,11 +369,11 @@ def test_workers_draw_different_crops(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (20, 200, 3), dtype=np.uint8)
     for i in range(4):
         Image.fromarray(pixels).save(tmp_path / f'copy{i}.png')
-    dataset = utils.ImageFolder(tmp_path, image_size=8, train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=utils.collate_images)
-    utils.seed_everything(0)
+    dataset = data.ImageFolder(tmp_path, image_size=8, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=data.collate_images)
+    runtime.seed_everything(0)
     images = [batch['image'] for batch in loader]
-    utils.seed_everything(0)
+    runtime.seed_everything(0)
     assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
     assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))
 
@@ -380,6 +384,6 @@ def test_save_checkpoint_removes_partial_files_of_killed_saves(tmp_path):
     stale.write_bytes(b'half a checkpoint')
     other = tmp_path / 'other.pt.cafe.tmp'
     other.write_bytes(b'')
-    utils.save_checkpoint({'step': 1}, path)
+    checkpoint.save_checkpoint({'step': 1}, path)
     assert not stale.exists() and other.exists()
-    assert utils.load_checkpoint(path)['step'] == 1
+    assert checkpoint.load_checkpoint(path)['step'] == 1

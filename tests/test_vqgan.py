@@ -5,12 +5,12 @@ import torch.nn.functional as F
 
 from codebook import Codebook, codebook_usage
 from decoder import Decoder
-from discriminator import Discriminator, hinge_d_loss
+from discriminator import Discriminator, DiscriminatorConfig
+from loss import adaptive_weight, hinge_d_loss
 from encoder import Encoder
 from vqgan import VQGAN, VQGANConfig
+from conftest import TINY
 
-TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-            latent_dim=16, num_codebook_vectors=64)
 
 
 @pytest.mark.parametrize("ch_mult, attn, size, hw", [
@@ -134,7 +134,7 @@ def test_hinge_loss_values():
 def test_adaptive_weight_equals_hand_computed_value():
     torch.manual_seed(0)
     model = VQGAN(VQGANConfig(**TINY))
-    disc = Discriminator(ndf=16, n_layers=2)
+    disc = Discriminator(DiscriminatorConfig(ndf=16, n_layers=2))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     last = model.decoder.conv_out.weight
 
@@ -149,11 +149,11 @@ def test_adaptive_weight_equals_hand_computed_value():
     grad_nll = torch.autograd.grad((x - rec).abs().mean(), rec)[0]
     grad_g = torch.autograd.grad(-disc(rec).mean(), rec)[0]
     torch.testing.assert_close(model.last_layer_grad(features, grad_nll), nll_grad, atol=1e-6, rtol=1e-4)
-    lam = model.adaptive_weight(model.last_layer_grad(features, grad_nll), model.last_layer_grad(features, grad_g))
+    lam = adaptive_weight(model.last_layer_grad(features, grad_nll), model.last_layer_grad(features, grad_g))
     torch.testing.assert_close(lam, expected, atol=1e-6, rtol=1e-4)
     assert not lam.requires_grad
     # Clamping: a vanishing GAN gradient gives the upper bound, times disc_weight.
-    assert model.adaptive_weight(torch.ones(3) * 1e6, torch.zeros(3), 0.8).item() == pytest.approx(1e4 * 0.8)
+    assert adaptive_weight(torch.ones(3) * 1e6, torch.zeros(3), 0.8).item() == pytest.approx(1e4 * 0.8)
 
 
 class CountOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -1,0 +1,248 @@
+"""Data: image folders, decoding, augmentation, the demo set, resumable sharded sampling, loaders and token caches."""
+import hashlib
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, save_checkpoint
+from demo_flowers import make_demo_flowers
+
+# albumentations asks PyPI for a newer version on import; training nodes are often offline.
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
+import albumentations as A  # noqa: E402
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+class DataError(Exception):
+    """A problem with the user's data; scripts print the message and exit without a traceback."""
+
+
+def find_images(root):
+    """All image files under `root` (recursive, any letter case of the extension), sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"The data folder '{root}' does not exist.")
+    if not root.is_dir():
+        raise DataError(f"The data path '{root}' is not a folder.")
+    paths = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        # Hidden folders and files (.ipynb_checkpoints, macOS '._x.jpg') are copies or metadata, not data.
+        subfolders[:] = [name for name in subfolders if not name.startswith('.')]
+        paths += [Path(folder, name) for name in files
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')]
+    if not paths:
+        raise DataError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) were found in '{root}'.")
+    return sorted(paths)
+
+
+def load_rgb(path):
+    """Decode an image file to 8-bit RGB; alpha is composited on white, 16-bit values are scaled, not clipped."""
+    with Image.open(path) as image:
+        image.load()  # decode now, so a truncated file fails here and not inside a transform
+        image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    if image.mode.startswith('I'):  # 16-bit PNGs open as 'I;16' (or 'I'): keep the high byte
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), 'L')
+    if (image.mode == 'P' and 'transparency' in image.info) or image.mode in ('PA', 'LA', 'La', 'RGBa'):
+        image = image.convert('RGBA')
+    if image.mode == 'RGBA':
+        image = Image.alpha_composite(Image.new('RGBA', image.size, (255, 255, 255, 255)), image)
+    return image.convert('RGB')
+
+
+_warned_paths = set()  # unreadable files already reported by this process
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images under a folder as (3, H, W) tensors in [-1, 1], optionally labelled by their top-level sub-folder."""
+
+    def __init__(self, root, image_size, train=True, with_labels=False, paths=None):
+        self.root = Path(root)
+        self.paths = find_images(self.root) if paths is None else [Path(p) for p in paths]
+        self.train, self.with_labels = train, with_labels
+        crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
+        flip = [A.HorizontalFlip(p=0.5)] if train else []
+        # SmallestMaxSize also enlarges images smaller than the crop, so every crop is full-size.
+        self.transform = A.Compose([A.SmallestMaxSize(max_size=image_size), crop, *flip])
+        self.classes, self.labels = [], []
+        if with_labels:  # classes come from the whole folder, not `paths`, so a train and a val split agree
+            tops = [p.relative_to(self.root).parts for p in find_images(self.root)]
+            self.classes = sorted({parts[0] for parts in tops if len(parts) > 1})
+            if not self.classes:
+                raise DataError(f"Labels need one sub-folder per class in '{self.root}', but none holds images.")
+            index = {name: i for i, name in enumerate(self.classes)}
+            for path in self.paths:
+                parts = path.relative_to(self.root).parts
+                if len(parts) < 2:
+                    raise DataError(f"The image '{path}' is not inside a class sub-folder of '{self.root}'.")
+                self.labels.append(index[parts[0]])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            image = np.array(load_rgb(path))
+        except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
+            if path not in _warned_paths:  # once per file, however many epochs ask for it
+                _warned_paths.add(path)
+                warnings.warn(f"Skipping unreadable image '{path}': {error}", stacklevel=2)
+            return None
+        if self.train and hasattr(self.transform, 'set_random_seed'):
+            # albumentations >= 2 keeps its own generator, seeded once from the OS: forked workers would share
+            # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
+            # Torch's generator is seeded per worker by DataLoader, so each item's seed is drawn from it.
+            self.transform.set_random_seed(int(torch.randint(2**31, ()).item()))
+        image = self.transform(image=image)['image']  # (H, W, 3) uint8
+        item = {'image': torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1}
+        if self.with_labels:
+            item['label'] = self.labels[index]
+        return item
+
+
+def collate_images(batch):
+    """Stack the readable items of a batch and count the skipped ones; None when nothing was readable."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return None
+    # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
+    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'indices') if key in good[0]}
+    if 'label' in good[0]:
+        out['label'] = torch.tensor([item['label'] for item in good], dtype=torch.long)
+    out['skipped'] = len(batch) - len(good)
+    return out
+
+
+def build_loader(dataset, batch_size, train=True, num_workers=0, sampler=None, drop_last=None):
+    """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs."""
+    extra = {'prefetch_factor': 4} if num_workers > 0 else {}  # decoding JPEGs is the usual bottleneck
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train if drop_last is None else drop_last, num_workers=num_workers,
+        collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0, **extra)
+
+
+def split_paths(paths, val_fraction=0.05, seed=0):
+    """Deterministic train/val split; at least one validation image when there are two or more."""
+    paths = sorted(paths)
+    random.Random(seed).shuffle(paths)
+    num_val = 0
+    if len(paths) >= 2 and val_fraction > 0:
+        num_val = min(max(1, round(len(paths) * val_fraction)), len(paths) - 1)
+    return sorted(paths[num_val:]), sorted(paths[:num_val])
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Shuffles with a seed per epoch, shards across ranks, and can start mid-epoch so a resume repeats no batch."""
+
+    def __init__(self, num_items, batch_size, shuffle=True, seed=0, rank=0, world_size=1):
+        self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = num_items // world_size  # equal shards keep the ranks in step (DDP needs that)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        return order[self.rank:self.per_rank * self.world_size:self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start_batch * self.batch_size:])
+
+    def __len__(self):
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+def resolve_dataset(path, demo_path):
+    """The image files under `path`; the default `demo_path` gets the demo set on first use; other paths must exist."""
+    if str(path) == str(demo_path) and not Path(path).exists():
+        print(f"Writing the demo data set of drawn flowers to {path}/ (first run with the default path).")
+        make_demo_flowers(path)
+    return find_images(path)
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Pre-computed index rows (N, h*w) and labels, as dicts like those of ImageFolder."""
+
+    def __init__(self, indices, labels):
+        self.indices, self.labels = indices, labels
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        item = {"indices": self.indices[i].long()}
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
+
+
+def token_cache_path(stage1_path, image_size, paths, split):
+    """Cache file next to the stage-1 checkpoint, keyed by its bytes, the image size and the image list."""
+    h = hashlib.sha256()
+    with open(stage1_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    h.update(f"{image_size}|".encode() + "\n".join(map(str, paths)).encode())
+    return Path(stage1_path).parent / f"tokens_{split}_{image_size}px_{h.hexdigest()[:16]}.pt"
+
+
+@torch.no_grad()
+def encode_images(encode, dataset, batch_size, num_workers, items=None):
+    """Rows (2N, h*w) int32 of `encode` on each image of `dataset` (or of its `items`) and on its mirror image,
+    labels (2N,) or None."""
+    dataset = dataset if items is None else torch.utils.data.Subset(dataset, items)
+    rows, labels = [], []
+    for batch in tqdm(build_loader(dataset, batch_size, train=False, num_workers=num_workers), desc="encoding tokens"):
+        if batch is None:
+            continue
+        for view in (batch["image"], batch["image"].flip(-1)):
+            rows.append(encode(view).int().cpu())
+        if "label" in batch:
+            labels += [batch["label"], batch["label"]]
+    return torch.cat(rows), (torch.cat(labels) if labels else None)
+
+
+def cached_tokens(cache, images, encode, batch_size, num_workers):
+    """TokenRows read from `cache`, which is written first if missing.
+
+    Under torchrun each rank encodes every world_size-th image and writes its share beside the cache; rank 0 merges
+    the shares. No rank waits in a collective for longer than its own share takes.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if not cache.exists():
+        share = cache.with_name(f"{cache.name}.part{rank}of{world_size}")
+        rows, labels = encode_images(encode, images, batch_size, num_workers, range(rank, len(images), world_size))
+        save_checkpoint({"indices": rows, "labels": labels}, share)
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            shares = [cache.with_name(f"{cache.name}.part{r}of{world_size}") for r in range(world_size)]
+            parts = [load_checkpoint(path) for path in shares]
+            labels = None if parts[0]["labels"] is None else torch.cat([p["labels"] for p in parts])
+            save_checkpoint({"indices": torch.cat([p["indices"] for p in parts]), "labels": labels}, cache)
+            for path in shares:
+                path.unlink()
+            print(f"Wrote the token cache {cache}.")
+        if distributed:
+            dist.barrier()
+    data = load_checkpoint(cache)
+    return TokenRows(data["indices"], data["labels"])
