@@ -207,7 +207,7 @@ def token_cache_path(stage1_path, image_size, paths, split):
 @torch.no_grad()
 def encode_images(encode, dataset, batch_size, num_workers, items=None):
     """Rows (2N, h*w) int32 of `encode` on each image of `dataset` (or of its `items`) and on its mirror image,
-    labels (2N,) or None."""
+    labels (2N,) or None; (None, None) when there is no readable image."""
     dataset = dataset if items is None else torch.utils.data.Subset(dataset, items)
     rows, labels = [], []
     for batch in tqdm(build_loader(dataset, batch_size, train=False, num_workers=num_workers), desc="encoding tokens"):
@@ -217,6 +217,8 @@ def encode_images(encode, dataset, batch_size, num_workers, items=None):
             rows.append(encode(view).int().cpu())
         if "label" in batch:
             labels += [batch["label"], batch["label"]]
+    if not rows:  # a rank's share of a tiny set can be empty
+        return None, None
     return torch.cat(rows), (torch.cat(labels) if labels else None)
 
 
@@ -236,7 +238,9 @@ def cached_tokens(cache, images, encode, batch_size, num_workers):
             dist.barrier()
         if rank == 0:
             shares = [cache.with_name(f"{cache.name}.part{r}of{world_size}") for r in range(world_size)]
-            parts = [load_checkpoint(path) for path in shares]
+            parts = [part for part in map(load_checkpoint, shares) if part["indices"] is not None]
+            if not parts:
+                raise DataError(f"None of the {len(images)} images for the token cache {cache.name} is readable.")
             labels = None if parts[0]["labels"] is None else torch.cat([p["labels"] for p in parts])
             save_checkpoint({"indices": torch.cat([p["indices"] for p in parts]), "labels": labels}, cache)
             for path in shares:

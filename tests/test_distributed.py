@@ -1,4 +1,5 @@
-"""Stage-1 training under torchrun on the CPU (two gloo processes); the learning rate from the global batch."""
+"""Both training scripts under torchrun on the CPU (two gloo processes); DDP leaves the discriminator's BatchNorm
+statistics alone; the learning rate from the global batch."""
 import json
 import os
 import subprocess
@@ -6,12 +7,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+from dataclasses import asdict
+
 import torch
+import torch.multiprocessing as mp
 
 import training_vqgan
-from demo_flowers import make_demo_flowers
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import STAGE2_FLAGS, TINY
 from conftest import TINY_FLAGS as CONFTEST_TINY_FLAGS
+from demo_flowers import make_demo_flowers
+from discriminator import Discriminator, DiscriminatorConfig
+from loss import hinge_d_loss
+from runtime import Dist, wrap_model
+from vqgan import VQGAN, VQGANConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = CONFTEST_TINY_FLAGS + ["--batch-size", "2", "--disc-start", "1"]  # the last value of a flag wins
@@ -40,6 +49,20 @@ RECORD_RANK_WEIGHTS = textwrap.dedent("""
 """)
 
 
+def torchrun(tmp_path, script, *flags):
+    """Run `script` under `torchrun --nproc_per_node 2` (gloo) through the recording harness; the ranks' weights."""
+    harness = tmp_path / "record_rank_weights.py"
+    harness.write_text(RECORD_RANK_WEIGHTS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(harness),
+               str(ROOT / script), str(tmp_path), *map(str, flags)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
 def test_two_processes_train_like_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) with --grad-accum 2: exit 0, one log and one checkpoint by rank 0, lr from
     the global batch, and the same parameters on both ranks at the end.
@@ -47,20 +70,12 @@ def test_two_processes_train_like_one(tmp_path):
     Each rank draws other images (its shard of the sampler, its own augmentation seed), so the ranks' weights can
     only agree bit for bit if DDP averaged the gradients of every step, accumulated without all-reduce on the first
     micro-step (no_sync); the discriminator takes part from step 1. Only parameters are compared: BatchNorm running
-    statistics are per rank between forwards (DDP re-broadcasts rank 0's at each forward).
+    statistics are per rank (DDP does not broadcast buffers).
     """
     data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
     out = tmp_path / "run"
-    harness = tmp_path / "record_rank_weights.py"
-    harness.write_text(RECORD_RANK_WEIGHTS)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(harness),
-               str(ROOT / "training_vqgan.py"), str(tmp_path), *TINY_FLAGS, "--dataset-path", str(data),
-               "--grad-accum", "2", "--max-steps", "3", "--out-dir", str(out)]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = torchrun(tmp_path, "training_vqgan.py", *TINY_FLAGS, "--dataset-path", data, "--grad-accum", 2,
+                            "--max-steps", 3, "--out-dir", out)
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["vqgan_last.pt"]
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
@@ -72,13 +87,67 @@ def test_two_processes_train_like_one(tmp_path):
     steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines()]
     assert steps == [1, 2, 3]  # rank 0 alone logs
 
-    rank0, rank1 = (torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(rank0) == len(rank1) == 2  # the VQGAN and the discriminator
     for saved, module0, module1 in zip((ckpt["model"], ckpt["discriminator"]), rank0, rank1):
         assert module0.keys() == module1.keys() and module0
         for name in module0:
             assert torch.equal(module0[name], module1[name]), name
             assert torch.equal(saved[name], module1[name]), name  # what rank 0 saved is what rank 1 holds
+
+
+def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
+    """Stage 2 under torchrun with --precompute-tokens and the default validation split: both ranks encode their
+    share of each cache (train and val), nobody waits for ever, and the ranks end with the saved GPT's weights."""
+    data = make_demo_flowers(tmp_path / "flowers", num_images=21, size=32)  # 20 train (+ flips) and 1 held out
+    torch.manual_seed(0)
+    stage1 = tmp_path / "stage1" / "vqgan.pt"
+    save_checkpoint(dict(model=VQGAN(VQGANConfig(**TINY)).state_dict(), config=asdict(VQGANConfig(**TINY)), step=0),
+                    stage1)
+    out = tmp_path / "stage2"
+    rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--dataset-path", data,
+                            "--checkpoint-path", stage1, "--precompute-tokens", "--max-steps", 3, "--sample-every",
+                            3, "--out-dir", out)
+    caches = sorted(p.name for p in stage1.parent.glob("tokens_*"))
+    assert len(caches) == 2 and all(name.endswith(".pt") for name in caches)  # the shares were merged and removed
+    train_rows = load_checkpoint(stage1.parent / next(c for c in caches if "_train_" in c))["indices"]
+    assert train_rows.shape == (40, 64)  # 20 images and their flips, from both ranks' shares
+    records = [json.loads(line) for line in (out / "results" / "transformer_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and "val_loss" in records[-1]
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 3 and len(rank0) == len(rank1) == 1  # one DDP module: the transformer
+    gpt0 = {k[len("gpt."):]: v for k, v in rank0[0].items() if k.startswith("gpt.")}
+    gpt1 = {k[len("gpt."):]: v for k, v in rank1[0].items() if k.startswith("gpt.")}
+    assert gpt0.keys() == ckpt["model"].keys()
+    for name in gpt0:
+        assert torch.equal(gpt0[name], gpt1[name]) and torch.equal(ckpt["model"][name], gpt1[name]), name
+
+
+def _discriminator_forwards(rank, store, out):
+    """One rank: the discriminator under DDP as training_vqgan runs it, real then fake images, one backward."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights on both ranks
+    disc = Discriminator(DiscriminatorConfig(ndf=8, n_layers=2))
+    ddp = wrap_model(disc, Dist(rank=rank, local_rank=rank, world_size=2))
+    seen = []  # the first BatchNorm's running mean as each forward begins (after DDP's pre-forward work)
+    disc.register_forward_pre_hook(lambda module, args: seen.append(disc.main[3].running_mean.clone()))
+    torch.manual_seed(1 + rank)  # other images on each rank
+    real, fake = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32) + 2.0
+    logits_real = ddp(real)
+    after_first = disc.main[3].running_mean.clone()
+    logits_fake = ddp(fake)
+    hinge_d_loss(logits_real, logits_fake).backward()  # torch >= 2.6 fails here if a buffer was overwritten
+    torch.save(dict(seen=seen, after_first=after_first), out / f"bn_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_keeps_each_ranks_batchnorm_statistics_between_the_two_forwards(tmp_path):
+    """With DDP's default broadcast_buffers=True, rank 1's statistics would be replaced by rank 0's before its second
+    forward (and the backward could fail); each rank must see its own statistics from its first forward."""
+    mp.spawn(_discriminator_forwards, args=(tmp_path / "store", tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"bn_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for record in ranks:
+        assert len(record["seen"]) == 2 and torch.equal(record["seen"][1], record["after_first"])
+    assert not torch.equal(ranks[0]["after_first"], ranks[1]["after_first"])  # the ranks' statistics differ
 
 
 def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mingpt import GPT, GPTConfig, Int8Linear, filter_logits
+from mingpt import GPT, GPTConfig, Int8Linear, filter_logits, sample_next
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
 
@@ -169,3 +169,21 @@ def test_int8_gpt_generates_and_keeps_its_logits():
 def test_int8_weights_are_a_cpu_path():
     with pytest.raises(ValueError, match="CPU"):
         tiny_gpt().to("meta").quantize_int8()
+
+
+def test_sampling_draws_from_the_softmax_on_the_device():
+    """sample_next (the exponential race, no host read-back) against the softmax of a fixed logit vector, 40000
+    draws: every frequency within 4.5 standard errors; top-k and top-p renormalise over what they keep; top_k=1 is
+    the argmax exactly."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40000
+    for kwargs, keep in (({}, 6), ({"temperature": 0.7}, 6), ({"top_k": 3}, 3), ({"top_p": 0.8}, 3)):
+        draws = sample_next(logits.expand(n, -1), **kwargs)
+        assert draws.shape == (n, 1) and draws.dtype == torch.long
+        freq = torch.bincount(draws.flatten(), minlength=6).double() / n
+        p = torch.zeros(6, dtype=torch.float64)
+        p[:keep] = torch.softmax(logits[:keep].double() / kwargs.get("temperature", 1.0), dim=0)
+        assert torch.all((freq - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-12), (kwargs, freq, p)
+    batch = torch.randn(64, 50)
+    assert torch.equal(sample_next(batch, top_k=1), batch.argmax(-1, keepdim=True))

@@ -8,13 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import runtime
 import training_vqgan
+from checkpoint import load_checkpoint
+from demo_flowers import make_demo_flowers
 from loss import LossConfig, Stage1, hinge_d_loss, train_step
 from codebook import Codebook
 from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
 from vqgan import VQGAN, VQGANConfig
-from conftest import TINY
+from conftest import TINY, TINY_FLAGS
 
 
 
@@ -109,3 +112,18 @@ def test_fp16_overflow_lowers_the_scale_instead_of_counting_as_divergence():
         updated.append(not torch.equal(vqgan.decoder.conv_out.weight, before))
     assert updated[0] is False  # overflowed at 2^16: skipped
     assert updated[-1] is True and scaler_vq.get_scale() == 2.0 ** (17 - len(updated))  # halved at each skip
+
+
+def test_fp16_with_the_gan_off_never_steps_the_discriminator(tmp_path, monkeypatch):
+    """--precision fp16 --disc-factor 0: the discriminator never gets a loss, so its scaler never scaled one, and
+    stepping through it would fail ("Attempted step but _scale is None"). CPU autocast and GradScaler("cpu") run the
+    same code as CUDA's; only the scripts' CPU refusal of fp16 is lifted here."""
+    monkeypatch.setattr(runtime, "resolve_precision", lambda name, device: name)
+    data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
+    out = tmp_path / "run"
+    training_vqgan.main(training_vqgan.build_parser().parse_args(
+        TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(out), "--precision", "fp16", "--disc-factor", "0",
+                      "--disc-start", "0", "--max-steps", "1", "--batch-size", "2"]))
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 1 and ckpt["opt_disc"]["state"] == {}  # never stepped
+    assert ckpt["scaler_vq"]["scale"] > 0 and ckpt["opt_vq"]["state"]  # the VQGAN did train, through its scaler
