@@ -1,5 +1,6 @@
 """Data: image folders, decoding, augmentation, the demo set, resumable sharded sampling, loaders and token caches."""
 import hashlib
+import math
 import os
 import random
 import warnings
@@ -44,9 +45,16 @@ def find_images(root):
     return sorted(paths)
 
 
-def load_rgb(path):
-    """Decode an image file to 8-bit RGB; alpha is composited on white, 16-bit values are scaled, not clipped."""
+def load_rgb(path, min_side=None):
+    """Decode an image file to 8-bit RGB; alpha is composited on white, 16-bit values are scaled, not clipped.
+
+    min_side: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (PIL's draft, in the DCT) as long as its shorter side
+    stays at least this long: a 1600x1200 photo for a 256 crop decodes 4x faster than at full size.
+    """
     with Image.open(path) as image:
+        if min_side and image.format == 'JPEG' and min(image.size) > min_side:
+            scale = min_side / min(image.size)
+            image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         image.load()  # decode now, so a truncated file fails here and not inside a transform
         image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
     if image.mode.startswith('I'):  # 16-bit PNGs open as 'I;16' (or 'I'): keep the high byte
@@ -68,7 +76,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size, train=True, with_labels=False, paths=None):
         self.root = Path(root)
         self.paths = find_images(self.root) if paths is None else [Path(p) for p in paths]
-        self.train, self.with_labels = train, with_labels
+        self.train, self.with_labels, self.image_size = train, with_labels, image_size
         crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
         flip = [A.HorizontalFlip(p=0.5)] if train else []
         # SmallestMaxSize also enlarges images smaller than the crop, so every crop is full-size.
@@ -92,7 +100,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path = self.paths[index]
         try:
-            image = np.array(load_rgb(path))
+            image = np.array(load_rgb(path, self.image_size if self.train else None))  # exact decode for eval
         except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
             if path not in _warned_paths:  # once per file, however many epochs ask for it
                 _warned_paths.add(path)

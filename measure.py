@@ -13,7 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched in order against the CUDA device's name.
-BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+# Dense bf16 peaks (no sparsity) by device name; the most specific name first: an "H100 NVL" is not an H100 SXM.
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                    ("A100", 312.0))
 
 # torch's FLOP formulas know the CUDA attention kernels but not the CPU one: count it with the same formulas.
 _aten = torch.ops.aten
@@ -132,10 +134,13 @@ def bf16_peak_flops(device):
     if device.type != "cuda":
         return None, cpu_name()
     name = torch.cuda.get_device_name(device)
-    for key, tflops in BF16_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12, name
-    return None, name
+    tflops = peak_tflops_of(name)
+    return (tflops * 1e12 if tflops else None), name
+
+
+def peak_tflops_of(device_name):
+    """The dense bf16 peak in TFLOP/s of a CUDA device name such as "NVIDIA H100 NVL", or None if unknown."""
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in device_name), None)
 
 
 def throughput(times, cpu_times, items_per_step, flops, device):

@@ -4,6 +4,7 @@ import json
 import torch
 
 import bench
+from measure import peak_tflops_of
 
 
 def test_quick_bench_runs_and_writes_json(tmp_path):
@@ -36,3 +37,11 @@ def test_quick_bench_samples_with_int8_weights():
         torch.set_num_threads(threads)
     assert "stage1" not in results and results["sampling"]["quantize"] == "int8"
     assert "| sampling (64 tokens, int8 weights) |" in bench.markdown_table(results)
+
+
+def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
+    assert peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert peak_tflops_of("NVIDIA H100 NVL") == 835.0  # not the SXM's 989
+    assert peak_tflops_of("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_of("NVIDIA H200") == 989.0 and peak_tflops_of("NVIDIA H200 NVL") == 835.0
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops_of("Tesla T4") is None

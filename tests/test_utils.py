@@ -111,6 +111,24 @@ def test_load_rgb_converts_cmyk_jpeg(tmp_path):
     assert red > 240 and green < 15 and blue < 15
 
 
+def test_large_jpegs_decode_at_a_reduced_scale_for_training_crops(tmp_path):
+    """A 400x300 JPEG for 64-pixel crops decodes at 1/4 scale (100x75: the shorter side still >= 64); evaluation
+    (train=False) and PNGs decode at full size; the reduced decode stays close to a full decode resized."""
+    pixels = np.kron(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((10, 10, 1),
+                                                                                                       np.uint8))
+    Image.fromarray(pixels).save(tmp_path / 'big.jpg', quality=95)
+    Image.fromarray(pixels).save(tmp_path / 'big.png')
+    assert data.load_rgb(tmp_path / 'big.jpg', min_side=64).size == (100, 75)
+    assert data.load_rgb(tmp_path / 'big.jpg', min_side=80).size == (200, 150)  # 1/4 would leave 75 < 80
+    assert data.load_rgb(tmp_path / 'big.jpg').size == data.load_rgb(tmp_path / 'big.png', min_side=64).size == (400,
+                                                                                                              300)
+    reduced = np.asarray(data.load_rgb(tmp_path / 'big.jpg', min_side=64), dtype=np.float64)
+    full = np.asarray(data.load_rgb(tmp_path / 'big.jpg').resize((100, 75), Image.BOX), dtype=np.float64)
+    assert np.abs(reduced - full).mean() < 4  # about a box filter (4x4 means) of the full decode: 3.4 here
+    assert data.ImageFolder(tmp_path, image_size=64, train=True, paths=[tmp_path / 'big.jpg'])[0]['image'].shape == \
+        (3, 64, 64)
+
+
 def test_load_rgb_raises_on_undecodable_files(tmp_path):
     for path in write_bad_files(tmp_path):
         with pytest.raises(Exception):
