@@ -27,8 +27,9 @@ from loss import LossConfig, Stage1, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import HelpFormatter, autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
+from runtime import autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
 from transformer import TransformerConfig, VQGANTransformer
+from utils import HelpFormatter
 from vqgan import VQGAN, VQGANConfig
 
 CONFIGS = {

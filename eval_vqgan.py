@@ -21,8 +21,8 @@ from codebook import codebook_usage
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from checkpoint import CheckpointError
 from data import DataError, ImageFolder, build_loader
-from runtime import HelpFormatter, pick_device
-from utils import save_image_grid, to_image_range
+from runtime import pick_device
+from utils import HelpFormatter, save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError
 from data import DataError
-from runtime import HelpFormatter, autocast, pick_device, resolve_precision, seed_everything
+from runtime import autocast, pick_device, resolve_precision, seed_everything
 from transformer import VQGANTransformer
-from utils import check_writable, save_image_grid, to_image_range
+from utils import HelpFormatter, check_writable, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
@@ -72,14 +72,14 @@ def load_mask(path, canvas, f):
 def completion_grid(args, model, size, device):
     """Codes (1, Hc, Wc) of the input image on the canvas, and which tokens (Hc, Wc) to regenerate."""
     f = model.vqgan.config.downsample_factor
+    if args.pad and any(p < 0 or p % f for p in args.pad):
+        raise ValueError(f"--pad {' '.join(map(str, args.pad))} must be non-negative multiples of the downsampling "
+                         f"factor {f}.")
     x = load_input_image(args.input_image, size).to(device)
     codes = model.encode_to_grid(x)  # (1, H/f, W/f)
     if args.mask:
         return codes, load_mask(args.mask, size, f)
     left, top, right, bottom = args.pad
-    if any(p < 0 or p % f for p in args.pad):
-        raise ValueError(f"--pad {left} {top} {right} {bottom} must be non-negative multiples of the downsampling "
-                         f"factor {f}.")
     codes = F.pad(codes, (left // f, right // f, top // f, bottom // f))  # the padding's codes are all regenerated
     regenerate = torch.ones(codes.shape[1:], dtype=torch.bool)
     regenerate[top // f:top // f + size[0] // f, left // f:left // f + size[1] // f] = False

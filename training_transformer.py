@@ -14,10 +14,9 @@ import torch
 
 from checkpoint import CheckpointError
 from data import DataError, ImageFolder, build_loader, cached_tokens, find_images, split_paths, token_cache_path
-from runtime import HelpFormatter, TrainingRun, add_run_flags, autocast, check_positive, keeps_signal_handlers, \
-    make_scaler, no_sync
+from runtime import TrainingRun, autocast, keeps_signal_handlers, make_scaler, no_sync
 from transformer import TransformerConfig, VQGANTransformer
-from utils import save_image_grid, save_loss_plot
+from utils import HelpFormatter, add_run_flags, check_positive, save_image_grid, save_loss_plot
 from vqgan import VQGAN
 
 # ---- the one line to edit: your folder of images (sub-folders are classes with --conditional) ----

@@ -15,9 +15,8 @@ from data import DataError, ImageFolder
 from discriminator import Discriminator
 from lpips import LPIPS
 from loss import LossConfig, Stage1, train_step
-from runtime import HelpFormatter, TrainingRun, add_run_flags, check_positive, fused_adam, keeps_signal_handlers, \
-    no_sync
-from utils import save_image_grid, save_loss_plot
+from runtime import TrainingRun, fused_adam, keeps_signal_handlers, no_sync
+from utils import HelpFormatter, add_run_flags, check_positive, save_image_grid, save_loss_plot
 from vqgan import VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----

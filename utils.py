@@ -1,4 +1,5 @@
-"""Small shared helpers of the scripts: the output folder, image grids, loss plots and the metrics log."""
+"""Small shared helpers of the scripts: flags, the output folder, image grids, loss plots and the metrics log."""
+import argparse
 import json
 import math
 import os
@@ -151,3 +152,44 @@ class MetricsLog:
         partial = self.path.with_name(self.path.name + '.tmp')
         partial.write_text(''.join(json.dumps(record) + '\n' for record in self.records))
         os.replace(partial, self.path)
+
+
+# ---- command lines ----
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None and the help text says what happens instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_run_flags(parser, name):
+    """Flags of the training loop, the same in both scripts."""
+    a = parser.add_argument
+    a("--epochs", type=int, default=100, help="passes over the data set (unless --max-steps is given)")
+    a("--max-steps", type=int, default=None,
+      help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
+    a("--compile", action="store_true", help="wrap the models in torch.compile")
+    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    a("--out-dir", default=".", help="where results/ and checkpoints/ go")
+    a("--resume", action="store_true", help=f"continue from <out-dir>/checkpoints/{name}_last.pt")
+    a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--seed", type=int, default=0, help="random seed (offset by rank)")
+    a("--num-workers", type=int, default=4, help="data-loading worker processes per GPU")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints")
+    a("--sample-every", type=int, default=500, help="steps between sample grids (and validation in stage 2)")
+    a("--log-every", type=int, default=10,
+      help="steps between reads of the logged values (each read waits for the GPU); they are averaged over them")
+    a("--max-nonfinite-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    a("--dist-timeout", type=float, default=30.0,
+      help="minutes a rank may wait in a collective under torchrun before the job stops with an error")
+
+
+def check_positive(args, *names):
+    """Reject a zero or negative value of each named flag, naming the flag."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
