@@ -88,10 +88,13 @@ class LFQ(Quantizer):
     def entropy_loss(self, z):
         """Per-sample entropy minus diversity_weight times codebook entropy of p(c|z), z (N, bits)."""
         # -||z - c||^2 = 2 z.c - |z|^2 - bits: only 2 z.c depends on c
-        p = F.softmax(2 * z @ self.all_codes.t() / self.temperature, dim=1)  # (N, K)
-        per_sample = -torch.special.xlogy(p, p).sum(1).mean()
+        log_p = F.log_softmax(2 * z @ self.all_codes.t() / self.temperature, dim=1)  # (N, K)
+        # entropies from log_p: p log p of an underflowed p = 0 would give a NaN gradient; the clamp keeps p out of
+        # the denormal floats, on which CPUs are some ten times slower
+        p = log_p.clamp(min=-80.0).exp()
+        per_sample = -(p * log_p).sum(1).mean()
         mean_p = p.mean(0)
-        codebook = -torch.special.xlogy(mean_p, mean_p).sum()
+        codebook = -(mean_p * mean_p.clamp(min=1e-30).log()).sum()
         return per_sample - self.diversity_weight * codebook
 
     def forward(self, z):

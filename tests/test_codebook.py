@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codebook import Codebook, codebook_usage, usage_from_counts
+from codebook import Codebook, EMACodebook, codebook_usage, usage_from_counts
 
 
 def as_map(rows):
@@ -215,8 +215,10 @@ def test_usage_window_keeps_the_last_steps_only():
 
 # ---- under DDP every rank takes the same decision ----
 
-def _restart_on_rank(rank, world_size, store_path, out_path):
-    """One rank: different batches and random streams per rank, restarts every 2 steps; save what it ends with."""
+def _on_rank(rank, world_size, store_path, out_path):
+    """One rank: different batches and random streams per rank; save the codes and statistics it ends with.
+
+    Restarts every 2 steps over 6 steps of the VQ codebook, then one step of the EMA codebook."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # the same initial codes on every rank, as DDP's first broadcast makes them
@@ -225,16 +227,47 @@ def _restart_on_rank(rank, world_size, store_path, out_path):
     torch.manual_seed(100 + rank)  # different data and different random picks per rank
     for _ in range(6):
         cb(torch.randn(2, 3, 2, 2) + 3 * rank)
-    torch.save({"codes": cb.embedding.weight.detach(), "ema": cb.hit_rate_ema}, f"{out_path}.{rank}")
+    torch.manual_seed(0)
+    ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
+    ema(ema_batch(rank))
+    torch.save({"codes": cb.embedding.weight.detach(), "ema": cb.hit_rate_ema, **ema.state_dict()},
+               f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
-def test_restarts_agree_across_ranks(tmp_path):
+def ema_batch(rank):
+    torch.manual_seed(10 + rank)
+    return torch.randn(1, 2, 2, 3) + 2 * rank
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What each of two gloo ranks ends with (one spawn for both tests)."""
     import torch.multiprocessing as mp
-    mp.spawn(_restart_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in (0, 1))
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    return [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def test_restarts_agree_across_ranks(two_ranks):
+    r0, r1 = two_ranks
     torch.testing.assert_close(r0["ema"], r1["ema"], rtol=0, atol=0)
     torch.testing.assert_close(r0["codes"], r1["codes"], rtol=0, atol=0)
     torch.manual_seed(0)
     initial = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2).embedding.weight.detach()
     assert (r0["codes"] != initial).any(dim=1).sum() > 0  # codes were restarted
+
+
+def test_ema_statistics_agree_across_ranks(two_ranks):
+    r0, r1 = two_ranks
+    keys = ("embedding.weight", "cluster_size", "embed_avg")
+    for key in keys:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0)
+    # ... and they are those of one process that saw both ranks' batches
+    torch.manual_seed(0)
+    ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
+    initial = ema.embedding.weight.clone()
+    ema(torch.cat([ema_batch(0), ema_batch(1)]))
+    for key in keys:
+        torch.testing.assert_close(r0[key], ema.state_dict()[key])
+    assert not torch.equal(r0["embedding.weight"], initial)
