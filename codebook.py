@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def codebook_usage(indices, num_codes):
+def codebook_usage(indices, num_codebook_vectors):
     """Fraction of the codebook used at least once by `indices`, and the perplexity exp(H) of their histogram."""
-    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    counts = torch.bincount(indices.flatten(), minlength=num_codebook_vectors).double()
     return usage_from_counts(counts)
 
 

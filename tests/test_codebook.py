@@ -184,14 +184,14 @@ def test_hit_rate_is_an_ema_of_each_codes_share(restart):
 
 # ---- usage statistics ----
 
-@pytest.mark.parametrize("indices, num_codes, usage, perplexity", [
+@pytest.mark.parametrize("indices, num_codebook_vectors, usage, perplexity", [
     ([0, 0, 1, 1], 4, 0.5, 2.0),
     ([0, 1, 2, 3, 4, 5, 6, 7], 8, 1.0, 8.0),
     ([3, 3, 3, 3], 8, 0.125, 1.0),
     ([0, 0, 0, 1], 4, 0.5, math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))),
 ])
-def test_codebook_usage_on_known_index_sets(indices, num_codes, usage, perplexity):
-    u, p = codebook_usage(torch.tensor(indices).reshape(2, 1, -1), num_codes)  # any shape: all entries count
+def test_codebook_usage_on_known_index_sets(indices, num_codebook_vectors, usage, perplexity):
+    u, p = codebook_usage(torch.tensor(indices).reshape(2, 1, -1), num_codebook_vectors)  # any shape counts
     assert u == pytest.approx(usage) and p == pytest.approx(perplexity)
 
 
