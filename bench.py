@@ -129,6 +129,8 @@ def bench_sampling(args, device, precision):
     gpt, vqgan = build_gpt(config, grid, args, device).eval(), VQGAN(config).to(device).eval()
     if args.quantize == "int8":
         gpt.quantize_int8()
+    if args.compile:
+        gpt.compile_decode()  # as sample_transformer.py --compile: a static-shape step, CUDA graphs on CUDA
     n = args.sample_batch_size
     start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
 

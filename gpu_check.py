@@ -57,7 +57,15 @@ def plan(args, work):
         steps += [("stage 1, --compile", [python, str(ROOT / "training_vqgan.py"), *stage1, "--compile",
                                           "--out-dir", str(work / "compiled")]),
                   ("stage 2, --compile", [python, str(ROOT / "training_transformer.py"), *stage2, "--compile",
-                                          "--out-dir", str(work / "compiled")])]
+                                          "--out-dir", str(work / "compiled")]),
+                  ("sampling, --compile", [python, str(ROOT / "sample_transformer.py"), "--checkpoint-path",
+                                           str(work / "compiled" / "checkpoints" / "transformer_last.pt"),
+                                           "--num-samples", "8", "--compile", "--out-dir", str(work / "samples_c"),
+                                           *device])]
+    if not args.skip_bench and not args.skip_compile:
+        steps.append(("bench.py sampling, --compile", [python, str(ROOT / "bench.py"), *size["bench"], *device,
+                                                       "--compile", "--skip-stage1", "--skip-stage2",
+                                                       "--out-json", str(work / "bench_compiled.json")]))
     steps += [
         (f"stage 1, torchrun x{gpus}", [*torchrun, str(ROOT / "training_vqgan.py"), *stage1,
                                         "--out-dir", str(work / "ddp")]),

@@ -46,10 +46,16 @@ class CausalSelfAttention(nn.Module):
         q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None and not kv_cache:  # allocate on first use: dtype and device follow k (autocast)
+            kv_cache["k"] = k.new_zeros(B, self.n_head, self.block_size, hs)  # zeros: masked slots must be finite
+            kv_cache["v"] = v.new_zeros(B, self.n_head, self.block_size, hs)
+        if torch.is_tensor(pos):  # static shapes (GPT.decode_step): one token, the whole cache, later slots masked
+            kv_cache["k"].index_copy_(2, pos.view(1), k)
+            kv_cache["v"].index_copy_(2, pos.view(1), v)
+            visible = (torch.arange(self.block_size, device=x.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, S)
+            y = F.scaled_dot_product_attention(q, kv_cache["k"], kv_cache["v"], attn_mask=visible)  # (B, nh, 1, hs)
+            return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         if kv_cache is not None:
-            if not kv_cache:  # allocate on first use, so dtype and device follow k (e.g. under autocast)
-                kv_cache["k"] = k.new_empty(B, self.n_head, self.block_size, hs)
-                kv_cache["v"] = v.new_empty(B, self.n_head, self.block_size, hs)
             kv_cache["k"][:, :, pos:pos + T] = k
             kv_cache["v"][:, :, pos:pos + T] = v
             k, v = kv_cache["k"][:, :, :pos + T], kv_cache["v"][:, :, :pos + T]  # (B, nh, pos+T, hs)
@@ -135,6 +141,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
+def static_cache(kv_cache):
+    """Tell torch.compile that the cache tensors keep their addresses, so that a CUDA graph may update them in place
+    (mutated inputs of unknown address would make it fall back to running without graphs)."""
+    for layer in kv_cache:
+        for tensor in layer.values():
+            torch._dynamo.mark_static_address(tensor)
+
+
 class GPT(nn.Module):
     """Token and position embeddings, n_layer blocks, final LayerNorm and an unbiased head (taming's minGPT)."""
 
@@ -147,6 +161,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.decode_fn = None  # None: generate() slices the cache; else decode_step (plain or compiled) after the prompt
         self.apply(self._init_weights)  # LayerNorms keep their default weight 1, bias 0; pos_emb stays zero
 
     @staticmethod
@@ -159,6 +174,11 @@ class GPT(nn.Module):
     def _run(self, idx, kv_cache=None, pos=0):
         """Logits (B, T, V) of tokens idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache if given."""
         T = idx.size(1)
+        if torch.is_tensor(pos):  # decode_step: one token at a position held on the device
+            x = self.tok_emb(idx) + self.pos_emb.index_select(1, pos.view(1))  # (B, 1, C)
+            for i, block in enumerate(self.blocks):
+                x = block(x, kv_cache[i], pos)
+            return self.head(self.ln_f(x))
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
         if kv_cache is not None and pos > 0 and T > 1:
@@ -186,13 +206,32 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens needs a block_size of "
                              f"at least {idx.size(1) + max_new_tokens - 1}, not {self.config.block_size}")
         kv_cache = [{} for _ in self.blocks]  # per layer: keys and values (B, nh, block_size, hs)
-        x, pos = idx, 0
+        x, pos, position = idx, 0, None
         for _ in range(max_new_tokens):
-            logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit]  # (B, V)
+            if self.decode_fn is not None and pos > 0:  # static shapes: the position lives on the device
+                if position is None:
+                    position = torch.full((), pos, dtype=torch.long, device=x.device)
+                    static_cache(kv_cache)
+                logits = self.decode_fn(x, kv_cache, position)[:, :vocab_limit]
+                position = position + 1  # a new tensor: a captured graph may still hold the old one
+            else:
+                logits = self._run(x, kv_cache, pos)[:, -1, :vocab_limit]  # (B, V)
             pos += x.size(1)
             x = sample_next(logits, temperature, top_k, top_p)  # (B, 1), the only token the next step has to run
             idx = torch.cat((idx, x), dim=1)
         return idx
+
+    def decode_step(self, x, kv_cache, position):
+        """Logits (B, V) of one token x (B, 1) at `position` (a 0-d device tensor), with static shapes: every layer
+        writes its cache slot in place and attends over the whole cache with the later slots masked. The same shapes
+        at every step, so torch.compile compiles it once and on CUDA can replay it as a CUDA graph."""
+        return self._run(x, kv_cache, position)[:, -1]
+
+    def compile_decode(self):
+        """Sample through a compiled decode_step (on CUDA with CUDA graphs); generate() is otherwise unchanged."""
+        mode = "reduce-overhead" if self.head.weight.device.type == "cuda" else None
+        self.decode_fn = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        return self
 
     def quantize_int8(self):
         """Replace every Linear (attention, MLP, head) by an Int8Linear, in place; for sampling on the CPU only."""

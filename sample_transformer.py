@@ -127,6 +127,8 @@ def main(args):
     size = canvas_size(args, model)
     if args.quantize == "int8":
         model.gpt.quantize_int8()
+    if args.compile:
+        model.gpt.compile_decode()
     out_dir = check_writable(args.out_dir)
     seed_everything(args.seed)
     f = model.vqgan.config.downsample_factor
@@ -190,6 +192,8 @@ def build_parser():
       help="default: bf16 on CUDA if supported, else fp32")
     a("--quantize", choices=["none", "int8"], default="none",
       help="int8: the GPT's weights in int8 with a scale per row, for about 1.7x faster batch-1 sampling (CPU only)")
+    a("--compile", action="store_true",
+      help="each new token through a compiled static-shape step (CUDA graphs on CUDA): a switch until measured")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
     return p
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CheckpointError, load_checkpoint
-from mingpt import GPT, GPTConfig, sample_next
+from mingpt import GPT, GPTConfig, sample_next, static_cache
 from vqgan import VQGAN
 
 
@@ -79,10 +79,15 @@ class WindowCache:
     def next_logits(self, tokens, origin):
         """Logits (B, V) after tokens (B, T): a start token, then the first T - 1 tokens of the window at origin."""
         T = tokens.size(1)
-        if origin == self.origin and T == self.length + 1:
+        if origin == self.origin and T == self.length + 1 and self.gpt.decode_fn is not None:
+            position = torch.full((), self.length, dtype=torch.long, device=tokens.device)  # static shapes
+            logits = self.gpt.decode_fn(tokens[:, -1:], self.kv, position)[:, None]  # (B, 1, V)
+        elif origin == self.origin and T == self.length + 1:
             logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
         else:
             logits = self.gpt._run(tokens, self.kv, 0)  # (B, T, V)
+            if self.gpt.decode_fn is not None:
+                static_cache(self.kv)
         self.origin, self.length = origin, T
         return logits[:, -1]
 

@@ -187,3 +187,22 @@ def test_sampling_draws_from_the_softmax_on_the_device():
         assert torch.all((freq - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-12), (kwargs, freq, p)
     batch = torch.randn(64, 50)
     assert torch.equal(sample_next(batch, top_k=1), batch.argmax(-1, keepdim=True))
+
+
+def test_static_decode_step_samples_the_same_tokens():
+    """GPT.decode_step (static shapes: the whole cache, later slots masked; what --compile compiles) gives the
+    dynamic cache's logits, so greedy and seeded sampling draw the same tokens."""
+    model = tiny_gpt()
+    start = torch.randint(0, 50, (3, 2))
+    dynamic = model.generate(start, 40, top_k=1)
+    torch.manual_seed(1)
+    dynamic_sampled = model.generate(start, 40)
+    model.decode_fn = model.decode_step
+    assert torch.equal(model.generate(start, 40, top_k=1), dynamic)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(start, 40), dynamic_sampled)
+    cache = [{} for _ in model.blocks]
+    with torch.no_grad():
+        model._run(dynamic[:, :10], cache, 0)
+        static = model.decode_step(dynamic[:, 10:11], cache, torch.tensor(10))
+        torch.testing.assert_close(static, model(dynamic[:, :11])[0][:, -1], rtol=1e-5, atol=1e-5)

@@ -182,3 +182,13 @@ def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
     flags = STAGE2_FLAGS + ["--checkpoint-path", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)]
     with pytest.raises(CheckpointError, match="No stage-1 checkpoint at .*python training_vqgan.py"):
         training_transformer.main(training_transformer.build_parser().parse_args(flags))
+
+
+def test_canvas_sampling_through_the_static_decode_step_is_unchanged():
+    """The sliding-window sampler with GPT.decode_fn set (sample_transformer.py --compile) draws the same tokens."""
+    model = tiny_model().eval()
+    torch.manual_seed(3)
+    expected = model.sample_canvas(2, (10, 12))
+    model.gpt.decode_fn = model.gpt.decode_step
+    torch.manual_seed(3)
+    assert torch.equal(model.sample_canvas(2, (10, 12)), expected)
