@@ -8,8 +8,9 @@ from PIL import Image
 
 import sample_transformer
 import transformer
+from checkpoint import save_checkpoint
+from data import DataError
 from transformer import TransformerConfig, VQGANTransformer, window_origin
-from utils import DataError, save_checkpoint
 from vqgan import VQGAN, VQGANConfig
 
 # 16x16 images, f = 4: a 4x4 token window, so a 10x9-token canvas has border, edge and interior tokens
