@@ -13,6 +13,10 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, damaged, or not safe to load."""
 
 
+class MissingWeights(RuntimeError):
+    """Pretrained weights (VGG16 for LPIPS) that are not on disk and cannot be downloaded."""
+
+
 def _fsync_folder(folder):
     """Make a rename durable; some platforms and file systems cannot open a folder, which is fine."""
     try:
@@ -45,13 +49,15 @@ def save_checkpoint(obj, path):
         stale.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, trust=False):
-    """Load a checkpoint onto the CPU; arbitrary pickled objects are refused unless `trust` is set."""
+def load_checkpoint(path, trust=False, mmap=False):
+    """Load a checkpoint onto the CPU; arbitrary pickled objects are refused unless `trust` is set.
+
+    mmap: map the tensors' storage instead of reading it (for a look at the small entries of a big file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"The checkpoint '{path}' does not exist.")
     try:
-        return torch.load(path, map_location='cpu', weights_only=not trust)
+        return torch.load(path, map_location='cpu', weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as error:
         if not trust:  # weights_only met an object that unpickling would construct by running code
             raise CheckpointError(f"The checkpoint '{path}' holds Python objects that could run code when loaded; "

@@ -132,7 +132,11 @@ def collate_images(batch):
 
 
 def build_loader(dataset, batch_size, train=True, num_workers=0, sampler=None, drop_last=None):
-    """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs."""
+    """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs.
+
+    The workers are capped by the cores this process may use (more only compete for them)."""
+    num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else
+                      os.cpu_count() or 1)
     extra = {'prefetch_factor': 4} if num_workers > 0 else {}  # decoding JPEGs is the usual bottleneck
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,

@@ -10,18 +10,18 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from codebook import codebook_usage
-from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from checkpoint import CheckpointError
+from codebook import codebook_usage
 from data import DataError, ImageFolder, build_loader
-from runtime import pick_device
+from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
+from runtime import pick_device, set_threads
+from training_run import run_script
 from utils import HelpFormatter, save_image_grid, to_image_range
 from vqgan import VQGAN
 
@@ -125,6 +125,7 @@ def load_model(args):
 
 @torch.no_grad()
 def main(args):
+    set_threads(args.threads)
     if args.batch_size <= 0 or args.num_grid < 0:
         raise ValueError("--batch-size must be positive and --num-grid not negative.")
     device = pick_device(args.device)
@@ -236,12 +237,9 @@ def build_parser():
     a("--num-grid", type=int, default=8, help="images in reconstructions.png (0: no grid)")
     a("--out-json", default="results/eval_vqgan.json", help="metrics file; reconstructions.png goes beside it")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
     return p
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser())

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from checkpoint import MissingWeights
+
 VGG16_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
 # features[start:stop] ends at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; their channel counts.
 SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -46,8 +48,8 @@ def vgg16_features(vgg_weights):
         socket.setdefaulttimeout(60)  # a download attempt on a machine without internet must not hang
         try:  # loads the file if it is there, else downloads it once (528 MB)
             state = VGG16_WEIGHTS.get_state_dict(progress=not lpips_available(), check_hash=True)
-        except Exception as err:  # no network, a corrupt or truncated file, a hash mismatch...
-            raise RuntimeError(message) from err
+        except Exception:  # no network, a corrupt or truncated file, a hash mismatch...
+            raise MissingWeights(message) from None  # one sentence: the cause is in the message
         finally:
             socket.setdefaulttimeout(previous_timeout)
         vgg_weights = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}

@@ -1,6 +1,4 @@
-"""Run-time plumbing shared by the scripts: device, distributed set-up, precision, signals, and TrainingRun, the
-part of the two training loops that is not the algorithm (resume, atomic saves, stop signals, the non-finite guard,
-epochs and skipped files, the metrics log and progress bar)."""
+"""Run-time plumbing shared by the scripts: device, distributed set-up, precision, the CPU allocator, signals."""
 import ctypes
 import datetime
 import functools
@@ -10,17 +8,11 @@ import signal
 import sys
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from checkpoint import check_same_config, load_checkpoint, save_checkpoint
-from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
-from utils import MetricsLog, check_writable
 
 
 # ---- device and reproducibility ----
@@ -218,172 +210,7 @@ def keeps_signal_handlers(main):
     return wrapper
 
 
-# ---- TrainingRun: what both training loops share ----
-
-class TrainingRun:
-    """Everything of a training run that is not the algorithm: the script builds its models, then loops
-
-        for batches in run.steps(loader):      # the micro-batches of one optimizer step
-            ...forward, backward...
-            if run.skip_update(loss): ...      # non-finite on any rank: keep the last good weights
-            ...optimizer step...
-            run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
-
-    and run.finish() saves the last checkpoint. `run.state_dict` (set by the script) returns the models' and
-    optimizers' states; the run adds its position (step, epoch, batch in epoch), the config and the flags.
-    """
-
-    def __init__(self, args, name):
-        self.args, self.name = args, name
-        self.d = setup_distributed(args.device, args.dist_timeout)
-        self.device, self.is_main = self.d.device, self.d.is_main
-        reuse_freed_memory(self.device)
-        self.precision = resolve_precision(args.precision, self.device)
-        self.out_dir = Path(args.out_dir)
-        self.results = self.out_dir / "results"
-        self.ckpt_path = self.out_dir / "checkpoints" / f"{name}_last.pt"
-        if self.is_main:
-            check_writable(self.out_dir)
-        seed_everything(args.seed + self.d.rank)  # different noise per rank, the same model init after DDP's broadcast
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.config, self.state_dict, self.log, self.bar = None, None, None, None
-        self.stop = StopSignal()
-        self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
-        self.flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective a step
-        self.sums, self.count = None, 0
-
-    def dataset_paths(self, path, default_path):
-        """The data set's image files; rank 0 writes the demo set first if the default path is still empty."""
-        paths = resolve_dataset(path, default_path) if self.is_main else None
-        barrier()
-        return paths if paths is not None else find_images(path)
-
-    def resume(self, config):
-        """With --resume and a checkpoint: check its config against `config` (a dict), take its position, return it."""
-        self.config = config
-        if not self.args.resume:
-            return None
-        if not self.ckpt_path.exists():
-            if self.is_main:
-                print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
-            return None
-        ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
-        check_same_config(ckpt["config"], config, self.ckpt_path)
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
-        if self.is_main:
-            print(f"Resumed from {self.ckpt_path} at step {self.step}.")
-        return ckpt
-
-    def wrap(self, module):
-        return wrap_model(module, self.d, self.args.compile)
-
-    def loader(self, dataset, batch_size):
-        """A loader of this rank's shard, resumable mid-epoch; sets the number of steps of the run."""
-        args, d = self.args, self.d
-        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=d.rank,
-                                        world_size=d.world_size)
-        batches_per_epoch = len(dataset) // d.world_size // batch_size
-        if batches_per_epoch < args.grad_accum:
-            raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
-                            f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
-        self.max_steps = args.max_steps if args.max_steps is not None else \
-            args.epochs * (batches_per_epoch // args.grad_accum)
-        self.batch_size = batch_size
-        return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
-
-    def steps(self, loader):
-        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal."""
-        if self.is_main:
-            self.log = MetricsLog(self.results / f"{self.name}_metrics.jsonl", resume=self.step > 0)
-            self.log.truncate_after(self.step)
-        self.bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_main,
-                        dynamic_ncols=True)
-        group = []  # a step's micro-batches may span an epoch's end
-        while self.step < self.max_steps:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.batch_in_epoch == 0, 0
-            for batch in loader:
-                self.batch_in_epoch += 1
-                skipped_in_epoch += self.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
-                self.skipped_files = max(self.skipped_files, skipped_in_epoch)  # every pass meets the same bad files
-                if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
-                    continue
-                group.append(batch)
-                if len(group) < self.args.grad_accum:
-                    continue
-                yield group
-                group = []
-                if self.stopped:
-                    self.save(f"received {self.stop.received or 'a stop signal'}")
-                    return
-                if self.step >= self.max_steps:
-                    return
-            if self.step == step_at_epoch_start and whole_epoch:
-                raise DataError(f"A whole epoch gave no usable batch: are the images in "
-                                f"{self.args.dataset_path} readable?")
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def skip_update(self, loss):
-        """True (on every rank alike) when the step's loss is not finite on some rank: skip its update.
-
-        The step's one collective and one read: the non-finite flag and the stop flag travel together.
-        """
-        self.flags[0] = (~torch.isfinite(loss.detach())).any()
-        self.flags[1].fill_(float(self.stop.received is not None))
-        if self.d.enabled:
-            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = self.flags.tolist()
-        self.stopped = self.stopped or stop > 0
-        if not nonfinite:
-            self.nonfinite_in_a_row = 0
-            return False
-        self.nonfinite_in_a_row += 1
-        if self.is_main:
-            print(f"Step {self.step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row).",
-                  flush=True)
-        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
-            kept = f"The last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "Nothing was saved"
-            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite losses in a row: stopping. {kept}; try a "
-                                     f"lower --learning-rate.")
-        return True
-
-    def end_step(self, metrics, bar_keys=("loss",)):
-        """Count the step; every --log-every steps (and at the end) log the means of `metrics` (0-d tensors) since
-        the last log, read from the device at once; every --save-every steps save."""
-        self.step += 1
-        self.bar.update(1)
-        if self.is_main:
-            values = torch.stack([v.detach().float() for v in metrics.values()])  # on the device: no wait
-            self.sums, self.count = values if self.sums is None else self.sums + values, self.count + 1
-            if self.step % self.args.log_every == 0 or self.step == self.max_steps or self.stopped:
-                means = dict(zip(metrics, (self.sums / self.count).tolist()))
-                self.sums, self.count = None, 0
-                self.log.log(self.step, **means)
-                self.bar.set_postfix({k: f"{means[k]:.3f}" for k in bar_keys if k in means})
-        if self.step % self.args.save_every == 0:
-            self.save()
-
-    def due(self, every):
-        """True after a step that is a multiple of `every`, and after the last step."""
-        return self.step % every == 0 or self.step == self.max_steps
-
-    def save(self, reason=""):
-        """Rank 0 writes the checkpoint atomically: the script's states, the run's position, config and flags."""
-        if not self.is_main:
-            return
-        save_checkpoint(dict(**self.state_dict(), step=self.step, epoch=self.epoch,
-                             batch_in_epoch=self.batch_in_epoch, config=self.config, args=vars(self.args)),
-                        self.ckpt_path)
-        if reason:
-            tqdm.write(f"Saved {self.ckpt_path} at step {self.step} ({reason}).")
-
-    def finish(self):
-        """Save the last checkpoint (unless a stop signal already did), report skipped files, leave torchrun."""
-        self.bar.close()
-        if not self.stopped:
-            self.save("end of training")
-        if self.is_main and self.skipped_files:
-            print(f"Skipped {self.skipped_files} unreadable image file(s) during training (named in the warnings "
-                  f"above).")
-        cleanup_distributed()
-        return self.ckpt_path
+def set_threads(threads):
+    """--threads: torch's CPU threads (another job on the machine makes too many threads wait for each other)."""
+    if threads:
+        torch.set_num_threads(threads)

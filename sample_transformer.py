@@ -7,7 +7,6 @@
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
 """
 import argparse
-import sys
 import time
 
 import torch
@@ -17,9 +16,9 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
 from data import DataError
-from runtime import autocast, pick_device, resolve_precision, seed_everything
+from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from training_run import run_script
 from transformer import VQGANTransformer
 from utils import HelpFormatter, check_writable, save_image_grid, to_image_range
 
@@ -119,6 +118,7 @@ def check_args(args, model):
 
 
 def main(args):
+    set_threads(args.threads)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint,
@@ -195,12 +195,9 @@ def build_parser():
     a("--compile", action="store_true",
       help="each new token through a compiled static-shape step (CUDA graphs on CUDA): a switch until measured")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
     return p
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser())

@@ -6,17 +6,17 @@
 """
 import argparse
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from checkpoint import CheckpointError
-from data import DataError, ImageFolder, build_loader, cached_tokens, find_images, split_paths, token_cache_path
-from runtime import TrainingRun, autocast, keeps_signal_handlers, make_scaler, no_sync
+from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
+from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync
+from training_run import TrainingRun, run_script
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter, add_run_flags, check_positive, save_image_grid, save_loss_plot
+from utils import HelpFormatter, add_run_flags, check_positive, save_plots
 from vqgan import VQGAN
 
 # ---- the one line to edit: your folder of images (sub-folders are classes with --conditional) ----
@@ -87,15 +87,21 @@ def evaluate(transformer, loader, run, max_batches):
     return torch.stack(losses).mean().item() if losses else None
 
 
-def sample_grid(transformer, batch, run, path, top_k):
-    """Rows: input, reconstruction, completion of the top half, free sample."""
-    device = run.device
-    x = batch["image"][:4].to(device) if "image" in batch else transformer.indices_to_image(
-        batch["indices"][:4].to(device))
-    labels = batch["label"][:4].to(device) if "label" in batch else None
-    with autocast(run.precision, device):
-        logs = transformer.log_images(x, labels=labels, top_k=top_k)
-    save_image_grid(torch.cat(list(logs.values())).float(), path, nrow=len(x))
+# The panels of results/transformer_losses.png: (title, logged values, log scale).
+PLOTS = [("cross-entropy (nats per token)", ["loss", "val_loss"], False),
+         ("bits per token", ["bits_per_token", "val_bits_per_token"], False), ("learning rate", ["lr"], True)]
+
+
+def show_progress(run, transformer, images, top_k):
+    """Rank 0: rows of fixed images, their reconstructions, completions of their top half and free samples; plots."""
+    if images is not None:  # None: none of the first training images was readable
+        x = images["image"].to(run.device)
+        labels = images["label"].to(run.device) if "label" in images else None
+        with autocast(run.precision, run.device):
+            logs = transformer.log_images(x, labels=labels, top_k=top_k)
+        run.save_grid(torch.cat(list(logs.values())).float(), "transformer_samples", nrow=len(x),
+                      row_labels=[name.replace("_", " ") for name in logs])
+    save_plots(run.log.history, run.results / "transformer_losses.png", PLOTS, title="stage 2")
 
 
 # ---- main ----
@@ -135,11 +141,12 @@ def main(args):
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
     val_loader = build_loader(val_set, args.batch_size, train=False) if val_set is not None and run.is_main else None
-    fixed_batch = None
+    shown = collate_images([ImageFolder(args.dataset_path, transformer.image_size, train=False,
+                                        with_labels=args.conditional, paths=train_paths)[i]
+                            for i in range(min(4, len(train_paths)))])  # the images themselves, also with a cache
     transformer.train()
     for batches in run.steps(loader):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            fixed_batch = batch if fixed_batch is None else fixed_batch
             labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
@@ -154,14 +161,12 @@ def main(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach().float()
-        run.end_step(dict(loss=loss, bits_per_token=loss / math.log(2)), bar_keys=("loss",))
+        run.end_step(dict(loss=loss, bits_per_token=loss / math.log(2)), bar_keys=("loss",), lr=lr)
         if run.is_main and run.due(args.sample_every):
             val = evaluate(transformer, val_loader, run, args.val_batches) if val_loader is not None else None
-            if val is not None:
-                run.log.log(run.step, val_loss=val, val_bits_per_token=val / math.log(2))
-            sample_grid(transformer, fixed_batch, run, run.results / f"transformer_samples_{run.step:07d}.png",
-                        args.sample_top_k)
-            save_loss_plot(run.log.history, run.results / "transformer_losses.png", title="stage 2")
+            if val is not None:  # the bar keeps showing it until the next evaluation
+                run.record(("val_loss",), val_loss=val, val_bits_per_token=val / math.log(2))
+            show_progress(run, transformer, shown, args.sample_top_k)
     return run.finish()
 
 
@@ -197,8 +202,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser(), checkpoint_name="transformer")

@@ -5,18 +5,17 @@
     torchrun --nproc_per_node 4 training_vqgan.py ...     # 4 GPUs
 """
 import argparse
-import sys
 from dataclasses import asdict, fields
 
 import torch
 
-from checkpoint import CheckpointError
-from data import DataError, ImageFolder
+from data import ImageFolder
 from discriminator import Discriminator
 from lpips import LPIPS
 from loss import LossConfig, Stage1, train_step
-from runtime import TrainingRun, fused_adam, keeps_signal_handlers, no_sync
-from utils import HelpFormatter, add_run_flags, check_positive, save_image_grid, save_loss_plot
+from runtime import fused_adam, keeps_signal_handlers, no_sync
+from training_run import TrainingRun, run_script
+from utils import HelpFormatter, add_run_flags, check_positive, save_plots
 from vqgan import VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
@@ -68,13 +67,23 @@ def optimizer_step(opt, scaler):
     opt.zero_grad(set_to_none=True)
 
 
-def save_reconstructions(vqgan, x, path):
-    """Inputs (top row) over their reconstructions (bottom row)."""
+# The panels of results/vqgan_losses.png: (title, logged values, log scale).
+PLOTS = [("losses", ["loss", "l1", "lpips", "q_loss"], True), ("GAN", ["g_loss", "d_loss"], False),
+         ("adaptive weight λ", ["lam"], False), ("codebook usage (last 100 steps)", ["usage"], False),
+         ("code perplexity", ["perplexity"], False), ("learning rate", ["lr"], True)]
+
+
+def show_progress(run, vqgan, x):
+    """Rank 0: inputs over their reconstructions, code usage (TensorBoard) and the loss plots."""
     with torch.no_grad():
         vqgan.eval()
         recs = vqgan(x)[0]
         vqgan.train()
-    save_image_grid(torch.cat([x, recs]).float(), path, nrow=len(x))
+    run.save_grid(torch.cat([x, recs]).float(), "reconstructions", nrow=len(x))
+    if run.tensorboard is not None:
+        run.tensorboard.add_histogram("codebook hits per code (last 100 steps)", vqgan.quantize.window_counts.sum(0),
+                                      run.step)
+    save_plots(run.log.history, run.results / "vqgan_losses.png", PLOTS, title="stage 1")
 
 
 # ---- main ----
@@ -136,12 +145,9 @@ def main(args):
         if loss_config.gan_active(run.step):
             optimizer_step(opt_disc, s.scalers[1])
         metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)  # on the device: no wait
-        run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"))
+        run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
         if run.is_main and run.due(args.sample_every):
-            save_reconstructions(vqgan, fixed_batch, run.results / f"reconstructions_{run.step:07d}.png")
-            save_loss_plot(run.log.history, run.results / "vqgan_losses.png", title="stage 1")
-    if run.is_main:
-        save_loss_plot(run.log.history, run.results / "vqgan_losses.png", title="stage 1")
+            show_progress(run, vqgan, fixed_batch)
     return run.finish()
 
 
@@ -195,8 +201,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser(), checkpoint_name="vqgan")

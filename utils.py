@@ -7,10 +7,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 import torchvision
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from checkpoint import load_checkpoint
 from data import DataError
 
 
@@ -36,76 +38,70 @@ def to_image_range(x):
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def save_image_grid(images, path, nrow=8):
-    """Save a (N, 3, H, W) batch in [-1, 1] as one PNG grid."""
+def save_image_grid(images, path, nrow=8, row_labels=None):
+    """Save a (N, 3, H, W) batch in [-1, 1] as one PNG grid; row_labels: a name written left of each row."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(to_image_range(images.detach().float().cpu()), path, nrow=nrow)
+    grid = torchvision.utils.make_grid(to_image_range(images.detach().float().cpu()), nrow=nrow)
+    image = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    if row_labels:
+        font = ImageFont.load_default()
+        margin = 8 + max(int(ImageDraw.Draw(image).textlength(label, font=font)) for label in row_labels)
+        labelled = Image.new("RGB", (image.width + margin, image.height), "white")
+        labelled.paste(image, (margin, 0))
+        row_height = images.shape[-2] + 2  # make_grid's 2-pixel padding
+        for i, label in enumerate(row_labels):
+            ImageDraw.Draw(labelled).text((4, 2 + i * row_height + row_height // 2 - 6), label, fill="black",
+                                          font=font)
+        image = labelled
+    image.save(path, format="PNG")
 
 
-PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+def save_plots(history, path, panels, title=""):
+    """Draw {name: [(step, value), ...]} as a PNG of panels, one per kind of quantity, side by side.
 
-
-def save_loss_plot(history, path, title=''):
-    """Draw {name: [(step, value), ...]} as a PNG line chart; long, noisy series get a moving average."""
-    width, height, left, right, top, bottom = 800, 400, 70, 20, 30, 40
-    image = Image.new('RGB', (width, height), 'white')
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    series = {name: np.array(sorted((float(s), float(v)) for s, v in points if math.isfinite(float(v))))
-              .reshape(-1, 2) for name, points in history.items()}  # NaN and inf values are left out
-    every = np.concatenate([np.zeros((0, 2)), *series.values()])
-    (x_lo, y_lo), (x_hi, y_hi) = (every.min(0), every.max(0)) if len(every) else ((0, 0), (0, 0))
-    if x_hi == x_lo:  # a single step: give the axis some width
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    if y_hi == y_lo:  # a constant series: centre it
-        pad = abs(y_lo) * 0.1 or 1.0
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def to_pixel(x, y):  # 8 px inside the frame, so a curve at its min or max does not hide under it
-        return (float(left + 8 + (x - x_lo) / (x_hi - x_lo) * (width - left - right - 16)),
-                float(height - bottom - 8 - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom - 16)))
-
-    draw.text((left, 8), title, fill='black', font=font)
-    draw.text((width // 2 - 10, height - 16), 'step', fill='black', font=font)
-    for k in range(5):  # grid lines; the lowest and highest labels are the min and max
-        y = y_lo + (y_hi - y_lo) * k / 4
-        py, label = to_pixel(x_lo, y)[1], f'{y:.4g}'
-        draw.line([(left, py), (width - right, py)], fill=(225, 225, 225))
-        draw.text((left - 6 - draw.textlength(label, font=font), py - 6), label, fill='black', font=font)
-    for x in sorted({round(x_lo + (x_hi - x_lo) * k / 4) for k in range(5)}):  # steps are whole numbers
-        px = to_pixel(x, y_lo)[0]
-        draw.text((px - draw.textlength(str(x), font=font) / 2, height - bottom + 6), str(x), fill='black', font=font)
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    legend = []
-    for i, (name, xy) in enumerate(series.items()):
-        colour = PLOT_COLOURS[i % len(PLOT_COLOURS)]
-        legend.append((f'{name}  {xy[-1, 1]:.4g}' if len(xy) else f'{name}  (no data)', colour))
-        if len(xy) == 1:
-            px, py = to_pixel(*xy[0])
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        elif len(xy) >= 50:  # noisy: the raw values faintly, a centred moving average on top
-            draw.line([to_pixel(x, y) for x, y in xy], fill=tuple(int(c + (255 - c) * 0.7) for c in colour))
-            window = max(2, len(xy) // 25)
-            smooth = np.convolve(xy[:, 1], np.ones(window) / window, mode='valid')
-            steps = xy[(window - 1) // 2:, 0][:len(smooth)]
-            draw.line([to_pixel(x, y) for x, y in zip(steps, smooth)], fill=colour, width=2)
-        elif len(xy) > 1:
-            draw.line([to_pixel(x, y) for x, y in xy], fill=colour, width=2)
-    if legend:  # top right, where falling loss curves usually leave room
-        x0 = width - right - 46 - max(draw.textlength(text, font=font) for text, _ in legend)
-        draw.rectangle([x0 - 6, top + 4, width - right - 4, top + 8 + 14 * len(legend)], fill='white',
-                       outline=(180, 180, 180))
-        for i, (text, colour) in enumerate(legend):
-            draw.line([(x0, top + 14 + 14 * i), (x0 + 20, top + 14 + 14 * i)], fill=colour, width=3)
-            draw.text((x0 + 26, top + 8 + 14 * i), text, fill='black', font=font)
+    panels: [(panel title, [series names], log_scale)]. Non-finite values (and, on a log scale, values <= 0) are
+    left out; series of 50 points or more are drawn faintly with a moving average on top.
+    """
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    figure = Figure(figsize=(4.4 * cols, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(rows, cols, squeeze=False).flatten()
+    for axes in grid[len(panels):]:
+        axes.set_visible(False)
+    for axes, (panel, names, log_scale) in zip(grid, panels):
+        axes.set_title(panel, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        drawn = False
+        for name in names:
+            xy = np.array([(float(s), float(v)) for s, v in history.get(name, ()) if math.isfinite(float(v))
+                           and (not log_scale or float(v) > 0)]).reshape(-1, 2)
+            if not len(xy):
+                continue
+            if len(xy) >= 50:
+                window = max(2, len(xy) // 25)
+                line, = axes.plot(xy[:, 0], xy[:, 1], alpha=0.25)
+                smooth = np.convolve(xy[:, 1], np.ones(window) / window, mode="valid")
+                axes.plot(xy[window - 1:, 0], smooth, color=line.get_color(), label=f"{name}  {xy[-1, 1]:.4g}")
+            else:
+                axes.plot(xy[:, 0], xy[:, 1], marker="." if len(xy) < 20 else None, label=f"{name}  {xy[-1, 1]:.4g}")
+            drawn = True
+        if drawn:
+            axes.set_yscale("log" if log_scale else "linear")
+            axes.legend(fontsize=8)
+        else:
+            axes.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axes.transAxes, color="gray")
+    if title:
+        figure.suptitle(title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format='PNG')
+    figure.savefig(path, dpi=90)
 
 
 # ---- metrics log ----
 
 class MetricsLog:
-    """Appends {'step': ..., metric: value} JSON lines to a file and keeps them for save_loss_plot."""
+    """Appends {'step': ..., metric: value} JSON lines to a file and keeps them for save_plots."""
 
     def __init__(self, path, resume=False):
         self.path = Path(path)
@@ -122,7 +118,7 @@ class MetricsLog:
 
     @property
     def history(self):
-        """{name: [(step, value), ...]}, the input of save_loss_plot."""
+        """{name: [(step, value), ...]}, the input of save_plots."""
         history = {}
         for record in self.records:
             for name, value in record.items():
@@ -186,6 +182,70 @@ def add_run_flags(parser, name):
     a("--max-nonfinite-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
     a("--dist-timeout", type=float, default=30.0,
       help="minutes a rank may wait in a collective under torchrun before the job stops with an error")
+    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
+    a("--config", default=None,
+      help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
+    a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")
+
+
+# Flags that may change when a run resumes. Every other flag comes back from the run's checkpoint.
+MUTABLE_FLAGS = {"epochs", "max_steps", "learning_rate", "save_every", "sample_every", "log_every", "num_workers",
+                 "device", "out_dir", "resume", "trust_checkpoint", "threads", "dist_timeout", "max_nonfinite_steps",
+                 "compile", "precision", "recompute", "channels_last", "no_tensorboard", "config", "val_batches",
+                 "sample_top_k"}
+NOT_FROM_CONFIG_FILES = {"config", "out_dir", "resume"}  # a run started from another's config.json is a new run
+
+
+def explicit_flags(parser, argv=None):
+    """{dest: value} of the flags written on the command line, without the defaults."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def read_config(path):
+    """The flags of a run's config.json as a dict."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"Cannot read the config file {path} ({error}).") from None
+    if not isinstance(values, dict):
+        raise DataError(f"The config file {path} does not hold a dict of flags.")
+    return values
+
+
+def parse_flags(parser, argv=None, checkpoint_name=None):
+    """The flags of a script run: its defaults, then a --config file (a run's config.json), then the command line.
+
+    With --resume and `<out-dir>/checkpoints/<checkpoint_name>_last.pt`, the run's own flags come back from the
+    checkpoint: the command line may change only MUTABLE_FLAGS, and another value of any other flag is refused.
+    """
+    args, given = parser.parse_args(argv), explicit_flags(parser, argv)
+    if getattr(args, "config", None):
+        values = read_config(args.config)
+        unknown = sorted(set(values) - set(vars(args)))
+        if unknown:
+            raise DataError(f"The config file {args.config} has flags this script does not know: {unknown}.")
+        for name, value in values.items():
+            if name not in given and name not in NOT_FROM_CONFIG_FILES:
+                setattr(args, name, value)
+    path = Path(args.out_dir) / "checkpoints" / f"{checkpoint_name}_last.pt" if checkpoint_name else None
+    if path is not None and getattr(args, "resume", False) and path.exists():
+        saved = load_checkpoint(path, trust=args.trust_checkpoint, mmap=True).get("args", {})
+        changed = sorted(f"--{name.replace('_', '-')}" for name in set(saved) & set(given) - MUTABLE_FLAGS
+                         if given[name] != saved[name])
+        if changed:
+            raise ValueError(f"--resume continues the run of {path} with its own {', '.join(changed)}; start a new "
+                             f"run with another --out-dir to change them.")
+        for name, value in saved.items():
+            if name not in given and name != "resume" and hasattr(args, name):
+                setattr(args, name, value)
+    return args
 
 
 def check_positive(args, *names):

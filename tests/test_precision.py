@@ -12,7 +12,7 @@ import runtime
 import training_vqgan
 from checkpoint import load_checkpoint
 from demo_flowers import make_demo_flowers
-from loss import LossConfig, Stage1, hinge_d_loss, train_step
+from loss import LossConfig, Stage1, train_step
 from codebook import Codebook
 from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS

@@ -44,7 +44,7 @@ def run_script(path, out, *flags):
     args = sample_transformer.build_parser().parse_args(
         ["--checkpoint-path", str(path), "--out-dir", str(out), "--device", "cpu", "--num-samples", "2", *flags])
     sample_transformer.main(args)
-    return torch.load(out / "indices.pt")
+    return torch.load(out / "indices.pt", weights_only=True)
 
 
 def constant_draw(monkeypatch, code=K - 1):

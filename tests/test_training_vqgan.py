@@ -1,7 +1,6 @@
 """The stage-1 training step and script: same gradients as the plain formulation, isolation of the GAN step, resume."""
 import json
 import signal
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -116,7 +116,7 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
     assert len(images) == 3 and images[0].shape == (3, 32, 32)
     assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "indices.pt", "sample_0000.png",
                                                          "sample_0001.png", "sample_0002.png"]
-    assert torch.load(samples / "indices.pt").shape == (3, 8, 8)  # the token grids, to decode again
+    assert torch.load(samples / "indices.pt", weights_only=True).shape == (3, 8, 8)  # the token grids, to decode again
 
     int8 = sample_transformer.main(sample_transformer.build_parser().parse_args(
         ["--checkpoint-path", str(out / "checkpoints" / "transformer_last.pt"), "--num-samples", "2",

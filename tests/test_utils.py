@@ -357,11 +357,14 @@ def test_image_grid(tmp_path):
     {},
     {'all nan': [(0, float('nan')), (1, float('nan'))]},
 ])
-def test_save_loss_plot(tmp_path, history):
+def test_save_plots(tmp_path, history):
+    """One panel per kind of quantity, three to a row; NaN, inf, empty and missing series are survived."""
     path = tmp_path / 'plots' / 'loss.png'
-    utils.save_loss_plot(history, path, title='losses')
+    panels = [('losses', ['loss', 'single', 'all nan'], True), ('gan', ['gan', 'constant'], False),
+              ('nothing', ['missing', 'empty'], False), ('lr', ['lr'], True)]
+    utils.save_plots(history, path, panels, title='losses')
     image = Image.open(path)
-    assert image.size == (800, 400) and image.mode == 'RGB'
+    assert image.size == (int(3 * 4.4 * 90), int(2 * 3.2 * 90)) and image.mode in ('RGB', 'RGBA')
 
 
 def test_metrics_log_resume_and_truncate(tmp_path):

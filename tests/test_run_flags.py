@@ -1,0 +1,98 @@
+"""A run remembers itself: --resume takes the run's flags from its checkpoint, config.json and --config, TensorBoard
+event files, and one line (never a traceback) for the expected failures of a start."""
+import json
+import sys
+import urllib.error
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import training_transformer
+import training_vqgan
+from checkpoint import load_checkpoint
+from conftest import TINY_FLAGS
+from training_run import run_script
+from utils import parse_flags
+
+# a run with non-default model, loss and data flags, which a resume must not need again
+FIRST = ["--codebook-dim", "8", "--beta", "0.5", "--disc-start", "1", "--max-steps", "2", "--sample-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def first_run(flowers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = parse_flags(training_vqgan.build_parser(), [*TINY_FLAGS, *FIRST, "--dataset-path", str(flowers),
+                                                       "--out-dir", str(out)], "vqgan")
+    training_vqgan.main(args)
+    return out, args
+
+
+def test_resume_with_no_model_flags_continues_the_same_run(first_run, tmp_path):
+    out, first = first_run
+    resumed = parse_flags(training_vqgan.build_parser(), ["--out-dir", str(out), "--resume", "--max-steps", "3",
+                                                          "--learning-rate", "1e-3"], "vqgan")
+    assert (resumed.beta, resumed.codebook_dim, resumed.ch, resumed.dataset_path) == (0.5, 8, 32, first.dataset_path)
+    assert resumed.max_steps == 3 and resumed.learning_rate == 1e-3  # what may change mid-run does
+    assert resumed.sample_every == 2 and resumed.log_every == 1  # and what is not given again stays the run's
+    training_vqgan.main(resumed)
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 3 and ckpt["config"]["codebook_dim"] == 8 and ckpt["opt_vq"]["state"][0]["step"] == 3
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_a_changed_model_flag_is_refused_naming_it(first_run):
+    out, _ = first_run
+    with pytest.raises(ValueError, match="--resume continues the run of .* with its own --beta, --ch; start a new"):
+        parse_flags(training_vqgan.build_parser(), ["--out-dir", str(out), "--resume", "--ch", "64", "--beta", "0.1",
+                                                    "--codebook-dim", "8"], "vqgan")  # the same value may be given
+
+
+def test_config_json_round_trips(first_run, tmp_path):
+    out, first = first_run
+    saved = json.loads((out / "config.json").read_text())  # the last start's flags (the resume's, if it ran first)
+    assert {k: v for k, v in saved.items() if k not in ("max_steps", "learning_rate", "resume")} == \
+        {k: v for k, v in vars(first).items() if k not in ("max_steps", "learning_rate", "resume")}
+    again = parse_flags(training_vqgan.build_parser(), ["--config", str(out / "config.json"), "--out-dir",
+                                                        str(tmp_path), "--seed", "7"])
+    expected = dict(saved, out_dir=str(tmp_path), seed=7, config=str(out / "config.json"), resume=False)
+    assert vars(again) == expected  # the file's flags, then the command line's; a new run in a new folder
+    (tmp_path / "bad.json").write_text(json.dumps({"no_such_flag": 1}))
+    with pytest.raises(Exception, match="no_such_flag"):
+        parse_flags(training_vqgan.build_parser(), ["--config", str(tmp_path / "bad.json")])
+
+
+def test_tensorboard_has_every_logged_scalar_and_the_grids(first_run):
+    out, _ = first_run
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "l1", "q_loss", "g_loss", "d_loss", "lam", "usage", "perplexity", "lr"} <= scalars
+    logged = [json.loads(line) for line in (out / "results" / "vqgan_metrics.jsonl").read_text().splitlines()]
+    first_two = [r for r in logged if r["step"] <= 2]
+    assert [e.step for e in events.Scalars("l1")][:2] == [1, 2]
+    assert [e.value for e in events.Scalars("l1")][:2] == pytest.approx([r["l1"] for r in first_two], rel=1e-6)
+    assert "reconstructions" in events.Tags()["images"] and events.Tags()["histograms"]
+
+
+def test_missing_vgg_weights_is_one_line(flowers, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(sys, "argv", ["training_vqgan.py", *TINY_FLAGS, "--perceptual-loss-factor", "1",
+                                      "--dataset-path", str(flowers), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(training_vqgan.main, training_vqgan.build_parser(), "vqgan")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: LPIPS needs")
+    assert "--perceptual-loss-factor 0" in lines[0]
+
+
+def test_a_missing_stage1_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["training_transformer.py", "--checkpoint-path", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(training_transformer.main, training_transformer.build_parser(), "transformer")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and lines == [f"error: No stage-1 checkpoint at {tmp_path / 'none.pt'}: train one "
+                                               f"with `python training_vqgan.py` or pass --checkpoint-path."]
