@@ -2,6 +2,7 @@
 import ctypes
 import datetime
 import functools
+import inspect
 import os
 import random
 import signal
@@ -93,6 +94,9 @@ def barrier():
         dist.barrier()
 
 
+DDP_PARAMETERS = inspect.signature(DDP).parameters
+
+
 def wrap_model(module, d: Dist, compile=False):
     """DDP (when distributed), then torch.compile around it, so that the compiler splits the graph at DDP's buckets.
 
@@ -103,7 +107,9 @@ def wrap_model(module, d: Dist, compile=False):
     used only in eval mode, and rank 0's are saved.
     """
     if d.enabled:
-        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+        no_broadcast = {"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS else \
+            {"broadcast_buffers": False}  # the name since torch 2.14; it still syncs buffers once, at wrapping
+        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_broadcast)
     return torch.compile(module) if compile else module
 
 
