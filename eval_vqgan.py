@@ -115,7 +115,7 @@ def load_model(args):
     if args.taming_config:
         return VQGAN.from_taming(args.checkpoint_path, args.taming_config)
     try:
-        return VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
+        return VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint, ema=not args.no_ema)
     except KeyError as err:  # no 'config' or 'model' entry
         raise CheckpointError(f"'{args.checkpoint_path}' is not a checkpoint of training_vqgan.py (it has no {err} "
                               f"entry); for a taming-transformers checkpoint pass --taming-config model.yaml.") from err
@@ -238,6 +238,7 @@ def build_parser():
     a("--out-json", default="results/eval_vqgan.json", help="metrics file; reconstructions.png goes beside it")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
     a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
+    a("--no-ema", action="store_true", help="the trained weights, not the EMA weights a run with --ema-decay kept")
     return p
 
 

@@ -122,7 +122,7 @@ def main(args):
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint,
-                                             trust=args.trust_checkpoint).to(device)
+                                             trust=args.trust_checkpoint, ema=not args.no_ema).to(device)
     check_args(args, model)
     size = canvas_size(args, model)
     if args.quantize == "int8":
@@ -196,6 +196,7 @@ def build_parser():
       help="each new token through a compiled static-shape step (CUDA graphs on CUDA): a switch until measured")
     a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
     a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
+    a("--no-ema", action="store_true", help="the trained weights, not the EMA weights a run with --ema-decay kept")
     return p
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, MissingWeights, check_same_config, load_checkpoint, save_checkpoint
 from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
+from ema import EMA
 from runtime import (StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory, seed_everything,
                      set_threads, setup_distributed, wrap_model)
 from utils import MetricsLog, check_writable, parse_flags, save_image_grid, to_image_range
@@ -96,6 +97,15 @@ class TrainingRun:
         if self.is_main:
             print(f"Resumed from {self.ckpt_path} at step {self.step}.")
         return ckpt
+
+    def keep_ema(self, model, ckpt=None):
+        """With --ema-decay: an EMA of `model`'s weights, resumed from the checkpoint's `ema`; else None."""
+        if self.args.ema_decay is None:
+            return None
+        ema = EMA(model, self.args.ema_decay)
+        if ckpt is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        return ema
 
     def wrap(self, module):
         return wrap_model(module, self.d, self.args.compile)

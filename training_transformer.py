@@ -6,6 +6,7 @@
 """
 import argparse
 import math
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -92,8 +93,16 @@ PLOTS = [("cross-entropy (nats per token)", ["loss", "val_loss"], False),
          ("bits per token", ["bits_per_token", "val_bits_per_token"], False), ("learning rate", ["lr"], True)]
 
 
-def show_progress(run, transformer, images, top_k):
-    """Rank 0: rows of fixed images, their reconstructions, completions of their top half and free samples; plots."""
+def show_progress(run, transformer, ema, images, top_k):
+    """Rank 0: rows of fixed images, their reconstructions, completions of their top half and free samples (by the EMA
+    weights if kept); plots."""
+    with ema.applied(transformer.gpt) if ema else nullcontext():
+        show_samples(run, transformer, images, top_k)
+    save_plots(run.log.history, run.results / "transformer_losses.png", PLOTS, title="stage 2")
+
+
+def show_samples(run, transformer, images, top_k):
+    """The grid of show_progress, in results/ and TensorBoard."""
     if images is not None:  # None: none of the first training images was readable
         x = images["image"].to(run.device)
         labels = images["label"].to(run.device) if "label" in images else None
@@ -101,7 +110,6 @@ def show_progress(run, transformer, images, top_k):
             logs = transformer.log_images(x, labels=labels, top_k=top_k)
         run.save_grid(torch.cat(list(logs.values())).float(), "transformer_samples", nrow=len(x),
                       row_labels=[name.replace("_", " ") for name in logs])
-    save_plots(run.log.history, run.results / "transformer_losses.png", PLOTS, title="stage 2")
 
 
 # ---- main ----
@@ -133,9 +141,9 @@ def main(args):
             group["lr"] = lr
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-    model = run.wrap(transformer)
+    model, ema = run.wrap(transformer), run.keep_ema(gpt, ckpt)
     run.state_dict = lambda: dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(),
-                                  scaler=scaler.state_dict(), classes=classes,
+                                  scaler=scaler.state_dict(), classes=classes, ema=ema.state_dict(gpt) if ema else None,
                                   vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()))
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
@@ -160,13 +168,15 @@ def main(args):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(gpt)
         loss = loss.detach().float()
         run.end_step(dict(loss=loss, bits_per_token=loss / math.log(2)), bar_keys=("loss",), lr=lr)
         if run.is_main and run.due(args.sample_every):
             val = evaluate(transformer, val_loader, run, args.val_batches) if val_loader is not None else None
             if val is not None:  # the bar keeps showing it until the next evaluation
                 run.record(("val_loss",), val_loss=val, val_bits_per_token=val / math.log(2))
-            show_progress(run, transformer, shown, args.sample_top_k)
+            show_progress(run, transformer, ema, shown, args.sample_top_k)
     return run.finish()
 
 

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 training_vqgan.py ...     # 4 GPUs
 """
 import argparse
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import torch
@@ -73,9 +74,9 @@ PLOTS = [("losses", ["loss", "l1", "lpips", "q_loss"], True), ("GAN", ["g_loss",
          ("code perplexity", ["perplexity"], False), ("learning rate", ["lr"], True)]
 
 
-def show_progress(run, vqgan, x):
-    """Rank 0: inputs over their reconstructions, code usage (TensorBoard) and the loss plots."""
-    with torch.no_grad():
+def show_progress(run, vqgan, ema, x):
+    """Rank 0: inputs over their reconstructions (by the EMA weights if kept), code usage and the loss plots."""
+    with torch.no_grad(), ema.applied(vqgan) if ema else nullcontext():
         vqgan.eval()
         recs = vqgan(x)[0]
         vqgan.train()
@@ -119,12 +120,14 @@ def main(args):
             if ckpt.get(key):
                 scaler.load_state_dict(ckpt[key])
     s.vqgan_ddp, s.disc_ddp = run.wrap(vqgan), run.wrap(disc)
+    ema = run.keep_ema(vqgan, ckpt)
 
     def state_dict():
         usage, perplexity = vqgan.quantize.usage()
         return dict(model=vqgan.state_dict(), discriminator=disc.state_dict(), opt_vq=opt_vq.state_dict(),
                     opt_disc=opt_disc.state_dict(), scaler_vq=s.scalers[0].state_dict(),
-                    scaler_disc=s.scalers[1].state_dict(), codebook_usage=usage, codebook_perplexity=perplexity)
+                    scaler_disc=s.scalers[1].state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
+                    ema=ema.state_dict(vqgan) if ema else None)
     run.state_dict = state_dict
 
     loader = run.loader(ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths), args.batch_size)
@@ -142,12 +145,14 @@ def main(args):
             opt_disc.zero_grad(set_to_none=True)
             continue
         optimizer_step(opt_vq, s.scalers[0])
+        if ema:
+            ema.update(vqgan)
         if loss_config.gan_active(run.step):
             optimizer_step(opt_disc, s.scalers[1])
         metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)  # on the device: no wait
         run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
         if run.is_main and run.due(args.sample_every):
-            show_progress(run, vqgan, fixed_batch)
+            show_progress(run, vqgan, ema, fixed_batch)
     return run.finish()
 
 

@@ -123,15 +123,17 @@ class VQGANTransformer(nn.Module):
                                  attn_pdrop=config.attn_pdrop))
 
     @classmethod
-    def from_checkpoint(cls, path, vqgan_path=None, trust=False):
-        """Rebuild a trained stage-2 model (and its stage-1 VQGAN) from our checkpoint, in eval mode."""
+    def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True):
+        """Rebuild a trained stage-2 model (and its stage-1 VQGAN) from our checkpoint, in eval mode; with the EMA
+        weights of both when their runs kept them (--ema-decay), unless ema=False."""
         ckpt = load_checkpoint(path, trust=trust)
         vqgan_path = vqgan_path or ckpt["vqgan_checkpoint"]
         if not Path(vqgan_path).is_file():
             raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
                                   f"pass its new place with --vqgan-checkpoint.")
-        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust), TransformerConfig.from_dict(ckpt["config"]))
-        model.gpt.load_state_dict(ckpt["model"])
+        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust, ema=ema),
+                    TransformerConfig.from_dict(ckpt["config"]))
+        model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         model.classes = ckpt.get("classes")
         return model.eval()
 

@@ -186,6 +186,9 @@ def add_run_flags(parser, name):
     a("--config", default=None,
       help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
     a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")
+    a("--ema-decay", type=float, default=None,
+      help="keep an exponential moving average of the weights with this decay (e.g. 0.999), saved as the "
+           "checkpoint's `ema` and used by sampling and evaluation (default: none, as in the paper)")
 
 
 # Flags that may change when a run resumes. Every other flag comes back from the run's checkpoint.

@@ -174,11 +174,12 @@ class VQGAN(nn.Module):
     # ---- checkpoints ----
 
     @classmethod
-    def from_checkpoint(cls, path, trust=False):
-        """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode."""
+    def from_checkpoint(cls, path, trust=False, ema=True):
+        """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode; with the
+        EMA weights when the run kept them (--ema-decay), unless ema=False."""
         ckpt = load_checkpoint(path, trust=trust)
         model = cls(VQGANConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         return model.eval()
 
     @classmethod

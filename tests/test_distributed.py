@@ -28,10 +28,11 @@ TINY_FLAGS = CONFTEST_TINY_FLAGS + ["--batch-size", "2", "--disc-start", "1"]  #
 # Runs training_vqgan.py exactly as `torchrun ... training_vqgan.py` would (as __main__, same argv), and afterwards
 # writes the parameters of the modules this rank wrapped in DDP, so the test can compare the ranks. The script
 # reads DistributedDataParallel from torch.nn.parallel when it imports, so a recording subclass put there first
-# sees every module it wraps; nothing in the script changes.
+# sees every module it wraps; nothing in the script changes. The EMA weights (--ema-decay) are recorded the same way.
 RECORD_RANK_WEIGHTS = textwrap.dedent("""
     import os, runpy, sys
     import torch, torch.nn.parallel
+    import ema
 
     script, out = sys.argv[1], sys.argv[2]
     wrapped = []
@@ -42,9 +43,17 @@ RECORD_RANK_WEIGHTS = textwrap.dedent("""
             wrapped.append(module)
 
     torch.nn.parallel.DistributedDataParallel = RecordingDDP
+    averages, ema_init = [], ema.EMA.__init__
+
+    def recording_init(self, *args, **kwargs):
+        ema_init(self, *args, **kwargs)
+        averages.append(self)
+
+    ema.EMA.__init__ = recording_init
     sys.argv = [script] + sys.argv[3:]
     runpy.run_path(script, run_name="__main__")
     params = [{name: p.detach().clone() for name, p in module.named_parameters()} for module in wrapped]
+    params += [{"ema." + name: p for name, p in zip(e.names, e.params)} for e in averages]
     torch.save(params, os.path.join(out, f"params_rank{os.environ['RANK']}.pt"))
 """)
 
@@ -97,7 +106,8 @@ def test_two_processes_train_like_one(tmp_path):
 
 def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
     """Stage 2 under torchrun with --precompute-tokens and the default validation split: both ranks encode their
-    share of each cache (train and val), nobody waits for ever, and the ranks end with the saved GPT's weights."""
+    share of each cache (train and val), nobody waits for ever, and the ranks end with the saved GPT's weights and
+    the same EMA weights (--ema-decay)."""
     data = make_demo_flowers(tmp_path / "flowers", num_images=21, size=32)  # 20 train (+ flips) and 1 held out
     torch.manual_seed(0)
     stage1 = tmp_path / "stage1" / "vqgan.pt"
@@ -106,7 +116,7 @@ def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
     out = tmp_path / "stage2"
     rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--dataset-path", data,
                             "--checkpoint-path", stage1, "--precompute-tokens", "--max-steps", 3, "--sample-every",
-                            3, "--out-dir", out)
+                            3, "--ema-decay", 0.9, "--out-dir", out)
     caches = sorted(p.name for p in stage1.parent.glob("tokens_*"))
     assert len(caches) == 2 and all(name.endswith(".pt") for name in caches)  # the shares were merged and removed
     train_rows = load_checkpoint(stage1.parent / next(c for c in caches if "_train_" in c))["indices"]
@@ -114,12 +124,16 @@ def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
     records = [json.loads(line) for line in (out / "results" / "transformer_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and "val_loss" in records[-1]
     ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
-    assert ckpt["step"] == 3 and len(rank0) == len(rank1) == 1  # one DDP module: the transformer
+    assert ckpt["step"] == 3 and len(rank0) == len(rank1) == 2  # one DDP module, the transformer, and the EMA
     gpt0 = {k[len("gpt."):]: v for k, v in rank0[0].items() if k.startswith("gpt.")}
     gpt1 = {k[len("gpt."):]: v for k, v in rank1[0].items() if k.startswith("gpt.")}
     assert gpt0.keys() == ckpt["model"].keys()
     for name in gpt0:
         assert torch.equal(gpt0[name], gpt1[name]) and torch.equal(ckpt["model"][name], gpt1[name]), name
+    ema0, ema1 = rank0[1], rank1[1]  # the EMA weights: the same on both ranks, and what rank 0 saved
+    assert ema0.keys() == {"ema." + name for name in gpt0}
+    for name in ema0:
+        assert torch.equal(ema0[name], ema1[name]) and torch.equal(ckpt["ema"][name[4:]], ema1[name]), name
 
 
 def _discriminator_forwards(rank, store, out):
