@@ -294,7 +294,7 @@ def build_quantizer(c):
                   codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
                   restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every,
                   rotation_trick=c.rotation_trick, kmeans_init=c.kmeans_init)
-        return Codebook(**kw) if c.quantizer == "vq" else EMACodebook(decay=c.ema_decay, **kw)
+        return Codebook(**kw) if c.quantizer == "vq" else EMACodebook(decay=c.codebook_ema_decay, **kw)
     from scalar_quantizers import FSQ, LFQ  # they build on Quantizer above
     if c.quantizer == "fsq":
         return FSQ(levels=c.fsq_levels, latent_dim=c.latent_dim)

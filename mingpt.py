@@ -161,7 +161,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.decode_fn = None  # None: generate() slices the cache; else decode_step (plain or compiled) after the prompt
+        self.decode_fn = None  # None: generate() slices the cache; else decode_step (plain or compiled)
         self.apply(self._init_weights)  # LayerNorms keep their default weight 1, bias 0; pos_emb stays zero
 
     @staticmethod

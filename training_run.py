@@ -65,7 +65,7 @@ class TrainingRun:
         self.tensorboard = None
         if self.is_main:
             check_writable(self.out_dir)
-            (self.out_dir / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")  # --config reads it
+            (self.out_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")  # --config
             if not args.no_tensorboard:
                 self.tensorboard = SummaryWriter(self.out_dir / "tensorboard")
         seed_everything(args.seed + self.d.rank)  # different noise per rank, the same model init after DDP's broadcast

@@ -185,7 +185,7 @@ def build_parser():
       help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (README)")
     a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
     a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")
-    a("--ema-decay", type=float, default=0.99, help="ema: decay of the codes' moving averages")
+    a("--codebook-ema-decay", type=float, default=0.99, help="ema: decay of the codes' moving averages")
     a("--fsq-levels", type=int, nargs="+", default=None, help="fsq: values per dimension, e.g. 8 8 8 for 512 codes")
     a("--lfq-bits", type=int, default=None, help="lfq: dimensions quantized to their sign, 2^bits codes")
     a("--lfq-entropy-weight", type=float, default=0.1, help="lfq: weight of the entropy loss")

@@ -32,7 +32,7 @@ class VQGANConfig:
     restart_every: int = 100
     rotation_trick: bool = False
     kmeans_init: bool = False
-    ema_decay: float = 0.99
+    codebook_ema_decay: float = 0.99
     fsq_levels: tuple = ()
     lfq_bits: int = 0
     lfq_entropy_weight: float = 0.1
@@ -73,8 +73,8 @@ class VQGANConfig:
         if self.lfq_bits and q != "lfq":
             raise ValueError(f"--lfq-bits only applies to --quantizer lfq, not {q}.")
         if q in ("vq", "ema"):
-            if not 0 < self.ema_decay < 1:
-                raise ValueError(f"--ema-decay must lie between 0 and 1, got {self.ema_decay}.")
+            if not 0 < self.codebook_ema_decay < 1:
+                raise ValueError(f"--codebook-ema-decay must lie between 0 and 1, got {self.codebook_ema_decay}.")
             n = 1024 if n is None else n
             if n <= 0:
                 raise ValueError(f"--num-codebook-vectors must be positive, got {n}.")

@@ -218,7 +218,7 @@ def test_the_default_is_the_papers_codebook():
 
 def test_old_configs_load():
     old = asdict(tiny_config("vq", num_codebook_vectors=64))
-    for key in ("quantizer", "rotation_trick", "kmeans_init", "ema_decay", "fsq_levels", "lfq_bits",
+    for key in ("quantizer", "rotation_trick", "kmeans_init", "codebook_ema_decay", "fsq_levels", "lfq_bits",
                 "lfq_entropy_weight", "lfq_diversity_weight"):
         del old[key]
     config = VQGANConfig.from_dict(old)
@@ -235,7 +235,7 @@ def test_old_configs_load():
     (dict(quantizer="lfq", lfq_bits=20), "--lfq-bits"),
     (dict(quantizer="vq", fsq_levels=(8, 8)), "--fsq-levels"),
     (dict(quantizer="ema", lfq_bits=4), "--lfq-bits"),
-    (dict(quantizer="ema", ema_decay=1.0), "--ema-decay"),
+    (dict(quantizer="ema", codebook_ema_decay=1.0), "--codebook-ema-decay"),
     (dict(quantizer="pq"), "--quantizer"),
 ])
 def test_flag_combinations_that_make_no_sense_are_one_sentence(flags, words):
