@@ -1,0 +1,375 @@
+"""Measure a stage-2 model: sample N images and compare them with reference images (FID, IS, KID, precision/recall),
+and the GPT's validation loss on the reference images' codes.
+
+    python eval_transformer.py --checkpoint-path checkpoints/transformer_last.pt --reference data/val
+    python eval_transformer.py ... --num-samples 50000 --top-k 600 --out-json results/topk600.json
+    python eval_transformer.py ... --features random-conv    # no Inception weights: a fixed stand-in network
+
+Samples are drawn as sample_transformer.py draws them (batched, KV-cached) at the model's training size; reference
+images are resized (shorter side) and centre-cropped to that size. Both go to the feature network as 8-bit images.
+The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
+sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import eval_vqgan
+from checkpoint import load_checkpoint, save_checkpoint
+from data import DataError, ImageFolder, build_loader, find_images
+from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from training_run import run_script
+from transformer import VQGANTransformer
+from utils import HelpFormatter, save_image_grid, to_image_range
+
+# torch-fidelity's defaults (those of the papers that introduced each metric).
+ISC_SPLITS = 10            # Inception Score: mean over 10 splits of the samples
+KID_SUBSETS = 100          # KID: the polynomial-kernel MMD averaged over 100 random subsets ...
+KID_SUBSET_SIZE = 1000     # ... of 1000 features each (fewer when a set is smaller)
+PRC_NEIGHBORHOOD = 3       # precision/recall: each point's manifold ball reaches its 3rd nearest neighbour
+MIN_IMAGES = PRC_NEIGHBORHOOD + 1  # a 3rd nearest neighbour needs 4 points per set
+METRIC_KEYS = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall")
+
+
+# ---- feature networks: (B, 3, H, W) uint8 -> (pool features (B, D), logits (B, C)), with a .name ----
+
+class RandomConvFeatures(nn.Module):
+    """A fixed, randomly initialised two-layer conv net: a deterministic stand-in for Inception where its weights are
+    missing (tests, CPU demos). Its numbers are comparable only with each other, never with published ones."""
+
+    def __init__(self, seed=0, width=64, num_logits=16):
+        super().__init__()
+        self.name = f"random-conv-{width}-seed{seed}"  # part of the reference cache's key
+        self.conv1 = nn.Conv2d(3, width // 2, 4, stride=2)
+        self.conv2 = nn.Conv2d(width // 2, width, 4, stride=2)
+        self.head = nn.Linear(width, num_logits)  # logits for the Inception Score
+        g = torch.Generator().manual_seed(seed)  # the same weights in every process and on every machine
+        for p in self.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.data = torch.randn(p.shape, generator=g) / math.sqrt(fan_in)
+        self.requires_grad_(False).eval()
+
+    def forward(self, images):
+        x = images.float() / 127.5 - 1
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))  # (B, width, H/4 - 2, W/4 - 2)
+        pool = x.mean(dim=(2, 3))  # (B, width)
+        return pool, self.head(pool)
+
+
+def load_feature_extractor(kind, device):
+    """The feature network named by --features, or (None, why not); Inception's weights are never downloaded."""
+    if kind == "random-conv":
+        return RandomConvFeatures().to(device), None
+    path = eval_vqgan.inception_weights_path()
+    weights = f"put {os.path.basename(path)} (from {eval_vqgan.FID_WEIGHTS_URL}) in {os.path.dirname(path)}/"
+    null = "fid, isc, kid, precision and recall are null"
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return None, f"{null}: they need torch-fidelity (pip install torch-fidelity) and its weights: {weights}."
+    note = f"{null}: the FID Inception weights are missing: {weights} (or measure with --features random-conv)."
+    if not os.path.isfile(path):  # offline, the package's download would fail or hang
+        return None, note
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    try:  # 2048-d pool features (FID, KID, precision/recall) and the 1008 logits (IS), as torch-fidelity uses them
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=path)
+    except Exception as err:  # a truncated or corrupt weights file
+        return None, f"{note} (The file there could not be loaded: {type(err).__name__}.)"
+    return net.to(device), None
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> uint8, as if saved to PNG and read back."""
+    return (to_image_range(images.float()) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def extract(extractor, images):
+    """Pool features and logits (float64, CPU) of (B, 3, H, W) images in [-1, 1]."""
+    pool, logits = extractor(to_uint8(images))
+    return pool.flatten(1).double().cpu(), logits.flatten(1).double().cpu()
+
+
+# ---- the metrics, from features ----
+
+def fidelity_metrics(gen, ref, gen_logits):
+    """FID, IS, KID and precision/recall of generated features gen (N, D) against reference features ref (M, D),
+    computed by torch-fidelity's own functions; gen_logits (N, C) give the Inception Score."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+    gen, ref = gen.double(), ref.double()
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), verbose=False)
+    isc = isc_features_to_metric(gen_logits, splits=min(ISC_SPLITS, len(gen_logits)))
+    kid = kid_features_to_metric(gen, ref, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(len(gen), len(ref)),
+                                 verbose=False)
+    # Generated first, reference second (torch-fidelity's convention); in blocks when the distance matrix is large.
+    prc = prc_features_to_metric(gen, ref, prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False,
+                                 save_cpu_ram=len(gen) * len(ref) > 10 ** 8)
+    return dict(fid=fid[KEY_METRIC_FID], isc=isc[KEY_METRIC_ISC_MEAN], isc_std=isc[KEY_METRIC_ISC_STD],
+                kid=kid[KEY_METRIC_KID_MEAN], kid_std=kid[KEY_METRIC_KID_STD],
+                precision=prc[KEY_METRIC_PRECISION], recall=prc[KEY_METRIC_RECALL])
+
+
+def kid_subset_size(num_gen, num_ref):
+    return min(KID_SUBSET_SIZE, num_gen, num_ref)
+
+
+# ---- reference features, cached ----
+
+def reference_key(paths, image_size, extractor_name):
+    """Hash of the sorted files (path, size, modification time), the crop size and the feature network."""
+    h = hashlib.sha256(f"{extractor_name}|{image_size}\n".encode())
+    for path in sorted(paths):
+        st = os.stat(path)
+        h.update(f"{Path(path).resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def reference_cache_path(cache_dir, reference, key, image_size):
+    return Path(cache_dir) / f"reference_{Path(reference).resolve().name}_{image_size}px_{key[:16]}.pt"
+
+
+def reference_features(reference, image_size, extractor, device, cache_dir, batch_size, num_workers):
+    """Features (M, D) float64 of the reference folder's centre crops: from the cache, or computed and cached.
+
+    A .pt file in place of a folder is a cache written before (e.g. from a folder that is not on this machine)."""
+    if Path(reference).is_file():
+        cache = Path(reference)
+        saved = load_checkpoint(cache)
+        if (saved.get("extractor"), saved.get("image_size")) != (extractor.name, image_size):
+            raise DataError(f"The reference statistics {cache} are of {saved.get('extractor')} at "
+                            f"{saved.get('image_size')} px, not of {extractor.name} at {image_size} px.")
+        return saved["features"].double(), saved, cache, True
+    paths = find_images(reference)
+    cache = reference_cache_path(cache_dir, reference, reference_key(paths, image_size, extractor.name), image_size)
+    if cache.is_file():
+        saved = load_checkpoint(cache)
+        return saved["features"].double(), saved, cache, True
+    features, skipped = [], 0
+    loader = build_loader(ImageFolder(reference, image_size, train=False, paths=paths), batch_size, train=False,
+                          num_workers=num_workers)
+    for batch in tqdm(loader, desc="reference features", dynamic_ncols=True):
+        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+            skipped += batch_size
+            continue
+        skipped += batch["skipped"]
+        features.append(extract(extractor, batch["image"].to(device))[0])
+    if not features:
+        raise DataError(f"None of the images in {reference} could be read.")
+    saved = dict(features=torch.cat(features).float(), extractor=extractor.name, image_size=image_size,
+                 reference=str(Path(reference).resolve()), num_files=len(paths), skipped=skipped)
+    save_checkpoint(saved, cache)  # atomic: a sweep's parallel jobs never read half a file
+    return saved["features"].double(), saved, cache, False
+
+
+# ---- the model's side: samples and validation loss ----
+
+def check_args(args, model):
+    for flag in ("num_samples", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.num_samples < MIN_IMAGES:
+        raise ValueError(f"--num-samples must be at least {MIN_IMAGES}: precision and recall reach each sample's "
+                         f"{PRC_NEIGHBORHOOD}rd nearest neighbour.")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
+        raise ValueError(f"--class-id {args.class_id} is not a class of this model ({model.num_classes} classes)."
+                         if model.num_classes else "--class-id needs a model trained with --conditional.")
+    if args.cfg_scale is not None and model.null_token is None:
+        raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it with "
+                         "--conditional --class-dropout P (P > 0).")
+
+
+def class_labels(model, args, first, n, device):
+    """Labels of samples first .. first + n - 1: --class-id, else every class in turn (conditional), else None."""
+    if args.class_id is not None:
+        return torch.full((n,), args.class_id, device=device)
+    if model.num_classes:
+        return (first + torch.arange(n, device=device)) % model.num_classes
+    return None
+
+
+@torch.no_grad()
+def sample_features(model, args, extractor, device, precision, num_grid):
+    """Features (N, D) and logits (N, C) of --num-samples new images, and the first num_grid of them."""
+    features, logits, grid = [], [], []
+    for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
+        n = min(args.batch_size, args.num_samples - first)
+        with autocast(precision, device):
+            tokens = model.sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
+                                         top_p=args.top_p, labels=class_labels(model, args, first, n, device),
+                                         cfg_scale=args.cfg_scale)  # (n, h, w)
+            images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
+        pool, logit = extract(extractor, images)
+        features.append(pool)
+        logits.append(logit)
+        if sum(map(len, grid)) < num_grid:
+            grid.append(images.cpu())
+    return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid]
+
+
+@torch.no_grad()
+def validation_loss(model, reference, batch_size, num_workers, device, precision, max_batches):
+    """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops, or (None, why)."""
+    try:
+        dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
+    except DataError as err:  # a conditional model, but no class sub-folders
+        return None, f"val_bits_per_token is null: {err}"
+    if model.num_classes and dataset.classes != list(model.classes or []):
+        return None, (f"val_bits_per_token is null: the class sub-folders of {reference} ({', '.join(dataset.classes)}"
+                      f") are not the model's classes ({', '.join(model.classes or [])}).")
+    total, count = 0.0, 0
+    for i, batch in enumerate(build_loader(dataset, batch_size, train=False, num_workers=num_workers)):
+        if max_batches is not None and i >= max_batches:
+            break
+        if batch is None:
+            continue
+        x = batch["image"].to(device)
+        labels = batch["label"].to(device) if "label" in batch else None
+        with autocast(precision, device):
+            _, loss = model(model.encode_to_indices(x), labels)  # the model is in eval mode: no input noise
+        total, count = total + loss.float().item() * len(x), count + len(x)
+    return (total / count, None) if count else (None, "val_bits_per_token is null: no reference image was read.")
+
+
+# ---- main ----
+
+def main(args, feature_extractor=None):
+    """feature_extractor: a network to use instead of --features (tests pass a small stand-in)."""
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
+                                             ema=not args.no_ema).to(device)
+    used_ema = not args.no_ema and load_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
+                                                   mmap=True).get("ema") is not None
+    check_args(args, model)
+    out_json = Path(args.out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    size, notes = model.image_size, []
+
+    extractor, note = (feature_extractor, None) if feature_extractor is not None else \
+        load_feature_extractor(args.features, device)
+    metrics = dict.fromkeys(METRIC_KEYS)
+    num_samples, num_ref, cache = 0, None, None
+    if extractor is None:
+        notes.append(note)
+    else:
+        ref, saved, cache, reused = reference_features(args.reference, size, extractor, device,
+                                                       args.cache_dir or out_json.parent, args.batch_size,
+                                                       args.num_workers)
+        num_ref = len(ref)
+        print(f"{'Reused' if reused else 'Wrote'} the reference features {cache} ({num_ref} images).")
+        if num_ref < MIN_IMAGES:
+            raise DataError(f"The reference set has {num_ref} readable images; the metrics need at least {MIN_IMAGES}.")
+        if saved.get("skipped"):
+            notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
+        seed_everything(args.seed)
+        gen, gen_logits, grid = sample_features(model, args, extractor, device, precision, args.num_grid)
+        num_samples = len(gen)
+        metrics = fidelity_metrics(gen, ref, gen_logits)
+        if args.num_grid > 0:
+            save_image_grid(grid, out_json.with_name(f"{out_json.stem}_samples.png"), nrow=min(8, len(grid)))
+        if min(num_samples, num_ref) < 2048 and extractor.name.startswith("inception"):
+            notes.append(f"fid on {min(num_samples, num_ref)} images is biased upwards (fewer than the 2048 feature "
+                         f"dimensions); compare only values under the same protocol.")
+
+    val_loss = None
+    if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
+        val_loss, note = validation_loss(model, args.reference, args.batch_size, args.num_workers, device, precision,
+                                         args.val_batches)
+        if note:
+            notes.append(note)
+    protocol = dict(reference=str(Path(args.reference).resolve()), reference_images=num_ref, image_size=size,
+                    resize=f"reference: shorter side resized to {size} px, centre crop {size}x{size}; samples drawn "
+                           f"at {size}x{size}; both as 8-bit images", feature_extractor=getattr(extractor, "name", None),
+                    num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
+                    kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
+                    prc_neighborhood=PRC_NEIGHBORHOOD)
+    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                    class_id=args.class_id, seed=args.seed, ema=used_ema)
+    result = dict(**metrics, val_loss=val_loss, val_bits_per_token=None if val_loss is None else val_loss / math.log(2),
+                  num_samples=num_samples, protocol=protocol, sampling=sampling,
+                  checkpoint=str(args.checkpoint_path), reference_cache=None if cache is None else str(cache),
+                  notes=notes)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+
+    for key, value in protocol.items():
+        print(f"protocol: {key} = {value}")
+    print_table(result)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"Wrote {out_json}.")
+    return result
+
+
+def print_table(result):
+    """The numbers as two aligned columns; null values print as n/a."""
+    def fmt(key, spec, std=None):
+        value = result[key]
+        if value is None:
+            return "n/a"
+        return f"{value:{spec}}" + (f" ± {result[std]:{spec}}" if std else "")
+
+    rows = [("samples", str(result["num_samples"])), ("FID", fmt("fid", ".2f")),
+            ("Inception Score", fmt("isc", ".2f", "isc_std")), ("KID", fmt("kid", ".4f", "kid_std")),
+            ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f")),
+            ("val bits per token", fmt("val_bits_per_token", ".3f"))]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+# ---- command line ----
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Sample from a stage-2 model and measure the samples against reference "
+                                            "images (FID, IS, KID, precision/recall) and its validation loss.",
+                                formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
+    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--reference", required=True,
+      help="folder of reference images (searched recursively), or a reference_*.pt features file written before")
+    a("--num-samples", type=int, default=1000, help="images to generate (published FIDs use 50000)")
+    a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
+    a("--temperature", type=float, default=1.0, help="softmax temperature")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only")
+    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--class-id", type=int, default=None,
+      help="sample this class only; a class-conditional model otherwise samples every class in turn")
+    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")
+    a("--seed", type=int, default=0, help="random seed of the sampling")
+    a("--no-ema", action="store_true", help="use the trained weights, not the checkpoint's EMA weights")
+    a("--features", choices=["inception", "random-conv"], default="inception",
+      help="feature network: torch-fidelity's FID Inception (needs its weights file), or a fixed random conv net "
+           "whose numbers are comparable only with each other")
+    a("--val-batches", type=int, default=None, help="batches of reference images for the validation loss "
+      "(default: all; 0: skip it)")
+    a("--num-grid", type=int, default=16, help="samples in <out-json stem>_samples.png beside the JSON (0: none)")
+    a("--out-json", default="results/eval_transformer.json", help="the metrics file")
+    a("--cache-dir", default=None, help="where the reference features are cached (default: the JSON's folder)")
+    a("--device", default=None, help="cuda, cpu ... (default: CUDA when available)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+      help="default: bf16 on CUDA if supported, else fp32")
+    a("--num-workers", type=int, default=2, help="data-loading worker processes")
+    a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
+    return p
+
+
+if __name__ == "__main__":
+    run_script(main, build_parser())
