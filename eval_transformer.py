@@ -113,7 +113,7 @@ def fidelity_metrics(gen, ref, gen_logits):
     kid = kid_features_to_metric(gen, ref, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(len(gen), len(ref)),
                                  verbose=False)
     # Generated first, reference second (torch-fidelity's convention); in blocks when the distance matrix is large.
-    prc = prc_features_to_metric(gen, ref, prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False,
+    prc = prc_features_to_metric(gen.float(), ref.float(), prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False,
                                  save_cpu_ram=len(gen) * len(ref) > 10 ** 8)
     return dict(fid=fid[KEY_METRIC_FID], isc=isc[KEY_METRIC_ISC_MEAN], isc_std=isc[KEY_METRIC_ISC_STD],
                 kid=kid[KEY_METRIC_KID_MEAN], kid_std=kid[KEY_METRIC_KID_STD],
@@ -226,7 +226,7 @@ def validation_loss(model, reference, batch_size, num_workers, device, precision
     """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops, or (None, why)."""
     try:
         dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
-    except DataError as err:  # a conditional model, but no class sub-folders
+    except DataError as err:  # a class-conditional model, but no class sub-folders
         return None, f"val_bits_per_token is null: {err}"
     if model.num_classes and dataset.classes != list(model.classes or []):
         return None, (f"val_bits_per_token is null: the class sub-folders of {reference} ({', '.join(dataset.classes)}"
@@ -257,6 +257,8 @@ def main(args, feature_extractor=None):
     used_ema = not args.no_ema and load_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
                                                    mmap=True).get("ema") is not None
     check_args(args, model)
+    if not Path(args.reference).is_file():
+        find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
     out_json = Path(args.out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     size, notes = model.image_size, []

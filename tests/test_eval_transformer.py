@@ -197,7 +197,7 @@ def test_bad_flags_are_one_sentence(tmp_path, flowers, capsys, monkeypatch):
     for flags, message in [(["--class-id", "2"], "--class-id needs a model trained with --conditional"),
                            (["--cfg-scale", "3"], "without a null class"),
                            (["--num-samples", "3"], "at least 4"),
-                           (["--reference", str(tmp_path / "nowhere"), "--features", "random-conv"], "does not exist")]:
+                           (["--reference", str(tmp_path / "nowhere")], "does not exist")]:
         monkeypatch.setattr("sys.argv", base + flags)
         with pytest.raises(SystemExit) as stop:
             run_script(eval_transformer.main, eval_transformer.build_parser())
