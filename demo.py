@@ -37,7 +37,7 @@ class DemoSettings:
     train_images: int      # both stages train on these
     heldout_images: int    # stage-1 evaluation and stage-2 validation
     vqgan_flags: list      # training_vqgan.py's model and optimiser flags
-    vqgan_steps: int
+    vqgan_lr: list         # (train until this step, at this learning rate), ...: a step decay, one run per phase
     gpt_flags: list        # training_transformer.py's model and optimiser flags
     gpt_steps: int
     num_samples: int
@@ -50,8 +50,8 @@ DEMO = DemoSettings(
     image_size=32, train_images=2000, heldout_images=100,
     vqgan_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions", "8",
                  "--latent-dim", "32", "--num-codebook-vectors", "512", "--codebook-dim", "8", "--codebook-l2-norm",
-                 "--restart-dead-codes", "--batch-size", "16", "--learning-rate", "6e-4", "--disc-start", "100000"],
-    vqgan_steps=1500,
+                 "--restart-dead-codes", "--batch-size", "16", "--disc-start", "100000"],
+    vqgan_lr=[(1200, 1e-3), (1500, 3e-4)],
     gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32",
                "--learning-rate", "3e-4", "--dropout", "0.1"],
     gpt_steps=1500, num_samples=32, top_k=100, evals=5, enlarge=3)
@@ -60,8 +60,8 @@ TINY = DemoSettings(
     image_size=16, train_images=16, heldout_images=4,
     vqgan_flags=["--ch", "32", "--ch-mult", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
                  "--z-channels", "8", "--latent-dim", "8", "--num-codebook-vectors", "16", "--batch-size", "4",
-                 "--learning-rate", "1e-3", "--disc-start", "100"],
-    vqgan_steps=6,
+                 "--disc-start", "100"],
+    vqgan_lr=[(4, 1e-3), (6, 3e-4)],
     gpt_flags=["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "64", "--batch-size", "4",
                "--learning-rate", "1e-3"],  # f=2: an 8x8 token grid
     gpt_steps=4, num_samples=4, top_k=8, evals=1, enlarge=2)
@@ -106,11 +106,16 @@ def main(args):
     make_demo_flowers(heldout_dir, num_images=s.heldout_images, size=size, seed=HELDOUT_SEED)
     times = {"data": time.perf_counter() - start}
 
-    # 2. Stage 1: the VQGAN on the training flowers (no LPIPS: no VGG16 weights are needed).
-    vqgan_ckpt = run_script(training_vqgan, [
-        "--dataset-path", str(train_dir), "--image-size", str(size), *s.vqgan_flags, "--perceptual-loss-factor", "0",
-        "--max-steps", str(s.vqgan_steps), "--sample-every", str(s.vqgan_steps // s.evals),
-        "--save-every", str(s.vqgan_steps), *run_flags])
+    # 2. Stage 1: the VQGAN on the training flowers (no LPIPS: no VGG16 weights are needed). training_vqgan.py keeps
+    # the learning rate constant, so a lower one for the last steps is a --resume with another --learning-rate: the
+    # run continues from the exact step, with the same optimizer state and data order.
+    vqgan_steps = s.vqgan_lr[-1][0]
+    for phase, (until_step, lr) in enumerate(s.vqgan_lr):
+        vqgan_ckpt = run_script(training_vqgan, [
+            "--dataset-path", str(train_dir), "--image-size", str(size), *s.vqgan_flags,
+            "--perceptual-loss-factor", "0", "--learning-rate", str(lr), "--max-steps", str(until_step),
+            "--sample-every", str(vqgan_steps // s.evals), "--save-every", str(vqgan_steps), *run_flags,
+            *(["--resume"] if phase > 0 else [])])
     times["stage 1"] = time.perf_counter() - start - sum(times.values())
 
     # 3. Held-out reconstructions, measured by eval_vqgan.py: results/eval_vqgan.json and results/reconstructions.png.

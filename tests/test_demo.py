@@ -44,7 +44,11 @@ def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tmp_path):
     # Both stages trained for their steps, stage 2 on the stage-1 model, validated on the held-out flowers' codes.
     vqgan = torch.load(tmp_path / "checkpoints" / "vqgan_last.pt", weights_only=True)
     gpt = torch.load(tmp_path / "checkpoints" / "transformer_last.pt", weights_only=True)
-    assert vqgan["step"] == tiny.vqgan_steps and gpt["step"] == tiny.gpt_steps
+    assert vqgan["step"] == tiny.vqgan_lr[-1][0] and gpt["step"] == tiny.gpt_steps
+    # The learning rate's step decay: the last phase resumed the first one with its own rate.
+    assert [group["lr"] for group in vqgan["opt_vq"]["param_groups"]] == [tiny.vqgan_lr[-1][1]]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "results" / "vqgan_metrics.jsonl").open()]
+    assert steps == [until_step for until_step, _ in tiny.vqgan_lr]  # one log line at the end of each phase
     assert Path(gpt["vqgan_checkpoint"]) == (tmp_path / "checkpoints" / "vqgan_last.pt").resolve()
     assert summary["val_bits_per_token"] is not None and 0 < summary["val_bits_per_token"] < 20
 
