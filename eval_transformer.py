@@ -319,15 +319,16 @@ def main(args, feature_extractor=None):
 
 
 def print_table(result):
-    """The numbers as two aligned columns; null values print as n/a."""
+    """The numbers as two aligned columns, in significant digits (the stand-in network's FIDs are small); null
+    values print as n/a."""
     def fmt(key, spec, std=None):
         value = result[key]
         if value is None:
             return "n/a"
         return f"{value:{spec}}" + (f" ± {result[std]:{spec}}" if std else "")
 
-    rows = [("samples", str(result["num_samples"])), ("FID", fmt("fid", ".2f")),
-            ("Inception Score", fmt("isc", ".2f", "isc_std")), ("KID", fmt("kid", ".4f", "kid_std")),
+    rows = [("samples", str(result["num_samples"])), ("FID", fmt("fid", ".4g")),
+            ("Inception Score", fmt("isc", ".4g", "isc_std")), ("KID", fmt("kid", ".3g", "kid_std")),
             ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f")),
             ("val bits per token", fmt("val_bits_per_token", ".3f"))]
     width = max(len(name) for name, _ in rows)
