@@ -3,7 +3,7 @@
 forward(z (B, C, h, w)) -> (z_q (B, C, h, w), indices (B, h, w) int64 in [0, K), auxiliary loss (scalar));
 lookup(indices) -> z_q; usage() -> (fraction of codes used, perplexity) over the last training steps;
 K is `num_codebook_vectors`. Here: the paper's VQ (`Codebook`) and the EMA codebook; FSQ and LFQ, whose codebooks
-are implicit, are in scalar_quantizers.py. `build_quantizer(config)` picks one by `config.quantizer`.
+are implicit, are in scalar_quantizers.py. `vqgan.build_quantizer(config)` picks one by `config.quantizer`.
 """
 import torch
 import torch.distributed as dist
@@ -283,22 +283,3 @@ class EMACodebook(Codebook):
         super()._reseed(which, new_codes)
         self.cluster_size[which] = 1.0
         self.embed_avg[which] = new_codes.to(self.embed_avg.dtype)
-
-
-# ---- choosing one ----
-
-def build_quantizer(c):
-    """The quantizer that `c.quantizer` names, from a (validated) VQGANConfig."""
-    if c.quantizer in ("vq", "ema"):
-        kw = dict(num_codebook_vectors=c.num_codebook_vectors, latent_dim=c.latent_dim, beta=c.beta,
-                  codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
-                  restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every,
-                  rotation_trick=c.rotation_trick, kmeans_init=c.kmeans_init)
-        return Codebook(**kw) if c.quantizer == "vq" else EMACodebook(decay=c.codebook_ema_decay, **kw)
-    from scalar_quantizers import FSQ, LFQ  # they build on Quantizer above
-    if c.quantizer == "fsq":
-        return FSQ(levels=c.fsq_levels, latent_dim=c.latent_dim)
-    if c.quantizer == "lfq":
-        return LFQ(bits=c.lfq_bits, latent_dim=c.latent_dim, beta=c.beta, entropy_weight=c.lfq_entropy_weight,
-                   diversity_weight=c.lfq_diversity_weight)
-    raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {c.quantizer!r}.")

@@ -4,6 +4,7 @@ entry point."""
 import json
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -83,8 +84,9 @@ class TrainingRun:
         return paths if paths is not None else find_images(path)
 
     def resume(self, config):
-        """With --resume and a checkpoint: check its config against `config` (a dict), take its position, return it."""
-        self.config = config
+        """With --resume and a checkpoint: check its config against `config` (a config dataclass), take its
+        position, return it. A field the checkpoint predates counts with its default (the model it was then)."""
+        self.config = asdict(config)
         if not self.args.resume:
             return None
         if not self.ckpt_path.exists():
@@ -92,7 +94,7 @@ class TrainingRun:
                 print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
             return None
         ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
-        check_same_config(ckpt["config"], config, self.ckpt_path)
+        check_same_config(asdict(type(config).from_dict(ckpt["config"])), self.config, self.ckpt_path)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
         if self.is_main:
             print(f"Resumed from {self.ckpt_path} at step {self.step}.")

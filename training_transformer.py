@@ -7,7 +7,6 @@
 import argparse
 import math
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -133,7 +132,7 @@ def main(args):
     optimizer = gpt.configure_optimizers(lr, weight_decay=args.weight_decay)
     scaler = make_scaler(run.precision, device)
 
-    ckpt = run.resume(asdict(config))
+    ckpt = run.resume(config)
     if ckpt is not None:
         gpt.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -6,7 +6,7 @@
 """
 import argparse
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 
@@ -108,7 +108,7 @@ def main(args):
     opt_vq, opt_disc = build_optimizers(vqgan, disc, lr, args)
     s = Stage1(vqgan, disc, lpips, loss_config, run.precision)
 
-    ckpt = run.resume(asdict(config))
+    ckpt = run.resume(config)
     if ckpt is not None:
         vqgan.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["discriminator"])

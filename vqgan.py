@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from checkpoint import load_checkpoint, read_taming
-from codebook import build_quantizer
+from codebook import Codebook, EMACodebook
 from decoder import Decoder
 from encoder import Encoder
+from scalar_quantizers import FSQ, LFQ
 
 
 @dataclass
@@ -113,6 +114,21 @@ class VQGANConfig:
         return cls(**d)
 
 
+def build_quantizer(c):
+    """The quantizer that `c.quantizer` names, from a (validated) VQGANConfig."""
+    if c.quantizer in ("vq", "ema"):
+        kw = dict(num_codebook_vectors=c.num_codebook_vectors, latent_dim=c.latent_dim, beta=c.beta,
+                  codebook_dim=c.codebook_dim or None, l2_norm=c.codebook_l2_norm,
+                  restart_dead_codes=c.restart_dead_codes, restart_every=c.restart_every,
+                  rotation_trick=c.rotation_trick, kmeans_init=c.kmeans_init)
+        return Codebook(**kw) if c.quantizer == "vq" else EMACodebook(decay=c.codebook_ema_decay, **kw)
+    if c.quantizer == "fsq":
+        return FSQ(levels=c.fsq_levels, latent_dim=c.latent_dim)
+    if c.quantizer == "lfq":
+        return LFQ(bits=c.lfq_bits, latent_dim=c.latent_dim, beta=c.beta, entropy_weight=c.lfq_entropy_weight,
+                   diversity_weight=c.lfq_diversity_weight)
+    raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {c.quantizer!r}.")
+
 
 class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
@@ -124,7 +140,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(in_channels=c.in_channels, **arch)
         self.decoder = Decoder(out_channels=c.in_channels, **arch)
         self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
-        self.quantize = build_quantizer(c)  # codebook.py: vq (the paper), ema, fsq or lfq
+        self.quantize = build_quantizer(c)  # vq (the paper), ema, fsq or lfq
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
 
     def encode(self, x):

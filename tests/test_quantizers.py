@@ -7,9 +7,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from codebook import Codebook, EMACodebook, build_quantizer, rotate_onto
+from codebook import Codebook, EMACodebook, rotate_onto
 from scalar_quantizers import FSQ, LFQ
-from vqgan import VQGAN, VQGANConfig
+from vqgan import VQGAN, VQGANConfig, build_quantizer
 
 
 def as_map(rows):

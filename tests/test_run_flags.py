@@ -3,6 +3,7 @@ event files, and one line (never a traceback) for the expected failures of a sta
 import json
 import sys
 import urllib.error
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import training_transformer
 import training_vqgan
-from checkpoint import load_checkpoint
-from conftest import TINY_FLAGS
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS
+from demo_flowers import make_demo_flowers
 from training_run import run_script
 from utils import parse_flags
+from vqgan import VQGAN, VQGANConfig
 
 # a run with non-default model, loss and data flags, which a resume must not need again
 FIRST = ["--codebook-dim", "8", "--beta", "0.5", "--disc-start", "1", "--max-steps", "2", "--sample-every", "2"]
@@ -96,3 +99,25 @@ def test_a_missing_stage1_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and lines == [f"error: No stage-1 checkpoint at {tmp_path / 'none.pt'}: train one "
                                                f"with `python training_vqgan.py` or pass --checkpoint-path."]
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_with_its_default_or_is_refused(tmp_path):
+    """A class-conditional checkpoint written before --class-dropout existed has no null class: resuming it with the
+    new default (0.1 with --conditional) must be refused in one sentence, not fail loading the GPT's weights."""
+    for name, seed in (("roses", 0), ("tulips", 1)):
+        make_demo_flowers(tmp_path / "data" / name, num_images=6, size=32, seed=seed)
+    stage1 = tmp_path / "vqgan.pt"
+    save_checkpoint(dict(model=VQGAN(VQGANConfig(**TINY)).state_dict(), config=asdict(VQGANConfig(**TINY))), stage1)
+    out = tmp_path / "stage2"
+    flags = [*STAGE2_FLAGS, "--dataset-path", str(tmp_path / "data"), "--checkpoint-path", str(stage1), "--out-dir",
+             str(out), "--conditional", "--max-steps", "1", "--sample-every", "100"]
+    parser = training_transformer.build_parser()
+    training_transformer.main(parser.parse_args(flags + ["--class-dropout", "0"]))
+    path = out / "checkpoints" / "transformer_last.pt"
+    old = load_checkpoint(path)
+    del old["config"]["class_dropout"], old["args"]["class_dropout"]  # as written before the field existed
+    save_checkpoint(old, path)
+    with pytest.raises(CheckpointError, match="other values of class_dropout"):
+        training_transformer.main(parser.parse_args(flags + ["--resume", "--max-steps", "2"]))
+    training_transformer.main(parser.parse_args(flags + ["--resume", "--max-steps", "2", "--class-dropout", "0"]))
+    assert load_checkpoint(path)["step"] == 2
