@@ -218,7 +218,7 @@ def sample_features(model, args, extractor, device, precision, num_grid):
         logits.append(logit)
         if sum(map(len, grid)) < num_grid:
             grid.append(images.cpu())
-    return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid]
+    return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid] if grid else None
 
 
 @torch.no_grad()
@@ -266,7 +266,7 @@ def main(args, feature_extractor=None):
     extractor, note = (feature_extractor, None) if feature_extractor is not None else \
         load_feature_extractor(args.features, device)
     metrics = dict.fromkeys(METRIC_KEYS)
-    num_samples, num_ref, cache = 0, None, None
+    num_samples, num_ref, cache, saved = 0, None, None, {}
     if extractor is None:
         notes.append(note)
     else:
@@ -295,7 +295,9 @@ def main(args, feature_extractor=None):
                                          args.val_batches)
         if note:
             notes.append(note)
-    protocol = dict(reference=str(Path(args.reference).resolve()), reference_images=num_ref, image_size=size,
+    # A features file (.pt) names the folder it was computed from.
+    protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
+                    image_size=size,
                     resize=f"reference: shorter side resized to {size} px, centre crop {size}x{size}; samples drawn "
                            f"at {size}x{size}; both as 8-bit images", feature_extractor=getattr(extractor, "name", None),
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),

@@ -171,13 +171,15 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, flowers):
     assert again["fid"] == result["fid"]
     from_file = run_eval(tmp_path, ckpt, result["reference_cache"], "--top-k", "8", features=net, name="f.json")
     assert from_file["fid"] == result["fid"] and from_file["val_bits_per_token"] is None
+    assert from_file["protocol"]["reference"] == result["protocol"]["reference"] == str(flowers.resolve())
 
 
 def test_ema_weights_are_used_unless_no_ema(tmp_path, flowers):
     _, ckpt = tiny_checkpoint(tmp_path, ema=True)
     net = CountingFeatures()
-    ema = run_eval(tmp_path, ckpt, flowers, features=net, name="ema.json")
+    ema = run_eval(tmp_path, ckpt, flowers, "--num-grid", "0", features=net, name="ema.json")
     raw = run_eval(tmp_path, ckpt, flowers, "--no-ema", features=net, name="raw.json")
+    assert not (tmp_path / "ema_samples.png").exists() and (tmp_path / "raw_samples.png").is_file()
     assert ema["sampling"]["ema"] is True and raw["sampling"]["ema"] is False
     assert ema["val_bits_per_token"] != pytest.approx(raw["val_bits_per_token"])
 
