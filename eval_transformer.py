@@ -297,9 +297,9 @@ def main(args, feature_extractor=None):
             notes.append(note)
     # A features file (.pt) names the folder it was computed from.
     protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
-                    image_size=size,
+                    image_size=size, feature_extractor=getattr(extractor, "name", None),
                     resize=f"reference: shorter side resized to {size} px, centre crop {size}x{size}; samples drawn "
-                           f"at {size}x{size}; both as 8-bit images", feature_extractor=getattr(extractor, "name", None),
+                           f"at {size}x{size}; both as 8-bit images",
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
                     prc_neighborhood=PRC_NEIGHBORHOOD)
