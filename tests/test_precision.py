@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import runtime
+import training_run
 import training_vqgan
 from checkpoint import load_checkpoint
 from demo_flowers import make_demo_flowers
@@ -118,7 +118,7 @@ def test_fp16_with_the_gan_off_never_steps_the_discriminator(tmp_path, monkeypat
     """--precision fp16 --disc-factor 0: the discriminator never gets a loss, so its scaler never scaled one, and
     stepping through it would fail ("Attempted step but _scale is None"). CPU autocast and GradScaler("cpu") run the
     same code as CUDA's; only the scripts' CPU refusal of fp16 is lifted here."""
-    monkeypatch.setattr(runtime, "resolve_precision", lambda name, device: name)
+    monkeypatch.setattr(training_run, "resolve_precision", lambda name, device: name)
     data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
     out = tmp_path / "run"
     training_vqgan.main(training_vqgan.build_parser().parse_args(
