@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from codebook import Codebook, EMACodebook, codebook_usage, usage_from_counts
@@ -219,7 +221,6 @@ def _on_rank(rank, world_size, store_path, out_path):
     """One rank: different batches and random streams per rank; save the codes and statistics it ends with.
 
     Restarts every 2 steps over 6 steps of the VQ codebook, then one step of the EMA codebook."""
-    import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # the same initial codes on every rank, as DDP's first broadcast makes them
     cb = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2, restart_dead_codes=True,
@@ -243,7 +244,6 @@ def ema_batch(rank):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """What each of two gloo ranks ends with (one spawn for both tests)."""
-    import torch.multiprocessing as mp
     tmp_path = tmp_path_factory.mktemp("ranks")
     mp.spawn(_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     return [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in (0, 1)]

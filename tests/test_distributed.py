@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -19,7 +18,7 @@ from conftest import TINY_FLAGS as CONFTEST_TINY_FLAGS
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from loss import hinge_d_loss
-from runtime import Dist, wrap_model
+from runtime import Dist, no_sync, wrap_model
 from vqgan import VQGAN, VQGANConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +177,6 @@ def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):
 
 def test_no_sync_reaches_ddp_inside_torch_compile(tmp_path):
     """torch.compile(DDP(model)), the order the scripts use: no_sync must still find DDP's no_sync."""
-    from runtime import no_sync
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))

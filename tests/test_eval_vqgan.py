@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import eval_vqgan
-from demo_flowers import make_demo_flowers
 from checkpoint import CheckpointError, save_checkpoint
-from vqgan import VQGAN, VQGANConfig
+from codebook import codebook_usage
 from conftest import TINY
+from data import ImageFolder
+from demo_flowers import make_demo_flowers
+from vqgan import VQGAN, VQGANConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"
 KEYS = {"psnr": float, "ssim": float, "codebook_usage": float, "perplexity": float, "num_images": int}
@@ -88,8 +90,6 @@ def test_eval_on_our_checkpoint(tmp_path, flowers):
     assert (tmp_path / "reconstructions.png").is_file()
 
     # The same numbers by hand: center crops, one forward, per-image PSNR averaged, usage over all indices.
-    from codebook import codebook_usage
-    from data import ImageFolder
     x = torch.stack([item["image"] for item in ImageFolder(flowers, 32, train=False)])
     with torch.no_grad():  # in the script's batches of 4 and 2 (the same shapes run faster the second time)
         (rec_a, indices_a, _), (rec_b, indices_b, _) = model(x[:4]), model(x[4:])

@@ -7,8 +7,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import eval_vqgan
+from checkpoint import save_checkpoint
 from codebook import Codebook, EMACodebook, rotate_onto
 from scalar_quantizers import FSQ, LFQ
+from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig, build_quantizer
 
 
@@ -271,9 +274,6 @@ def test_indices_match_vector_quantize_pytorch():
 
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_each_quantizer_through_eval_and_stage_2(name, tmp_path, flowers, monkeypatch):
-    import eval_vqgan
-    from checkpoint import save_checkpoint
-    from transformer import TransformerConfig, VQGANTransformer
     monkeypatch.setattr(eval_vqgan, "lpips_available", lambda: False)
     monkeypatch.setattr(eval_vqgan, "inception_weights_path", lambda: str(tmp_path / "none.pth"))
     torch.manual_seed(0)

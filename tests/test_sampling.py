@@ -1,5 +1,5 @@
 """Sampling beyond one image: the sliding-window canvas, completion (mask and pad), classifier-free guidance."""
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pytest

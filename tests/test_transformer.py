@@ -1,6 +1,7 @@
 """Stage 2: token handling of VQGANTransformer, and the training and sampling scripts end to end."""
 import json
 import signal
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,11 +9,11 @@ import torch
 import sample_transformer
 import training_transformer
 import training_vqgan
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
 from demo_flowers import make_demo_flowers
 from transformer import TransformerConfig, VQGANTransformer, corrupt
-from checkpoint import load_checkpoint
 from vqgan import VQGAN, VQGANConfig
-from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
 
 TINY_VQGAN = VQGANConfig(**TINY)
 
@@ -129,8 +130,6 @@ def test_conditional_and_precomputed_tokens(tmp_path):
         make_demo_flowers(tmp_path / "data" / name, num_images=8, size=32, seed=seed)
     torch.manual_seed(0)
     stage1 = tmp_path / "stage1" / "vqgan.pt"
-    from checkpoint import save_checkpoint
-    from dataclasses import asdict
     save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
     out = tmp_path / "stage2"
     flags = STAGE2_FLAGS + ["--dataset-path", str(tmp_path / "data"), "--checkpoint-path", str(stage1),
@@ -165,8 +164,6 @@ def test_conditional_and_precomputed_tokens(tmp_path):
     (["--image-size", "30"], "--image-size 30 must divide by the stage-1 downsampling factor 4"),
 ])
 def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
-    from dataclasses import asdict
-    from checkpoint import save_checkpoint
     stage1 = tmp_path / "vqgan.pt"
     save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
     data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
@@ -178,7 +175,6 @@ def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
 
 
 def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
-    from checkpoint import CheckpointError
     flags = STAGE2_FLAGS + ["--checkpoint-path", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)]
     with pytest.raises(CheckpointError, match="No stage-1 checkpoint at .*python training_vqgan.py"):
         training_transformer.main(training_transformer.build_parser().parse_args(flags))
