@@ -103,6 +103,7 @@ def extract(extractor, images):
 def fidelity_metrics(gen, ref, gen_logits):
     """FID, IS, KID and precision/recall of generated features gen (N, D) against reference features ref (M, D),
     computed by torch-fidelity's own functions; gen_logits (N, C) give the Inception Score."""
+    # Imported only here, as in eval_vqgan.py: the package takes seconds to import and the script runs without it.
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
