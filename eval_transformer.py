@@ -67,13 +67,13 @@ class RandomConvFeatures(nn.Module):
 
 def load_feature_extractor(kind, device):
     """The feature network named by --features, or (None, why not); Inception's weights are never downloaded."""
+    null = "fid, isc, kid, precision and recall are null"
+    if importlib.util.find_spec("torch_fidelity") is None:  # it computes the metrics, whatever the features
+        return None, f"{null}: they are computed by torch-fidelity (pip install torch-fidelity)."
     if kind == "random-conv":
         return RandomConvFeatures().to(device), None
     path = eval_vqgan.inception_weights_path()
     weights = f"put {os.path.basename(path)} (from {eval_vqgan.FID_WEIGHTS_URL}) in {os.path.dirname(path)}/"
-    null = "fid, isc, kid, precision and recall are null"
-    if importlib.util.find_spec("torch_fidelity") is None:
-        return None, f"{null}: they need torch-fidelity (pip install torch-fidelity) and its weights: {weights}."
     note = f"{null}: the FID Inception weights are missing: {weights} (or measure with --features random-conv)."
     if not os.path.isfile(path):  # offline, the package's download would fail or hang
         return None, note
