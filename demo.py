@@ -51,10 +51,10 @@ DEMO = DemoSettings(
     vqgan_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions", "8",
                  "--latent-dim", "32", "--num-codebook-vectors", "512", "--codebook-dim", "8", "--codebook-l2-norm",
                  "--restart-dead-codes", "--batch-size", "16", "--disc-start", "100000"],
-    vqgan_lr=[(1200, 1e-3), (1500, 3e-4)],
+    vqgan_lr=[(1200, 6e-4), (1500, 2e-4)],
     gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32",
-               "--learning-rate", "3e-4", "--dropout", "0.1"],
-    gpt_steps=1500, num_samples=32, top_k=100, evals=5, enlarge=3)
+               "--learning-rate", "1e-3", "--dropout", "0.1"],
+    gpt_steps=1500, num_samples=32, top_k=30, evals=5, enlarge=3)
 
 TINY = DemoSettings(
     image_size=16, train_images=16, heldout_images=4,
