@@ -93,7 +93,8 @@ def enlarge(src, dst, factor):
 def main(args):
     s = TINY if args.tiny else DEMO
     out = Path(args.out_dir)
-    run_flags = ["--out-dir", str(out), "--num-workers", "0"] + (["--device", args.device] if args.device else [])
+    device = ["--device", args.device] if args.device else []
+    run_flags = ["--out-dir", str(out), "--num-workers", "0", *device]  # data loading in the process: small images
     start = time.perf_counter()
 
     # 1. Data: flowers drawn at the training size, and held-out flowers drawn from another seed. The folder names
@@ -122,7 +123,7 @@ def main(args):
     eval_json = out / "results" / "eval_vqgan.json"
     metrics = run_script(eval_vqgan, [
         "--checkpoint-path", str(vqgan_ckpt), "--dataset-path", str(heldout_dir), "--out-json", str(eval_json),
-        "--num-grid", "12", *run_flags[2:]])
+        "--num-grid", "12", "--num-workers", "0", *device])
     times["eval"] = time.perf_counter() - start - sum(times.values())
 
     # 4. Stage 2: a GPT on the codes of the training flowers (encoded once, with their flips), validated on the
@@ -138,7 +139,7 @@ def main(args):
     samples_dir = out / "samples"
     run_script(sample_transformer, [
         "--checkpoint-path", str(gpt_ckpt), "--num-samples", str(s.num_samples), "--top-k", str(s.top_k),
-        "--out-dir", str(samples_dir), *run_flags[4:]])
+        "--out-dir", str(samples_dir), *device])
     times["sampling"] = time.perf_counter() - start - sum(times.values())
 
     pictures = (enlarge(eval_json.parent / "reconstructions.png", out / "demo_reconstructions.png", s.enlarge),
