@@ -38,6 +38,10 @@ def check_args(args):
                    "max_nonfinite_steps")
     if args.learning_rate is not None and not args.learning_rate > 0:  # also refuses nan
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
+    gan_starts = args.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
+    if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
+        raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
+                         f"pass a larger size or --disc-factor 0.")
 
 
 def recompute_default(flag, device):
@@ -91,8 +95,8 @@ def show_progress(run, vqgan, ema, x):
 
 @keeps_signal_handlers
 def main(args):
+    config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)  # they check their own flags
     check_args(args)
-    config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)
     run = TrainingRun(args, "vqgan")
     device = run.device
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)

@@ -110,6 +110,7 @@ def test_end_to_end_run_then_resume(tmp_path):
     ("--image-size", "30", "--image-size 30 must divide by the downsampling factor 4"),
     ("--attn-resolutions", "5", "--attn-resolutions \\[5\\] never occur"),
     ("--batch-size", "0", "--batch-size must be positive"),
+    ("--image-size", "16", "--image-size 16 is too small for the PatchGAN discriminator"),
 ])
 def test_impossible_flags_are_rejected(tmp_path, flag, value, message):
     flags = TINY_FLAGS + ["--dataset-path", str(tmp_path), "--out-dir", str(tmp_path)]
