@@ -149,8 +149,8 @@ def main(args):
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
     val_loader = build_loader(val_set, args.batch_size, train=False) if val_set is not None and run.is_main else None
     shown = collate_images([ImageFolder(args.dataset_path, transformer.image_size, train=False,
-                                        with_labels=args.conditional, paths=train_paths)[i]
-                            for i in range(min(4, len(train_paths)))])  # the images themselves, also with a cache
+                                        with_labels=args.conditional, paths=train_paths[:4])[i]
+                            for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
     for batches in run.steps(loader):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last

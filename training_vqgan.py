@@ -153,7 +153,8 @@ def main(args):
             ema.update(vqgan)
         if loss_config.gan_active(run.step):
             optimizer_step(opt_disc, s.scalers[1])
-        metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)  # on the device: no wait
+        if run.is_main:  # only rank 0 logs; on the device, so no wait
+            metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
         run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
         if run.is_main and run.due(args.sample_every):
             show_progress(run, vqgan, ema, fixed_batch)
