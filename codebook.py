@@ -247,15 +247,17 @@ class EMACodebook(Codebook):
     Per training step, with n_k the number of vectors assigned to code k and s_k their sum (all-reduced over ranks):
     N_k <- decay N_k + (1 - decay) n_k, m_k <- decay m_k + (1 - decay) s_k, e_k = m_k / N~_k, where N~_k is N_k with
     Laplace smoothing, (N_k + eps) / (sum N + K eps) * sum N. Only the codes assigned this step are rewritten.
-    Every code starts as one past vector at its initial position (N_k = 1, m_k = e_k).
+    N and m start at zero, so m_k / N_k is a weighted mean of the vectors assigned to code k, without a start bias:
+    at its first assignment a code jumps to the mean of its vectors. (Starting m at the random initial codes, as
+    taming does, drags a new code back towards its start for some hundred steps; measured in the README.)
     """
 
     def __init__(self, *, decay=0.99, eps=1e-5, **kwargs):
         super().__init__(**kwargs)
         self.embedding.weight.requires_grad_(False)
         self.decay, self.eps = decay, eps
-        self.register_buffer("cluster_size", torch.ones(self.num_codebook_vectors))
-        self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
+        self.register_buffer("cluster_size", torch.zeros(self.num_codebook_vectors))
+        self.register_buffer("embed_avg", torch.zeros_like(self.embedding.weight))
 
     def loss(self, z_low, z_q_low):
         return self.beta * F.mse_loss(z_low, z_q_low.detach())

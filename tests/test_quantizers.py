@@ -103,7 +103,7 @@ def test_lfq_entropy_loss_by_hand():
 def ema_codebook(**kwargs):
     cb = EMACodebook(num_codebook_vectors=3, latent_dim=2, beta=0.25, decay=0.5, **kwargs).train()
     cb.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
-    cb.embed_avg.copy_(cb.embedding.weight)
+    assert not cb.cluster_size.any() and not cb.embed_avg.any()  # no history yet
     return cb
 
 
@@ -115,11 +115,12 @@ def test_ema_updates_the_assigned_codes_only():
     assert indices.flatten().tolist() == [0, 0, 1]
     torch.testing.assert_close(as_rows(z_q), torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0]]))  # the old codes
     torch.testing.assert_close(loss, torch.tensor(0.25 * 4 / 6))  # commitment only
-    # N = 0.5 * 1 + 0.5 * (2, 1, 0) = (1.5, 1, 0.5); m = 0.5 * codes + 0.5 * sums ((1, -1), (9, 1), 0)
-    torch.testing.assert_close(cb.cluster_size, torch.tensor([1.5, 1.0, 0.5]))
-    torch.testing.assert_close(cb.embed_avg, torch.tensor([[0.5, -0.5], [9.5, 0.5], [0.0, 5.0]]))
-    # Laplace: (N + 0.1) / (3 + 0.3) * 3 = (16/11, 1, 6/11); code 2 would become (0, 9.17) but keeps (0, 10)
-    torch.testing.assert_close(cb.embedding.weight, torch.tensor([[0.34375, -0.34375], [9.5, 0.5], [0.0, 10.0]]))
+    # from zero: N = 0.5 * (2, 1, 0) = (1, 0.5, 0); m = 0.5 * sums ((1, -1), (9, 1), 0)
+    torch.testing.assert_close(cb.cluster_size, torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(cb.embed_avg, torch.tensor([[0.5, -0.5], [4.5, 0.5], [0.0, 0.0]]))
+    # Laplace: (N + 0.1) / (1.5 + 0.3) * 1.5 = (11/12, 1/2, 1/12): code 1 is its vector's mean (9, 1), code 0 that
+    # of its two, (0.5, -0.5), times 12/11 from the smoothing; code 2 would become (0, 0) but keeps (0, 10)
+    torch.testing.assert_close(cb.embedding.weight, torch.tensor([[6 / 11, -6 / 11], [9.0, 1.0], [0.0, 10.0]]))
     before = cb.embedding.weight.clone()
     cb.eval()
     cb(as_map(z))
