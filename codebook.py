@@ -111,15 +111,16 @@ class Codebook(Quantizer):
 
     - codebook_dim: look up in a low-dimensional space through linear projections in and out (ViT-VQGAN, LlamaGen).
     - l2_norm: l2-normalise codes and inputs, so that the nearest code is the one of highest cosine similarity.
-    - restart_dead_codes: re-seed codes whose moving hit rate has fallen below `dead_threshold` of the uniform rate
-      with randomly chosen encoder outputs of the current batch, every `restart_every` training steps.
+    - restart_dead_codes: every `restart_every` training steps, re-seed the codes whose share of the hits since the
+      last check is below `dead_threshold` of the uniform share 1/K, with randomly chosen encoder outputs of the
+      current batch. Each check starts a new count, so a re-seeded code is judged on the steps after its restart.
     - rotation_trick: the encoder's gradient through the rotation onto its code instead of a copy (rotate_onto).
     - kmeans_init: at the first training step, the codes become k-means centres of the batch's encoder outputs
       (of all ranks' batches, computed on rank 0 and broadcast).
     """
 
     def __init__(self, *, num_codebook_vectors=1024, latent_dim=256, beta=0.25, codebook_dim=None, l2_norm=False,
-                 restart_dead_codes=False, restart_every=100, dead_threshold=0.03, ema_decay=0.99, usage_window=100,
+                 restart_dead_codes=False, restart_every=100, dead_threshold=0.03, usage_window=100,
                  rotation_trick=False, kmeans_init=False):
         super().__init__(num_codebook_vectors, usage_window)
         self.beta = beta
@@ -132,8 +133,8 @@ class Codebook(Quantizer):
             self.proj_out = nn.Linear(self.codebook_dim, latent_dim)
 
         self.restart_dead_codes, self.rotation_trick, self.kmeans_init = restart_dead_codes, rotation_trick, kmeans_init
-        self.restart_every, self.dead_threshold, self.ema_decay = restart_every, dead_threshold, ema_decay
-        self.register_buffer("hit_rate_ema", torch.zeros(num_codebook_vectors), persistent=False)
+        self.restart_every, self.dead_threshold = restart_every, dead_threshold
+        self.register_buffer("hits_since_check", torch.zeros(num_codebook_vectors), persistent=False)
         if kmeans_init:  # saved, so that a resumed run does not initialise again
             self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))
 
@@ -195,15 +196,18 @@ class Codebook(Quantizer):
     # ---- usage statistics, dead-code restarts, k-means initialisation ----
 
     def _observe(self, counts):
-        if self.restart_dead_codes and distributed():
-            dist.all_reduce(counts)  # every rank sees the same hit rates and so takes the same decision
-        rate = counts / counts.sum().clamp(min=1)
-        self.hit_rate_ema.mul_(self.ema_decay).add_(rate, alpha=1 - self.ema_decay)  # kept for dead_codes() anyway
+        if not self.restart_dead_codes:
+            return
+        if distributed():
+            dist.all_reduce(counts)  # every rank counts the same hits and so takes the same decision
+        self.hits_since_check += counts
 
     @torch.no_grad()
     def dead_codes(self):
-        """Boolean mask (K,) of codes hit less often than `dead_threshold` times the uniform rate 1/K."""
-        return self.hit_rate_ema * self.num_codebook_vectors < self.dead_threshold
+        """Boolean mask (K,) of the codes whose share of the hits since the last check is below `dead_threshold`
+        times the uniform share 1/K (none before any hit)."""
+        hits = self.hits_since_check
+        return hits * self.num_codebook_vectors < self.dead_threshold * hits.sum()
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -212,6 +216,7 @@ class Codebook(Quantizer):
         if step == 0 or step % self.restart_every != 0:
             return
         dead = self.dead_codes().nonzero().squeeze(1)
+        self.hits_since_check.zero_()  # the next check judges the steps from here, re-seeded codes included
         if len(dead) == 0:
             return
         # A random sample of this batch's encoder outputs (with replacement only when the batch is too small).
@@ -222,7 +227,6 @@ class Codebook(Quantizer):
         if distributed():
             dist.broadcast(new_codes, src=0)
         self._reseed(dead, new_codes)
-        self.hit_rate_ema[dead] = 1.0 / self.num_codebook_vectors  # a grace period: judged again after a chance
 
     @torch.compiler.disable
     @torch.no_grad()

@@ -115,9 +115,8 @@ def restart_codebook(**kw):
     torch.manual_seed(0)
     cb = Codebook(num_codebook_vectors=8, latent_dim=3, codebook_dim=2, l2_norm=True, restart_dead_codes=True,
                   restart_every=10, **kw).train()
-    cb.hit_rate_ema.fill_(1 / 8)
-    cb.hit_rate_ema[[1, 4, 6]] = torch.tensor([0.0, 0.003 / 8, 0.02 / 8])  # share x K below 0.03
-    cb.hit_rate_ema[3] = 0.04 / 8  # rare, but above the threshold
+    # hits since the last check, 1009 in all: dead below 0.03 x 1009 / 8 = 3.78 hits
+    cb.hits_since_check.copy_(torch.tensor([200.0, 0, 200, 5, 1, 200, 3, 200]))  # code 3 rare but alive
     return cb
 
 
@@ -141,8 +140,8 @@ def test_restart_reseeds_exactly_the_dead_codes_from_the_batch():
     assert len(set(picked)) == 3  # three different outputs (the batch has more than enough)
     # The restart comes before this step's lookup: the outputs that seeded the codes are already quantized to them.
     assert indices.flatten()[picked].tolist() == [1, 4, 6]
-    # Restarted codes get a grace rate of 1/K before this step's hits are added; none is dead right after.
-    assert not cb.dead_codes().any()
+    # The check started a new count: it holds this step's 20 hits only, so re-seeded codes get a fresh chance.
+    torch.testing.assert_close(cb.hits_since_check, torch.bincount(indices.flatten(), minlength=8).float())
 
 
 def test_restart_only_at_check_steps_and_only_in_training():
@@ -163,25 +162,32 @@ def test_restart_only_at_check_steps_and_only_in_training():
 
 def test_restart_with_a_batch_smaller_than_the_dead_set():
     cb = restart_codebook()
-    cb.hit_rate_ema.zero_()  # all 8 codes dead, only 2 encoder outputs
+    cb.hits_since_check.copy_(torch.tensor([9.0, 0, 0, 0, 0, 0, 0, 0]))  # 7 dead codes, only 2 encoder outputs
     cb.train_steps = 10
     z = torch.randn(1, 3, 1, 2)
     cb(z)
     with torch.no_grad():
         z_low = F.normalize(cb.proj_in(as_rows(z)), dim=-1)
     distances = torch.cdist(cb.embedding.weight.detach(), z_low)  # (8, 2)
-    assert (distances.min(dim=1).values < 1e-6).all()
+    assert (distances[1:].min(dim=1).values < 1e-6).all()
 
 
-@pytest.mark.parametrize("restart", [True, False])  # tracked without restarts too, so dead_codes() always answers
-def test_hit_rate_is_an_ema_of_each_codes_share(restart):
-    cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_dead_codes=restart, ema_decay=0.5).train()
-    cb.embedding.weight.data = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
-    cb(as_map(cb.embedding.weight.data[[0, 0, 0, 1]]))
-    torch.testing.assert_close(cb.hit_rate_ema, torch.tensor([0.375, 0.125, 0.0, 0.0]))
-    cb(as_map(cb.embedding.weight.data[[2, 2]]))
-    torch.testing.assert_close(cb.hit_rate_ema, torch.tensor([0.1875, 0.0625, 0.5, 0.0]))
-    assert cb.dead_codes().tolist() == [False, False, False, True]
+def test_dead_codes_are_judged_on_their_share_of_the_hits_since_the_last_check():
+    cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_dead_codes=True, restart_every=2,
+                  dead_threshold=0.8).train()
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    cb.embedding.weight.data = codes.clone()
+    cb(as_map(codes[[0, 0, 0, 1]]))
+    cb(as_map(codes[[2, 2]]))
+    torch.testing.assert_close(cb.hits_since_check, torch.tensor([3.0, 1.0, 2.0, 0.0]))
+    # dead below 0.8 of the uniform share: 0.8 x 6 / 4 = 1.2 hits
+    assert cb.dead_codes().tolist() == [False, True, False, True]
+    cb(as_map(codes[[0, 2]]))  # step 2, a check: codes 1 and 3 are re-seeded with these two outputs
+    assert sorted(map(tuple, cb.embedding.weight.data[[1, 3]].tolist())) == [(0.0, 0.0), (0.0, 10.0)]
+    assert cb.hits_since_check.sum() == 2  # a new count, from this step
+    plain = Codebook(num_codebook_vectors=4, latent_dim=2).train()
+    plain(as_map(codes[[0, 0]]))
+    assert not plain.hits_since_check.any()  # nothing counted without restarts
 
 
 # ---- usage statistics ----
@@ -231,7 +237,7 @@ def _on_rank(rank, world_size, store_path, out_path):
     torch.manual_seed(0)
     ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
     ema(ema_batch(rank))
-    torch.save({"codes": cb.embedding.weight.detach(), "ema": cb.hit_rate_ema, **ema.state_dict()},
+    torch.save({"codes": cb.embedding.weight.detach(), "hits": cb.hits_since_check, **ema.state_dict()},
                f"{out_path}.{rank}")
     dist.destroy_process_group()
 
@@ -251,7 +257,8 @@ def two_ranks(tmp_path_factory):
 
 def test_restarts_agree_across_ranks(two_ranks):
     r0, r1 = two_ranks
-    torch.testing.assert_close(r0["ema"], r1["ema"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["hits"], r1["hits"], rtol=0, atol=0)
+    assert r0["hits"].sum() == 2 * 2 * 2 * 4  # all-reduced: 2 steps since the check at step 4, 2 ranks, 8 vectors
     torch.testing.assert_close(r0["codes"], r1["codes"], rtol=0, atol=0)
     torch.manual_seed(0)
     initial = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2).embedding.weight.detach()

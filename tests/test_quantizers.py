@@ -129,7 +129,7 @@ def test_ema_updates_the_assigned_codes_only():
 
 def test_ema_restart_resets_the_statistics_of_the_restarted_codes():
     cb = ema_codebook(restart_dead_codes=True, restart_every=1)
-    cb.hit_rate_ema.copy_(torch.tensor([0.5, 0.5, 0.0]))  # code 2 dead
+    cb.hits_since_check.copy_(torch.tensor([5.0, 5.0, 0.0]))  # code 2 dead
     cb.train_steps = 1
     z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [-5.0, -5.0]])
     cb(as_map(z))
