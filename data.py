@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from demo_flowers import make_demo_flowers
+from runtime import usable_cores
 
 # albumentations asks PyPI for a newer version on import; training nodes are often offline.
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
@@ -135,8 +136,7 @@ def build_loader(dataset, batch_size, train=True, num_workers=0, sampler=None, d
     """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs.
 
     The workers are capped by the cores this process may use (more only compete for them)."""
-    num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else
-                      os.cpu_count() or 1)
+    num_workers = min(num_workers, usable_cores())
     extra = {'prefetch_factor': 4} if num_workers > 0 else {}  # decoding JPEGs is the usual bottleneck
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,

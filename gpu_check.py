@@ -45,7 +45,8 @@ def plan(args, work):
     stage2 = [*size["stage2"], *common, "--checkpoint-path", vq_ckpt]
     steps = []
     if not args.skip_tests:
-        steps.append(("CUDA-marked tests", [python, "-m", "pytest", "-q", "-m", "cuda", str(ROOT / "tests")]))
+        steps.append(("CUDA-marked tests",  # in one process (-n 0): one CUDA context for a few tests
+                      [python, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", str(ROOT / "tests")]))
     steps += [
         ("stage 1, defaults", [python, str(ROOT / "training_vqgan.py"), *stage1, "--out-dir", str(work / "s1")]),
         ("stage 2, defaults", [python, str(ROOT / "training_transformer.py"), *stage2, "--out-dir", str(work / "s1")]),

@@ -216,6 +216,11 @@ def keeps_signal_handlers(main):
     return wrapper
 
 
+def usable_cores():
+    """The cores this process may run on (its affinity where the OS tells it, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(threads):
     """--threads: torch's CPU threads (another job on the machine makes too many threads wait for each other)."""
     if threads:

@@ -1,7 +1,16 @@
 """What the tests share: the tiny model configs and flag lists, and generated images (nothing is downloaded)."""
+import os
+
 import pytest
+import torch
 
 from demo_flowers import make_demo_flowers
+from runtime import usable_cores
+
+# pytest.ini runs the tests in two pytest-xdist workers. Each computes on its share of the cores: two workers of all
+# cores' OpenMP threads each would wait for each other's threads (tiny steps get many times slower).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # A VQGAN of 32x32 crops, 3 levels (f=4: an 8x8 token grid), 64 codes of dimension 16; no VGG.
 TINY = dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,

@@ -84,11 +84,12 @@ def test_loss_scaling_is_undone_exactly():
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_step_keeps_lambda_in_fp32(precision):
     vqgan, disc, lpips, x, args = tiny_models()
+    x = x[:2]  # fp16 convolutions are slow on the CPU
     plain, _ = step_gradients(vqgan, disc, lpips, x, args, "fp32", scalers(False))
     # 2^8: a scale at which nothing overflows here (the next test starts at 2^16)
     metrics, grads = step_gradients(vqgan, disc, lpips, x, args, precision, scalers(precision == "fp16", 2.0 ** 8))
     assert metrics["lam"].dtype == torch.float32
-    torch.testing.assert_close(metrics["lam"], plain["lam"], rtol=0.05, atol=0)  # measured: 1% fp16, 2% bf16
+    torch.testing.assert_close(metrics["lam"], plain["lam"], rtol=0.05, atol=0)  # measured: 2.1% fp16, 1.5% bf16
     for model_grads in grads:
         for n, g in model_grads.items():
             assert g.dtype == torch.float32 and torch.isfinite(g).all(), n
@@ -99,6 +100,7 @@ def test_fp16_overflow_lowers_the_scale_instead_of_counting_as_divergence():
     loss (the guard would count a NaN as divergence and never let the scaler adapt), be skipped by the scaler,
     and the scale must come down until steps go through."""
     vqgan, disc, _, x, args = tiny_models()
+    x = x[:1]  # one image overflows as well, in a third of the time
     lpips, args.perceptual_loss_factor = None, 0.0  # the overflow is the discriminator's; VGG in fp16 is slow here
     opts = training_vqgan.build_optimizers(vqgan, disc, 1e-4, SimpleNamespace(beta1=0.5, beta2=0.9))
     scaler_vq, scaler_disc = scalers(True)
