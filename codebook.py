@@ -196,11 +196,8 @@ class Codebook(Quantizer):
     # ---- usage statistics, dead-code restarts, k-means initialisation ----
 
     def _observe(self, counts):
-        if not self.restart_dead_codes:
-            return
-        if distributed():
-            dist.all_reduce(counts)  # every rank counts the same hits and so takes the same decision
-        self.hits_since_check += counts
+        if self.restart_dead_codes:
+            self.hits_since_check += counts  # this rank's; summed over the ranks at the check, not every step
 
     @torch.no_grad()
     def dead_codes(self):
@@ -215,6 +212,8 @@ class Codebook(Quantizer):
         step = self.train_steps
         if step == 0 or step % self.restart_every != 0:
             return
+        if distributed():
+            dist.all_reduce(self.hits_since_check)  # every rank judges the same hits and takes the same decision
         dead = self.dead_codes().nonzero().squeeze(1)
         self.hits_since_check.zero_()  # the next check judges the steps from here, re-seeded codes included
         if len(dead) == 0:

@@ -231,13 +231,15 @@ def _on_rank(rank, world_size, store_path, out_path):
     torch.manual_seed(0)  # the same initial codes on every rank, as DDP's first broadcast makes them
     cb = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2, restart_dead_codes=True,
                   restart_every=2).train()
+    judged, dead_codes = [], cb.dead_codes  # the hits each check judges
+    cb.dead_codes = lambda: judged.append(cb.hits_since_check.clone()) or dead_codes()
     torch.manual_seed(100 + rank)  # different data and different random picks per rank
     for _ in range(6):
         cb(torch.randn(2, 3, 2, 2) + 3 * rank)
     torch.manual_seed(0)
     ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
     ema(ema_batch(rank))
-    torch.save({"codes": cb.embedding.weight.detach(), "hits": cb.hits_since_check, **ema.state_dict()},
+    torch.save({"codes": cb.embedding.weight.detach(), "hits": judged[-1], **ema.state_dict()},
                f"{out_path}.{rank}")
     dist.destroy_process_group()
 
@@ -258,7 +260,7 @@ def two_ranks(tmp_path_factory):
 def test_restarts_agree_across_ranks(two_ranks):
     r0, r1 = two_ranks
     torch.testing.assert_close(r0["hits"], r1["hits"], rtol=0, atol=0)
-    assert r0["hits"].sum() == 2 * 2 * 2 * 4  # all-reduced: 2 steps since the check at step 4, 2 ranks, 8 vectors
+    assert r0["hits"].sum() == 2 * 2 * 2 * 4  # summed over ranks at the check of step 4: 2 steps, 2 ranks, 8 vectors
     torch.testing.assert_close(r0["codes"], r1["codes"], rtol=0, atol=0)
     torch.manual_seed(0)
     initial = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2).embedding.weight.detach()
