@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from codebook import Codebook
-from conftest import TINY
+from helpers import TINY
 from discriminator import Discriminator, DiscriminatorConfig
 from loss import LossConfig, Stage1, train_step
 from mingpt import GPT, GPTConfig, sample_next

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import STAGE2_FLAGS, TINY
-from conftest import TINY_FLAGS as CONFTEST_TINY_FLAGS
+from helpers import STAGE2_FLAGS, TINY
+from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from loss import hinge_d_loss
@@ -22,7 +22,7 @@ from runtime import Dist, no_sync, wrap_model
 from vqgan import VQGAN, VQGANConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = CONFTEST_TINY_FLAGS + ["--batch-size", "2", "--disc-start", "1"]  # the last value of a flag wins
+TINY_FLAGS = SHARED_TINY_FLAGS + ["--batch-size", "2", "--disc-start", "1"]  # the last value of a flag wins
 
 # Runs training_vqgan.py exactly as `torchrun ... training_vqgan.py` would (as __main__, same argv), and afterwards
 # writes the parameters of the modules this rank wrapped in DDP, so the test can compare the ranks. The script

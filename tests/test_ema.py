@@ -6,7 +6,7 @@ import torch
 
 import training_transformer
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import STAGE2_FLAGS, TINY
+from helpers import STAGE2_FLAGS, TINY
 from demo_flowers import make_demo_flowers
 from ema import EMA
 from transformer import VQGANTransformer

@@ -11,7 +11,7 @@ import torch
 import eval_transformer
 import eval_vqgan
 from checkpoint import save_checkpoint
-from conftest import TINY, TINY_GPT
+from helpers import TINY, TINY_GPT
 from data import ImageFolder
 from demo_flowers import make_demo_flowers
 from training_run import run_script

@@ -10,7 +10,7 @@ import torch
 import eval_vqgan
 from checkpoint import CheckpointError, save_checkpoint
 from codebook import codebook_usage
-from conftest import TINY
+from helpers import TINY
 from data import ImageFolder
 from demo_flowers import make_demo_flowers
 from vqgan import VQGAN, VQGANConfig

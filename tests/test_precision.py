@@ -17,7 +17,7 @@ from codebook import Codebook
 from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
 from vqgan import VQGAN, VQGANConfig
-from conftest import TINY, TINY_FLAGS
+from helpers import TINY, TINY_FLAGS
 
 
 

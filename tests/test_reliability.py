@@ -32,7 +32,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from data import find_images
 from runtime import STOP_SIGNALS
 from vqgan import VQGAN
-from conftest import TINY_FLAGS
+from helpers import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_vqgan.py"

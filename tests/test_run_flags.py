@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
 from demo_flowers import make_demo_flowers
 from training_run import run_script
 from utils import parse_flags

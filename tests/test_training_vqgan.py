@@ -13,7 +13,7 @@ from lpips import LPIPS
 from runtime import make_scaler
 from checkpoint import CheckpointError, load_checkpoint
 from vqgan import VQGAN, VQGANConfig
-from conftest import TINY, TINY_FLAGS
+from helpers import TINY, TINY_FLAGS
 
 
 

@@ -10,7 +10,7 @@ import sample_transformer
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
 from demo_flowers import make_demo_flowers
 from transformer import TransformerConfig, VQGANTransformer, corrupt
 from vqgan import VQGAN, VQGANConfig

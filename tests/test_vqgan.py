@@ -9,7 +9,7 @@ from discriminator import Discriminator, DiscriminatorConfig
 from loss import adaptive_weight, hinge_d_loss
 from encoder import Encoder
 from vqgan import VQGAN, VQGANConfig
-from conftest import TINY
+from helpers import TINY
 
 
 
