@@ -1,5 +1,6 @@
 """Small shared helpers of the scripts: flags, the output folder, image grids, loss plots and the metrics log."""
 import argparse
+import colorsys
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 import torchvision
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -36,6 +38,23 @@ def check_writable(folder):
 def to_image_range(x):
     """Map a tensor from [-1, 1] to [0, 1], clamped."""
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def label_colors(num_labels):
+    """(num_labels, 3) colours in [-1, 1] for label maps: label 0 (background) dark grey, then well-separated hues."""
+    hues = (np.arange(1, num_labels) * 0.618034) % 1.0  # the golden ratio spreads any number of hues apart
+    colors = [(0.2, 0.2, 0.2)] + [colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in hues]
+    return torch.tensor(colors[:num_labels], dtype=torch.float32) * 2 - 1
+
+
+def condition_to_rgb(c, kind):
+    """Conditions (B, C, H, W) as the model reads them -> (B, 3, H, W) in [-1, 1] to look at: an RGB condition as it
+    is, a gray one in gray, a label map (one-hot or logits) in label_colors."""
+    if kind == "gray":
+        return c.float().expand(-1, 3, -1, -1)
+    if kind == "segmentation":
+        return label_colors(c.shape[1]).to(c.device)[c.argmax(dim=1)].permute(0, 3, 1, 2)
+    return c.float()
 
 
 def save_image_grid(images, path, nrow=8, row_labels=None):

@@ -207,7 +207,8 @@ def test_null_class_is_used_at_the_class_dropout_rate(monkeypatch):
     assert TransformerConfig.from_dict({k: v for k, v in asdict(model.config).items() if k != "class_dropout"}) \
         .class_dropout == 0.0  # checkpoints from before the field load as they were
     starts = []
-    monkeypatch.setattr(model.gpt, "forward", lambda tokens, targets=None: starts.append(tokens[:, 0]) or (None, None))
+    monkeypatch.setattr(model.gpt, "forward", lambda tokens, targets=None: starts.append(tokens[:, 0]) or
+                        (torch.zeros(*tokens.shape, model.gpt.config.vocab_size), None))
     labels = torch.randint(0, 3, (4000,))
     model.train()(torch.zeros(4000, 16, dtype=torch.long), labels)
     null = starts[0] == K + 3
