@@ -11,12 +11,15 @@ from decoder import Decoder
 from encoder import Encoder
 from scalar_quantizers import FSQ, LFQ
 
+IMAGE_KINDS = ("rgb", "gray", "segmentation")
 
 @dataclass
 class VQGANConfig:
     """Paper defaults for 256x256 images: f=16 (16x16 latents), 1024 codes of dimension 256."""
     image_size: int = 256  # the training resolution; decides at which levels attention sits
-    in_channels: int = 3
+    image_kind: str = "rgb"  # rgb; gray (one channel: depth, edges); segmentation (one-hot label maps in, logits out)
+    num_labels: int = 0  # segmentation: the number of classes, which is also the number of channels
+    in_channels: int = None  # None: follows image_kind (3, 1 or num_labels); a value given must agree
     ch: int = 128
     ch_mult: tuple = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
@@ -44,6 +47,7 @@ class VQGANConfig:
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         self.fsq_levels, self.lfq_bits = tuple(self.fsq_levels or ()), self.lfq_bits or 0
         self.num_codebook_vectors = self.check_quantizer()
+        self.in_channels = self.check_image_kind()
         for name in ("image_size", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors", "z_channels",
                      "restart_every"):
             if getattr(self, name) <= 0:
@@ -63,6 +67,23 @@ class VQGANConfig:
                              f"wide.")
         if any(self.ch * m % 32 for m in self.ch_mult):
             raise ValueError("--ch times every --ch-mult value must divide by 32 (GroupNorm uses 32 groups).")
+
+    def check_image_kind(self):
+        """The channel count `image_kind` implies; a ValueError naming the flags when they do not fit."""
+        kind, n = self.image_kind, self.num_labels or 0
+        self.num_labels = n
+        if kind not in IMAGE_KINDS:
+            raise ValueError(f"--image-kind must be one of {', '.join(IMAGE_KINDS)}, got {kind!r}.")
+        if kind == "segmentation" and n < 2:
+            raise ValueError(f"--image-kind segmentation needs --num-labels, the number of classes (2 or more), "
+                             f"got {n}.")
+        if kind != "segmentation" and n:
+            raise ValueError(f"--num-labels only applies to --image-kind segmentation, not {kind}.")
+        channels = {"rgb": 3, "gray": 1, "segmentation": n}[kind]
+        if self.in_channels is not None and self.in_channels != channels:
+            raise ValueError(f"in_channels {self.in_channels} does not match --image-kind {kind}, which has "
+                             f"{channels} channel(s).")
+        return channels
 
     def check_quantizer(self):
         """The codebook size the quantizer flags make; a ValueError naming the flags when they do not fit."""
@@ -144,18 +165,21 @@ class VQGAN(nn.Module):
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
 
     def encode(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), codebook loss."""
+        """x (B, C, H, W) -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), codebook loss.
+
+        C is in_channels: 3 or 1 channels in [-1, 1] (rgb, gray), or a one-hot label map (segmentation)."""
         f = self.config.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"Image sides must divide by the downsampling factor {f}; got {tuple(x.shape[-2:])}.")
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, z_q, return_features=False):
-        """z_q (B, latent_dim, h, w) -> x_rec (B, 3, h*f, w*f); optionally also the input of the last conv."""
+        """z_q (B, latent_dim, h, w) -> x_rec (B, C, h*f, w*f), logits for segmentation; optionally also the input of
+        the last conv."""
         return self.decoder(self.post_quant_conv(z_q), return_features=return_features)
 
     def decode_indices(self, indices):
-        """indices (B, h, w) -> x_rec (B, 3, h*f, w*f)."""
+        """indices (B, h, w) -> x_rec (B, C, h*f, w*f)."""
         return self.decode(self.quantize.lookup(indices))
 
     def forward(self, x, return_features=False):
