@@ -223,17 +223,45 @@ class VQGAN(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_taming(cls, ckpt_path, config_path):
-        """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), eval mode."""
+    def from_taming(cls, ckpt_path, config_path, stage=None):
+        """Load a taming-transformers VQ model (`last.ckpt` + `model.yaml`), in eval mode: a VQModel (e.g.
+        vqgan_imagenet_f16_16384; a one-channel one, such as the depth stage, loads as gray) or a VQSegmentationModel.
+        stage: "first_stage" or "cond_stage" picks that VQ model out of a Net2NetTransformer checkpoint."""
         state, params = read_taming(ckpt_path, config_path)
+        if stage is not None or "first_stage_config" in params:
+            if stage not in ("first_stage", "cond_stage"):
+                raise ValueError(f"{config_path} is a Net2NetTransformer: say which of its VQ models to load "
+                                 f"(first_stage or cond_stage).")
+            sub = params.get(f"{stage}_config")
+            if not isinstance(sub, dict) or "ddconfig" not in sub.get("params", {}):
+                what = sub.get("target") if isinstance(sub, dict) else sub
+                raise ValueError(f"The {stage} of {config_path} is {what}, not a VQ model.")
+            prefix = f"{stage}_model."
+            state, params = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, sub["params"]
+        return cls.from_taming_state(state, params)
+
+    @classmethod
+    def from_taming_state(cls, state, params):
+        """A VQGAN from a taming VQ model's state dict and the `params` of its config (ddconfig, n_embed, embed_dim,
+        and n_labels for a VQSegmentationModel), in eval mode."""
         dd = params["ddconfig"]
         if dd.get("double_z", False):
             raise ValueError("This taming config has double_z: true, which a VQGAN encoder never uses.")
-        config = VQGANConfig(image_size=dd["resolution"], in_channels=dd.get("in_channels", 3), ch=dd["ch"],
-                             ch_mult=dd["ch_mult"], num_res_blocks=dd["num_res_blocks"],
-                             attn_resolutions=dd["attn_resolutions"], z_channels=dd["z_channels"],
-                             dropout=dd.get("dropout", 0.0), latent_dim=params["embed_dim"],
-                             num_codebook_vectors=params["n_embed"])
+        in_channels = dd.get("in_channels", 3)
+        if dd.get("out_ch", in_channels) != in_channels:
+            raise ValueError(f"This taming model maps {in_channels} channels to {dd['out_ch']}; a VQGAN reconstructs "
+                             f"its input.")
+        if "n_labels" in params:  # only VQSegmentationModel takes it: one-hot label maps in, logits out
+            kind = dict(image_kind="segmentation", num_labels=params["n_labels"])
+        elif in_channels in (1, 3):
+            kind = dict(image_kind="gray" if in_channels == 1 else "rgb")
+        else:
+            raise ValueError(f"This taming VQModel has {in_channels} input channels and no n_labels: neither rgb, "
+                             f"gray nor segmentation.")
+        config = VQGANConfig(image_size=dd["resolution"], in_channels=in_channels, ch=dd["ch"], ch_mult=dd["ch_mult"],
+                             num_res_blocks=dd["num_res_blocks"], attn_resolutions=dd["attn_resolutions"],
+                             z_channels=dd["z_channels"], dropout=dd.get("dropout", 0.0),
+                             latent_dim=params["embed_dim"], num_codebook_vectors=params["n_embed"], **kind)
         model = cls(config)
         keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
         model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})
