@@ -1,0 +1,115 @@
+"""taming-transformers' Net2NetTransformer checkpoints: parity with taming's own outputs on taming_cond_tiny (a
+segmentation-conditioned model), and every other conditioning stage taming has, built from the same weights."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mingpt import GPT
+from transformer import VQGANTransformer
+from vqgan import VQGAN, VQGANConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "taming_cond_tiny"
+REF = torch.load(FIXTURES / "reference_outputs.pt", weights_only=True)
+
+
+def test_segmentation_conditioned_model_matches_taming():
+    model = VQGANTransformer.from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
+    assert model.cond_kind == "segmentation" and model.prefix_length == 16 and model.gpt.config.vocab_size == 32
+    z, c = model.encode_to_indices(REF["x"]), model.encode_condition(REF["c"])
+    assert torch.equal(z, REF["z_indices"]) and torch.equal(c.flatten(1), REF["c_indices"])
+    logits, _ = model(z, cond=c)  # eval mode: no input noise
+    torch.testing.assert_close(logits, REF["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(model.sample_indices(2, top_k=1, cond=c), REF["greedy_indices"])
+    assert torch.equal(model.sample_canvas(2, top_k=1, cond=c).flatten(1), REF["greedy_indices"])
+    decoded = model.vqgan.decode_indices(REF["greedy_indices"].view(2, 4, 4))  # taming's decode is not clamped
+    torch.testing.assert_close(decoded, REF["greedy_image"], atol=1e-5, rtol=0)
+
+
+def variant(tmp_path, ckpt=FIXTURES / "last.ckpt", **params):
+    """The fixture's model.yaml with other Net2NetTransformer params (None deletes one); (checkpoint, yaml)."""
+    config = yaml.safe_load((FIXTURES / "model.yaml").read_text())
+    for key, value in params.items():
+        if value is None:
+            config["model"]["params"].pop(key, None)
+        else:
+            config["model"]["params"][key] = value
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ckpt, path
+
+
+def greedy_reference(gpt, prefix, steps):
+    """taming's sample(..., sample=False): the whole sequence through the GPT at every step, argmax of the last."""
+    x = prefix
+    for _ in range(steps):
+        x = torch.cat([x, gpt(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return x[:, prefix.shape[1]:]
+
+
+@pytest.mark.parametrize("params, first_tokens", [
+    (dict(cond_stage_config="__is_unconditional__", sos_token=7), lambda z: torch.full((2, 1), 7)),
+    (dict(unconditional=True), lambda z: torch.full((2, 1), 0)),  # SOSProvider's default sos_token is 0
+    (dict(cond_stage_config={"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}}),
+     lambda z: torch.tensor([[3], [8]])),  # the class id is the token
+])
+def test_sos_and_class_stages_put_their_token_first(tmp_path, params, first_tokens):
+    model = VQGANTransformer.from_taming(*variant(tmp_path, **params))
+    gpt = GPT.from_taming(*variant(tmp_path, **params))
+    labels = torch.tensor([3, 8]) if model.num_classes else None
+    z = model.encode_to_indices(REF["x"])
+    tokens = torch.cat([first_tokens(z), z[:, :-1]], dim=1)
+    logits, _ = model(z, labels)
+    torch.testing.assert_close(logits, gpt(tokens)[0], atol=1e-6, rtol=0)
+    assert model.cond_vqgan is None and model.prefix_length == 1
+    assert torch.equal(model.sample_indices(2, top_k=1, labels=labels),
+                       greedy_reference(gpt, first_tokens(z), 16))
+
+
+@pytest.mark.parametrize("downsample, cond_tokens", [(-1, 16), (8, 4)])
+def test_first_stage_condition_and_downsample_cond_size(tmp_path, downsample, cond_tokens):
+    """__is_first_stage__: the image's own codes as the condition; downsample_cond_size 8: the 16x16 condition is
+    shrunk to 8x8 by nearest neighbour (F.interpolate's default, as taming calls it) before it is tokenized."""
+    ckpt, path = variant(tmp_path, cond_stage_config="__is_first_stage__", downsample_cond_size=downsample)
+    model, gpt = VQGANTransformer.from_taming(ckpt, path), GPT.from_taming(ckpt, path)
+    assert model.cond_vqgan is model.vqgan and model.num_cond_tokens == cond_tokens
+    c = REF["x"].flip(-1)  # any RGB image
+    small = F.interpolate(c, size=(8, 8)) if downsample > 0 else c
+    zc = model.vqgan.encode(small)[1].flatten(1)
+    assert torch.equal(model.encode_condition(c).flatten(1), zc)
+    z = model.encode_to_indices(REF["x"])
+    logits, _ = model(z, cond=zc)
+    torch.testing.assert_close(logits, gpt(torch.cat([zc, z[:, :-1]], dim=1))[0][:, cond_tokens - 1:], atol=1e-6,
+                               rtol=0)
+    assert torch.equal(model.sample_indices(2, top_k=1, cond=zc), greedy_reference(gpt, zc, 16))
+
+
+def test_one_channel_condition_stage_loads_as_gray(tmp_path):
+    """A depth-like stage: a one-channel VQModel under cond_stage_model.* (written here from a random VQGAN)."""
+    torch.manual_seed(0)
+    depth = VQGAN(VQGANConfig(image_kind="gray", image_size=16, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1,
+                              attn_resolutions=(4,), z_channels=16, latent_dim=8, num_codebook_vectors=24)).eval()
+    state = torch.load(FIXTURES / "last.ckpt", weights_only=True)["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
+    state.update({f"cond_stage_model.{k}": v for k, v in depth.state_dict().items()})
+    torch.save({"state_dict": state}, tmp_path / "depth.ckpt")
+    dd = dict(double_z=False, z_channels=16, resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 1, 1],
+              num_res_blocks=1, attn_resolutions=[4], dropout=0.0)
+    model = VQGANTransformer.from_taming(*variant(tmp_path, tmp_path / "depth.ckpt", cond_stage_config={
+        "target": "taming.models.vqgan.VQModel", "params": dict(embed_dim=8, n_embed=24, ddconfig=dd)}))
+    assert model.cond_kind == "gray"
+    d = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.equal(model.encode_condition(d), depth.encode(d)[1])
+
+
+def test_unsupported_taming_configs_are_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match="permuter .*AlternateParsing is not supported"):
+        VQGANTransformer.from_taming(*variant(tmp_path, permuter_config={
+            "target": "taming.modules.transformer.permuter.AlternateParsing"}))
+    with pytest.raises(ValueError, match="conditioning stage taming.modules.misc.Coord is not supported"):
+        VQGANTransformer.from_taming(*variant(tmp_path, cond_stage_config={"target": "taming.modules.misc.Coord"}))
+    with pytest.raises(ValueError, match="is not a Net2NetTransformer config"):
+        VQGANTransformer.from_taming(FIXTURES.parent / "taming_tiny" / "last.ckpt",
+                                     FIXTURES.parent / "taming_tiny" / "model.yaml")
