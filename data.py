@@ -172,27 +172,104 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def arrays(self, index):
+        """The item's arrays for the transform, {'image': ...}; None for an unreadable file (warned about once)."""
         path = self.paths[index]
-        try:
-            array = self.read(path)
-        except DataError:  # readable but wrong (a class out of range): the user must fix it, not skip it
-            raise
-        except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
-            if path not in _warned_paths:  # once per file, however many epochs ask for it
-                _warned_paths.add(path)
-                warnings.warn(f"Skipping unreadable image '{path}': {error}", stacklevel=2)
+        return read_or_skip(path, lambda: {'image': self.read(path)})
+
+    def tensors(self, arrays):
+        """The transformed arrays as the item's tensors."""
+        return {'image': map_to_tensor(arrays['image'], self.kind, self.num_labels)}  # (C, H, W)
+
+    def __getitem__(self, index):
+        arrays = self.arrays(index)
+        if arrays is None:
             return None
         if self.train and hasattr(self.transform, 'set_random_seed'):
             # albumentations >= 2 keeps its own generator, seeded once from the OS: forked workers would share
             # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
             # Torch's generator is seeded per worker by DataLoader, so each item's seed is drawn from it.
             self.transform.set_random_seed(int(torch.randint(2**31, ()).item()))
-        array = self.transform(image=array)['image']  # (H, W, C) or, for label maps, (H, W)
-        item = {'image': map_to_tensor(array, self.kind, self.num_labels)}
+        item = self.tensors(self.transform(**arrays))  # one random crop and flip for every array of the item
         if self.with_labels:
             item['label'] = self.labels[index]
         return item
+
+
+def read_or_skip(path, read):
+    """read(), or None with a warning (once per file, however many epochs ask for it) when the file is unreadable; a
+    DataError (readable but wrong, such as a class out of range) is the user's to fix and is raised."""
+    try:
+        return read()
+    except DataError:
+        raise
+    except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
+        skip_once(path, f"Skipping unreadable image '{path}': {error}")
+        return None
+
+
+def skip_once(path, message):
+    """Warn that the file at path is skipped, once per process."""
+    if path not in _warned_paths:
+        _warned_paths.add(path)
+        warnings.warn(message, stacklevel=3)
+
+
+def find_partners(paths, root, cond_root):
+    """For each image path under root, the file under cond_root with the same relative path and stem (any supported
+    extension), or None."""
+    try:
+        found = find_images(cond_root)
+    except DataError as error:
+        raise DataError(f"--cond-path: {error}") from None
+    partners = {}
+    for path in found:
+        key = path.relative_to(cond_root).with_suffix('')
+        if key in partners:
+            raise DataError(f"Two condition files have the stem of {key}: '{partners[key]}' and '{path}'.")
+        partners[key] = path
+    return [partners.get(Path(p).relative_to(root).with_suffix('')) for p in paths]
+
+
+class PairedFolder(ImageFolder):
+    """RGB images, each with its condition: the file of the same relative path and stem under cond_root, read as
+    `cond_kind` (rgb, gray or segmentation with num_labels classes), of the image's size. One random crop and flip
+    for both; a label map is resized by nearest neighbour only. Images without a condition file are left out and
+    listed in `missing`."""
+
+    def __init__(self, root, cond_root, image_size, train=True, with_labels=False, paths=None, cond_kind='rgb',
+                 num_labels=0):
+        super().__init__(root, image_size, train=train, with_labels=with_labels, paths=paths)
+        self.cond_root = Path(cond_root)
+        partners = find_partners(self.paths, self.root, self.cond_root)
+        self.missing = [path for path, partner in zip(self.paths, partners) if partner is None]
+        if len(self.missing) == len(self.paths):
+            example = self.cond_root / self.paths[0].relative_to(self.root).with_suffix('.png')
+            raise DataError(f"--cond-path {self.cond_root} holds a condition for none of the {len(self.paths)} images "
+                            f"of {self.root} (the condition of {self.paths[0].name} would be {example}, or the same "
+                            f"stem with another image extension).")
+        keep = [i for i, partner in enumerate(partners) if partner is not None]
+        self.paths, self.cond_paths = [self.paths[i] for i in keep], [partners[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep] if with_labels else []
+        self.cond = ImageFolder(cond_root, image_size, train, kind=cond_kind, num_labels=num_labels,
+                                paths=self.cond_paths)  # reads them as its kind
+        self.transform.add_targets({'cond': 'mask' if cond_kind == 'segmentation' else 'image'})  # nearest: masks
+
+    def arrays(self, index):
+        path, cond_path = self.paths[index], self.cond_paths[index]
+        image = read_or_skip(path, lambda: np.array(load_rgb(path)))  # whole: the draft decode would shrink it
+        cond = None if image is None else read_or_skip(cond_path, lambda: self.cond.read(cond_path))
+        if cond is None:
+            return None
+        if image.shape[:2] != cond.shape[:2]:
+            skip_once(path, f"Skipping '{path}': it is {image.shape[1]}x{image.shape[0]} pixels, its condition "
+                            f"'{cond_path}' {cond.shape[1]}x{cond.shape[0]}.")
+            return None
+        return {'image': image, 'cond': cond}
+
+    def tensors(self, arrays):
+        return {'image': map_to_tensor(arrays['image'], 'rgb'),
+                'cond': map_to_tensor(arrays['cond'], self.cond.kind, self.cond.num_labels)}
 
 
 def collate_images(batch):
@@ -200,8 +277,10 @@ def collate_images(batch):
     good = [item for item in batch if item is not None]
     if not good:
         return None
-    # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
-    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'indices') if key in good[0]}
+    # 'image' (C, H, W) and 'cond' (C', H, W) from image folders, or 'indices' (h*w,) and 'cond_indices' from a
+    # stage-2 token cache
+    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'cond', 'indices', 'cond_indices')
+           if key in good[0]}
     if 'label' in good[0]:
         out['label'] = torch.tensor([item['label'] for item in good], dtype=torch.long)
     out['skipped'] = len(batch) - len(good)
@@ -267,10 +346,11 @@ def resolve_dataset(path, demo_path):
 
 
 class TokenRows(torch.utils.data.Dataset):
-    """Pre-computed index rows (N, h*w) and labels, as dicts like those of ImageFolder."""
+    """Pre-computed index rows (N, h*w), labels (N,) or None and condition rows (N, hc*wc) or None, as dicts like
+    those of ImageFolder and PairedFolder."""
 
-    def __init__(self, indices, labels):
-        self.indices, self.labels = indices, labels
+    def __init__(self, indices, labels, cond_indices=None):
+        self.indices, self.labels, self.cond_indices = indices, labels, cond_indices
 
     def __len__(self):
         return len(self.indices)
@@ -279,35 +359,47 @@ class TokenRows(torch.utils.data.Dataset):
         item = {"indices": self.indices[i].long()}
         if self.labels is not None:
             item["label"] = int(self.labels[i])
+        if self.cond_indices is not None:
+            item["cond_indices"] = self.cond_indices[i].long()
         return item
 
 
-def token_cache_path(stage1_path, image_size, paths, split):
-    """Cache file next to the stage-1 checkpoint, keyed by its bytes, the image size and the image list."""
+def token_cache_path(stage1_path, image_size, paths, split, cond=None):
+    """Cache file next to the stage-1 checkpoint, keyed by its bytes, the image size and the image list; for paired
+    data, cond = (condition checkpoint, condition file list, --cond-downsample) is part of the key too."""
     h = hashlib.sha256()
-    with open(stage1_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    h.update(f"{image_size}|".encode() + "\n".join(map(str, paths)).encode())
+    files, key = [stage1_path], f"{image_size}|" + "\n".join(map(str, paths))
+    if cond is not None:
+        cond_checkpoint, cond_paths, downsample = cond
+        files.append(cond_checkpoint)
+        key += f"|condition 1/{downsample}|" + "\n".join(map(str, cond_paths))
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    h.update(key.encode())
     return Path(stage1_path).parent / f"tokens_{split}_{image_size}px_{h.hexdigest()[:16]}.pt"
 
 
 @torch.no_grad()
 def encode_images(encode, dataset, batch_size, num_workers, items=None):
-    """Rows (2N, h*w) int32 of `encode` on each image of `dataset` (or of its `items`) and on its mirror image,
-    labels (2N,) or None; (None, None) when there is no readable image."""
+    """The rows of `encode` (a batch's {'image': ..., 'cond': ...} -> {name: rows}) on each item of `dataset` (or of
+    its `items`) and on its mirror image, as {name: (2N, ...) int32, 'labels': (2N,) or None}; None when no item is
+    readable."""
     dataset = dataset if items is None else torch.utils.data.Subset(dataset, items)
-    rows, labels = [], []
+    rows, labels = {}, []
     for batch in tqdm(build_loader(dataset, batch_size, train=False, num_workers=num_workers), desc="encoding tokens"):
         if batch is None:
             continue
-        for view in (batch["image"], batch["image"].flip(-1)):
-            rows.append(encode(view).int().cpu())
+        for flip in (False, True):  # an image and its condition are mirrored together
+            view = {key: batch[key].flip(-1) if flip else batch[key] for key in ("image", "cond") if key in batch}
+            for name, value in encode(view).items():
+                rows.setdefault(name, []).append(value.int().cpu())
         if "label" in batch:
             labels += [batch["label"], batch["label"]]
     if not rows:  # a rank's share of a tiny set can be empty
-        return None, None
-    return torch.cat(rows), (torch.cat(labels) if labels else None)
+        return None
+    return dict({name: torch.cat(value) for name, value in rows.items()}, labels=torch.cat(labels) if labels else None)
 
 
 def cached_tokens(cache, images, encode, batch_size, num_workers):
@@ -320,21 +412,21 @@ def cached_tokens(cache, images, encode, batch_size, num_workers):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if not cache.exists():
         share = cache.with_name(f"{cache.name}.part{rank}of{world_size}")
-        rows, labels = encode_images(encode, images, batch_size, num_workers, range(rank, len(images), world_size))
-        save_checkpoint({"indices": rows, "labels": labels}, share)
+        rows = encode_images(encode, images, batch_size, num_workers, range(rank, len(images), world_size))
+        save_checkpoint({"rows": rows}, share)
         if distributed:
             dist.barrier()
         if rank == 0:
             shares = [cache.with_name(f"{cache.name}.part{r}of{world_size}") for r in range(world_size)]
-            parts = [part for part in map(load_checkpoint, shares) if part["indices"] is not None]
+            parts = [part["rows"] for part in map(load_checkpoint, shares) if part["rows"] is not None]
             if not parts:
                 raise DataError(f"None of the {len(images)} images for the token cache {cache.name} is readable.")
-            labels = None if parts[0]["labels"] is None else torch.cat([p["labels"] for p in parts])
-            save_checkpoint({"indices": torch.cat([p["indices"] for p in parts]), "labels": labels}, cache)
+            save_checkpoint({name: None if parts[0][name] is None else torch.cat([p[name] for p in parts])
+                             for name in parts[0]}, cache)
             for path in shares:
                 path.unlink()
             print(f"Wrote the token cache {cache}.")
         if distributed:
             dist.barrier()
     data = load_checkpoint(cache)
-    return TokenRows(data["indices"], data["labels"])
+    return TokenRows(data["indices"], data["labels"], data.get("cond_indices"))

@@ -2,11 +2,14 @@
 segmentation-conditioned model), and every other conditioning stage taming has, built from the same weights."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
+import sample_transformer
 from mingpt import GPT
 from transformer import VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
@@ -26,6 +29,19 @@ def test_segmentation_conditioned_model_matches_taming():
     assert torch.equal(model.sample_canvas(2, top_k=1, cond=c).flatten(1), REF["greedy_indices"])
     decoded = model.vqgan.decode_indices(REF["greedy_indices"].view(2, 4, 4))  # taming's decode is not clamped
     torch.testing.assert_close(decoded, REF["greedy_image"], atol=1e-5, rtol=0)
+
+
+def test_sample_transformer_reproduces_tamings_greedy_samples_from_label_map_pngs(tmp_path):
+    """`sample_transformer.py --taming-config model.yaml --cond-image labels.png --top-k 1`, one PNG per label map
+    (pixel value = class), gives taming's greedy_indices row for row."""
+    for i, labels in enumerate(REF["labels"]):
+        Image.fromarray(labels.numpy().astype(np.uint8)).save(tmp_path / f"labels{i}.png")
+        sample_transformer.main(sample_transformer.build_parser().parse_args([
+            "--checkpoint-path", str(FIXTURES / "last.ckpt"), "--taming-config", str(FIXTURES / "model.yaml"),
+            "--cond-image", str(tmp_path / f"labels{i}.png"), "--top-k", "1", "--num-samples", "1",
+            "--out-dir", str(tmp_path / f"out{i}"), "--device", "cpu"]))
+        indices = torch.load(tmp_path / f"out{i}" / "indices.pt", weights_only=True)
+        assert indices.shape == (1, 4, 4) and torch.equal(indices.flatten(1)[0], REF["greedy_indices"][i])
 
 
 def variant(tmp_path, ckpt=FIXTURES / "last.ckpt", **params):
