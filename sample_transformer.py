@@ -23,7 +23,7 @@ from data import DataError, map_to_tensor, read_map
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, check_writable, condition_to_rgb, save_image_grid, to_image_range
+from utils import HelpFormatter, check_writable, for_display, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
@@ -126,7 +126,7 @@ def result_grid(images, cond=None, target=None, kind=None):
         return images, nrow, None
     blank = torch.ones_like(images[:1]).expand(nrow - 1, -1, -1, -1)  # white
     pad = torch.ones_like(images[:1]).expand(-len(images) % nrow, -1, -1, -1)
-    rows = [condition_to_rgb(cond, kind), blank, images, pad]
+    rows = [for_display(cond, kind), blank, images, pad]
     labels = ["condition", "samples"] + [""] * (-(-len(images) // nrow) - 1)
     if target is not None:
         rows += [target, blank]

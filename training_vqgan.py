@@ -3,6 +3,11 @@
     python training_vqgan.py                              # the demo flowers, or edit DATASET_PATH below
     python training_vqgan.py --dataset-path /my/images
     torchrun --nproc_per_node 4 training_vqgan.py ...     # 4 GPUs
+    python training_vqgan.py --image-kind segmentation --num-labels 182 --dataset-path /my/label_maps
+    python training_vqgan.py --image-kind gray --dataset-path /my/depth_maps
+
+Condition tokenizers (docs/conditional.md): gray maps train with L1 and the GAN, without LPIPS; label maps as taming's
+VQSegmentationModel: one-hot in, logits out, binary cross-entropy and the codebook loss only.
 """
 import argparse
 from contextlib import nullcontext
@@ -11,12 +16,12 @@ from dataclasses import fields
 import torch
 
 from data import ImageFolder
-from discriminator import Discriminator
+from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
 from loss import LossConfig, Stage1, train_step
 from runtime import fused_adam, keeps_signal_handlers, no_sync
 from training_run import TrainingRun, run_script
-from utils import HelpFormatter, add_run_flags, check_positive, save_plots
+from utils import HelpFormatter, add_run_flags, check_positive, for_display, save_plots
 from vqgan import VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
@@ -30,6 +35,15 @@ BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch s
 def from_flags(cls, args):
     """A config dataclass from the flags: every field has the flag of the same name (it validates itself)."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def kind_defaults(args):
+    """Fill the loss weights whose default depends on --image-kind: LPIPS for rgb only, the GAN for all but label
+    maps (a value given against that is refused by LossConfig)."""
+    if args.perceptual_loss_factor is None:
+        args.perceptual_loss_factor = 1.0 if args.image_kind == "rgb" else 0.0
+    if args.disc_factor is None:
+        args.disc_factor = 0.0 if args.image_kind == "segmentation" else 1.0
 
 
 def check_args(args):
@@ -73,18 +87,20 @@ def optimizer_step(opt, scaler):
 
 
 # The panels of results/vqgan_losses.png: (title, logged values, log scale).
-PLOTS = [("losses", ["loss", "l1", "lpips", "q_loss"], True), ("GAN", ["g_loss", "d_loss"], False),
+PLOTS = [("losses", ["loss", "l1", "bce", "lpips", "q_loss"], True), ("GAN", ["g_loss", "d_loss"], False),
          ("adaptive weight λ", ["lam"], False), ("codebook usage (last 100 steps)", ["usage"], False),
          ("code perplexity", ["perplexity"], False), ("learning rate", ["lr"], True)]
 
 
 def show_progress(run, vqgan, ema, x):
-    """Rank 0: inputs over their reconstructions (by the EMA weights if kept), code usage and the loss plots."""
+    """Rank 0: inputs over their reconstructions (by the EMA weights if kept; label maps in colour), code usage and
+    the loss plots."""
     with torch.no_grad(), ema.applied(vqgan) if ema else nullcontext():
         vqgan.eval()
         recs = vqgan(x)[0]
         vqgan.train()
-    run.save_grid(torch.cat([x, recs]).float(), "reconstructions", nrow=len(x))
+    kind = vqgan.config.image_kind
+    run.save_grid(torch.cat([for_display(x, kind), for_display(recs, kind)]).float(), "reconstructions", nrow=len(x))
     if run.tensorboard is not None:
         run.tensorboard.add_histogram("codebook hits per code (last 100 steps)", vqgan.quantize.window_counts.sum(0),
                                       run.step)
@@ -95,6 +111,7 @@ def show_progress(run, vqgan, ema, x):
 
 @keeps_signal_handlers
 def main(args):
+    kind_defaults(args)
     config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)  # they check their own flags
     check_args(args)
     run = TrainingRun(args, "vqgan")
@@ -104,7 +121,8 @@ def main(args):
     memory_format = torch.channels_last if channels_last_default(args.channels_last, device) else \
         torch.contiguous_format
     vqgan = VQGAN(config).set_recompute(recompute_default(args.recompute, device))
-    vqgan, disc = vqgan.to(device, memory_format=memory_format), Discriminator().to(device, memory_format=memory_format)
+    disc = Discriminator(DiscriminatorConfig(in_channels=config.in_channels))  # never trained for label maps
+    vqgan, disc = vqgan.to(device, memory_format=memory_format), disc.to(device, memory_format=memory_format)
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
         lpips = LPIPS().to(device, memory_format=memory_format)
@@ -134,7 +152,9 @@ def main(args):
                     ema=ema.state_dict(vqgan) if ema else None)
     run.state_dict = state_dict
 
-    loader = run.loader(ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths), args.batch_size)
+    dataset = ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths, kind=config.image_kind,
+                          num_labels=config.num_labels)
+    loader = run.loader(dataset, args.batch_size)
     fixed_batch = None
     vqgan.train()
     disc.train()
@@ -155,7 +175,7 @@ def main(args):
             optimizer_step(opt_disc, s.scalers[1])
         if run.is_main:  # only rank 0 logs; on the device, so no wait
             metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
-        run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
+        run.end_step(metrics, bar_keys=("loss", "l1", "bce", "d_loss", "usage"), lr=lr)
         if run.is_main and run.due(args.sample_every):
             show_progress(run, vqgan, ema, fixed_batch)
     return run.finish()
@@ -168,6 +188,11 @@ def build_parser():
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
+    a("--image-kind", choices=["rgb", "gray", "segmentation"], default="rgb",
+      help="rgb: photos; gray: one-channel maps (depth, edges; 8- or 16-bit PNGs, each min-max scaled to [-1, 1]); "
+           "segmentation: PNG label maps (pixel = class index), one-hot in, logits out (docs/conditional.md)")
+    a("--num-labels", type=int, default=0, help="segmentation: the number of classes (a pixel value >= it is an "
+                                                "error naming the file)")
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
     a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
@@ -197,10 +222,14 @@ def build_parser():
     a("--lfq-diversity-weight", type=float, default=1.0,
       help="lfq: weight of the codebook entropy inside the entropy loss")
     a("--disc-start", type=int, default=10000, help="step at which the GAN loss and discriminator start")
-    a("--disc-factor", type=float, default=1.0, help="weight of the GAN losses once started")
+    a("--disc-factor", type=float, default=None,
+      help="weight of the GAN losses once started; default: 1.0, and 0 for segmentation (no GAN, as taming)")
     a("--disc-weight", type=float, default=0.8, help="multiplies the adaptive weight lambda")
-    a("--rec-loss-factor", type=float, default=1.0, help="weight of the L1 reconstruction loss")
-    a("--perceptual-loss-factor", type=float, default=1.0, help="weight of LPIPS (0: VGG is never built)")
+    a("--rec-loss-factor", type=float, default=1.0,
+      help="weight of the reconstruction loss (L1; binary cross-entropy for segmentation)")
+    a("--perceptual-loss-factor", type=float, default=None,
+      help="weight of LPIPS (0: VGG is never built); default: 1.0 for rgb, 0 for gray and segmentation (VGG judges "
+           "RGB images; a positive value is refused for them)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
            "for ~5%% more time; default: on the CPU, off on CUDA")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, read_taming
 from mingpt import GPT, GPTConfig, sample_next, static_cache, taming_gpt_config, taming_gpt_weights
-from utils import condition_to_rgb
+from utils import for_display
 from vqgan import VQGAN
 
 
@@ -467,6 +467,6 @@ class VQGANTransformer(nn.Module):
         half = self.num_tokens // 2 // self.latent_hw[1] * self.latent_hw[1]  # whole rows of the top half
         completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, indices[:, :half], codes)
         free = self.sample_indices(len(x), temperature, top_k, top_p, labels, cond=codes)
-        logs = {} if cond is None else dict(condition=condition_to_rgb(cond, self.cond_kind))
+        logs = {} if cond is None else dict(condition=for_display(cond, self.cond_kind))
         return dict(**logs, input=x.clamp(-1, 1), reconstruction=self.indices_to_image(indices),
                     half_completion=self.indices_to_image(completion), sample=self.indices_to_image(free))

@@ -1,6 +1,5 @@
 """Small shared helpers of the scripts: flags, the output folder, image grids, loss plots and the metrics log."""
 import argparse
-import colorsys
 import json
 import math
 import os
@@ -40,21 +39,28 @@ def to_image_range(x):
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def label_colors(num_labels):
-    """(num_labels, 3) colours in [-1, 1] for label maps: label 0 (background) dark grey, then well-separated hues."""
-    hues = (np.arange(1, num_labels) * 0.618034) % 1.0  # the golden ratio spreads any number of hues apart
-    colors = [(0.2, 0.2, 0.2)] + [colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in hues]
-    return torch.tensor(colors[:num_labels], dtype=torch.float32) * 2 - 1
+def label_palette(num_labels=256):
+    """(num_labels, 3) uint8 colours of classes, the same for every data set (the PASCAL VOC colour map): class 0
+    black, and bit k of the index sets bit 7 - k // 3 of red, green or blue (k % 3), so neighbours differ clearly."""
+    index = np.arange(num_labels)
+    palette = np.zeros((num_labels, 3), dtype=np.int64)
+    for k in range(24):
+        palette[:, k % 3] |= ((index >> k) & 1) << (7 - k // 3)
+    return palette.astype(np.uint8)
 
 
-def condition_to_rgb(c, kind):
-    """Conditions (B, C, H, W) as the model reads them -> (B, 3, H, W) in [-1, 1] to look at: an RGB condition as it
-    is, a gray one in gray, a label map (one-hot or logits) in label_colors."""
-    if kind == "gray":
-        return c.float().expand(-1, 3, -1, -1)
+def colour_labels(labels):
+    """Class indices (B, H, W) -> (B, 3, H, W) in [-1, 1], each class in its label_palette colour."""
+    palette = torch.from_numpy(label_palette(int(labels.max()) + 1)).to(labels.device)
+    return palette[labels.long()].permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def for_display(x, kind):
+    """Model inputs or outputs (B, C, H, W) as RGB images in [-1, 1] for a grid: label maps (one-hot or logits) in
+    the colours of their argmax, gray maps in gray."""
     if kind == "segmentation":
-        return label_colors(c.shape[1]).to(c.device)[c.argmax(dim=1)].permute(0, 3, 1, 2)
-    return c.float()
+        return colour_labels(x.argmax(1))
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def save_image_grid(images, path, nrow=8, row_labels=None):

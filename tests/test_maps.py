@@ -1,11 +1,13 @@
 """data.py's maps: gray (8- and 16-bit) and segmentation label maps read, checked, resized by nearest neighbour only
-and never changed in value; DataError lines from loader workers."""
+and never changed in value; DataError lines from loader workers; the demo flowers' label maps."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import demo_flowers
 from data import DataError, ImageFolder, build_loader, build_transform, map_to_tensor, read_map
+from demo_flowers import FLOWER_LABELS, make_demo_flowers
 
 
 def write_labels(path, labels, mode="L"):
@@ -117,3 +119,39 @@ def test_a_label_error_in_a_loader_worker_is_one_line(tmp_path):
     with pytest.raises(DataError) as error:
         next(iter(loader))
     assert str(error.value) == f"The label map '{tmp_path / 'bad.png'}' holds class 9, outside 0 to 3 (--num-labels 4)."
+
+
+# ---- the demo flowers' label maps ----
+
+def explained_variance(image, labels):
+    """The share of the image's colour variance that the label map's classes explain (R^2 of per-class means)."""
+    pixels, labels = image.reshape(-1, 3).astype(float), labels.reshape(-1)
+    within = sum(((pixels[labels == c] - pixels[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels))
+    return 1 - within / ((pixels - pixels.mean(0)) ** 2).sum()
+
+
+def test_demo_label_maps_are_aligned_with_their_flowers(tmp_path):
+    """The flowers are the same with or without label maps; each map's classes explain the flower's colours better
+    than the same map moved by one pixel in any direction or mirrored, so every part sits where it is drawn."""
+    make_demo_flowers(tmp_path / "plain", num_images=6, size=40)
+    make_demo_flowers(tmp_path / "flowers", num_images=6, size=40, segmentation_dir=tmp_path / "labels")
+    for path in sorted((tmp_path / "flowers").iterdir()):
+        image, labels = np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "labels" / path.name))
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / "plain" / path.name)))
+        assert labels.shape == (40, 40) and labels.dtype == np.uint8 and labels.max() < len(FLOWER_LABELS)
+        assert {0, 1, 2} <= set(np.unique(labels))  # background, petals and a centre in every flower
+        aligned = explained_variance(image, labels)
+        moved = [np.roll(labels, shift, axis) for axis in (0, 1) for shift in (-1, 1)] + [labels[:, ::-1]]
+        assert all(aligned > explained_variance(image, other) for other in moved), path.name
+
+
+def test_demo_flowers_command_line_writes_label_maps_beside(tmp_path):
+    out = tmp_path / "data" / "x"
+    demo_flowers.main(demo_flowers.build_parser().parse_args(["--out", str(out), "--num-images", "3", "--size", "16",
+                                                              "--with-segmentation"]))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["flower_0000.png", "flower_0001.png", "flower_0002.png"]
+    assert sorted(p.name for p in (tmp_path / "data" / "x_labels").iterdir()) == names
+    labels = ImageFolder(tmp_path / "data" / "x_labels", 16, train=False, kind="segmentation",
+                         num_labels=len(FLOWER_LABELS))
+    assert labels[0]["image"].shape == (len(FLOWER_LABELS), 16, 16)
