@@ -4,11 +4,18 @@ and the GPT's validation loss on the reference images' codes.
     python eval_transformer.py --checkpoint-path checkpoints/transformer_last.pt --reference data/val
     python eval_transformer.py ... --num-samples 50000 --top-k 600 --out-json results/topk600.json
     python eval_transformer.py ... --features random-conv    # no Inception weights: a fixed stand-in network
+    python eval_transformer.py ... --cond-path data/val_labels --segmenter checkpoints/segmenter.pt  # conditions
+    python eval_transformer.py --checkpoint-path last.ckpt --taming-config model.yaml ...  # taming's Net2Net models
 
 Samples are drawn as sample_transformer.py draws them (batched, KV-cached) at the model's training size; reference
 images are resized (shorter side) and centre-cropped to that size. Both go to the feature network as 8-bit images.
 The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
 sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
+
+With --cond-path (the reference images' conditions, paired by relative path and stem), sample i is drawn for the
+condition of pair i (in turn) by a model with an image condition, and every model's sample i is compared with pair i:
+the PSNR to its image and, with --segmenter (segmenter.py) for label maps, the mean IoU between its segmentation and
+the label map. For a model that reads no condition these are the chance levels the conditional figures are judged by.
 """
 import argparse
 import hashlib
@@ -24,11 +31,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval_vqgan
+import sample_transformer
 from checkpoint import load_checkpoint, save_checkpoint
-from data import DataError, ImageFolder, build_loader, find_images
+from data import DataError, ImageFolder, PairedFolder, build_loader, collate_images, find_images
+from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from training_run import run_script
-from transformer import VQGANTransformer
+from segmenter import PixelClassifier
 from utils import HelpFormatter, save_image_grid, to_image_range
 
 # torch-fidelity's defaults (those of the papers that introduced each metric).
@@ -37,7 +46,8 @@ KID_SUBSETS = 100          # KID: the polynomial-kernel MMD averaged over 100 ra
 KID_SUBSET_SIZE = 1000     # ... of 1000 features each (fewer when a set is smaller)
 PRC_NEIGHBORHOOD = 3       # precision/recall: each point's manifold ball reaches its 3rd nearest neighbour
 MIN_IMAGES = PRC_NEIGHBORHOOD + 1  # a 3rd nearest neighbour needs 4 points per set
-METRIC_KEYS = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall")
+METRIC_KEYS = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "psnr_to_reference",
+               "sample_pixel_accuracy", "sample_mean_iou")
 
 
 # ---- feature networks: (B, 3, H, W) uint8 -> (pool features (B, D), logits (B, C)), with a .name ----
@@ -189,9 +199,16 @@ def check_args(args, model):
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
         raise ValueError(f"--class-id {args.class_id} is not a class of this model ({model.num_classes} classes)."
                          if model.num_classes else "--class-id needs a model trained with --conditional.")
-    if args.cfg_scale is not None and model.null_token is None:
-        raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it with "
-                         "--conditional --class-dropout P (P > 0).")
+    if args.cfg_scale is not None and not model.guidable:
+        raise ValueError("This model was trained without a null class or a null condition, so it cannot use "
+                         "--cfg-scale: train it with --conditional --class-dropout P or --cond-dropout P (P > 0).")
+    if model.cond_vqgan is not None and not args.cond_path:
+        raise ValueError(f"This model draws images for conditions ({model.cond_kind}): pass the reference images' "
+                         f"conditions with --cond-path.")
+    if args.segmenter and not args.cond_path:
+        raise ValueError("--segmenter compares samples with label maps: pass the reference images' with --cond-path.")
+    if args.segmenter and model.cond_kind not in (None, "segmentation"):
+        raise ValueError(f"--segmenter needs label maps as conditions; this model's are {model.cond_kind}.")
 
 
 def class_labels(model, args, first, n, device):
@@ -203,30 +220,64 @@ def class_labels(model, args, first, n, device):
     return None
 
 
+def pairs_of(model, args, segmenter):
+    """The reference pairs of --cond-path (PairedFolder at the model's size, centre crops), read as the model's
+    condition kind, or as label maps for the segmenter; None without --cond-path."""
+    if not args.cond_path:
+        return None
+    kind = model.cond_kind or ("segmentation" if segmenter is not None else "rgb")
+    num_labels = model.cond_vqgan.config.num_labels if model.cond_vqgan is not None else \
+        segmenter.num_labels if segmenter is not None else 0
+    return PairedFolder(args.reference, args.cond_path, model.image_size, train=False, cond_kind=kind,
+                        num_labels=num_labels)
+
+
 @torch.no_grad()
-def sample_features(model, args, extractor, device, precision, num_grid):
-    """Features (N, D) and logits (N, C) of --num-samples new images, and the first num_grid of them."""
-    features, logits, grid = [], [], []
+def sample_features(model, args, extractor, device, precision, num_grid, pairs=None, segmenter=None):
+    """Features (N, D) and logits (N, C) of --num-samples new images, the first num_grid of them, and with pairs
+    (sample i drawn for, and compared with, pair i mod M) the samples' PSNR to their pair's image (N,) and the
+    confusion matrix of their segmentation against the pairs' label maps (segmenter)."""
+    features, logits, grid, psnrs, confusion = [], [], [], [], None
     for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
         n = min(args.batch_size, args.num_samples - first)
+        items = None if pairs is None else [pairs[(first + k) % len(pairs)] for k in range(n)]
+        items = None if items is None else collate_images(items)
+        cond = None
+        if model.cond_vqgan is not None:
+            n = len(items["image"])  # unreadable pairs are left out
+            with autocast(precision, device):
+                cond = model.encode_condition(items["cond"].to(device))
         with autocast(precision, device):
             tokens = model.sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, labels=class_labels(model, args, first, n, device),
-                                         cfg_scale=args.cfg_scale)  # (n, h, w)
+                                         cfg_scale=args.cfg_scale, cond=cond)  # (n, h, w)
             images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
         pool, logit = extract(extractor, images)
         features.append(pool)
         logits.append(logit)
+        if items is not None:
+            psnrs.append(eval_vqgan.psnr(to_image_range(images), to_image_range(items["image"][:n].to(device))))
+        if segmenter is not None:
+            counts = confusion_matrix(items["cond"][:n].argmax(1), segmenter.segment(images).cpu(),
+                                      segmenter.num_labels)
+            confusion = counts if confusion is None else confusion + counts
         if sum(map(len, grid)) < num_grid:
             grid.append(images.cpu())
-    return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid] if grid else None
+    return (torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid] if grid else None,
+            torch.cat(psnrs).cpu() if psnrs else None, confusion)
 
 
 @torch.no_grad()
-def validation_loss(model, reference, batch_size, num_workers, device, precision, max_batches):
-    """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops, or (None, why)."""
+def validation_loss(model, reference, batch_size, num_workers, device, precision, max_batches, cond_path=None):
+    """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops (and of their
+    conditions under cond_path), or (None, why)."""
     try:
-        dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
+        if model.cond_vqgan is not None:
+            dataset = PairedFolder(reference, cond_path, model.image_size, train=False,
+                                   with_labels=bool(model.num_classes), cond_kind=model.cond_kind,
+                                   num_labels=model.cond_vqgan.config.num_labels)
+        else:
+            dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
     except DataError as err:  # a class-conditional model, but no class sub-folders
         return None, f"val_bits_per_token is null: {err}"
     if model.num_classes and dataset.classes != list(model.classes or []):
@@ -241,7 +292,8 @@ def validation_loss(model, reference, batch_size, num_workers, device, precision
         x = batch["image"].to(device)
         labels = batch["label"].to(device) if "label" in batch else None
         with autocast(precision, device):
-            _, loss = model(model.encode_to_indices(x), labels)  # the model is in eval mode: no input noise
+            cond = model.encode_condition(batch["cond"].to(device)) if "cond" in batch else None
+            _, loss = model(model.encode_to_indices(x), labels, cond)  # the model is in eval mode: no input noise
         total, count = total + loss.float().item() * len(x), count + len(x)
     return (total / count, None) if count else (None, "val_bits_per_token is null: no reference image was read.")
 
@@ -253,11 +305,12 @@ def main(args, feature_extractor=None):
     set_threads(args.threads)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
-                                             ema=not args.no_ema).to(device)
-    used_ema = not args.no_ema and load_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
-                                                   mmap=True).get("ema") is not None
+    model = sample_transformer.load_model(args, device)
+    used_ema = not args.no_ema and not args.taming_config and load_checkpoint(
+        args.checkpoint_path, trust=args.trust_checkpoint, mmap=True).get("ema") is not None
     check_args(args, model)
+    segmenter = PixelClassifier.from_checkpoint(args.segmenter).to(device) if args.segmenter else None
+    pairs = pairs_of(model, args, segmenter)
     if not Path(args.reference).is_file():
         find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
     out_json = Path(args.out_json)
@@ -281,9 +334,14 @@ def main(args, feature_extractor=None):
         if saved.get("skipped"):
             notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
         seed_everything(args.seed)
-        gen, gen_logits, grid = sample_features(model, args, extractor, device, precision, args.num_grid)
+        gen, gen_logits, grid, psnrs, confusion = sample_features(model, args, extractor, device, precision,
+                                                                  args.num_grid, pairs, segmenter)
         num_samples = len(gen)
-        metrics = fidelity_metrics(gen, ref, gen_logits)
+        metrics.update(fidelity_metrics(gen, ref, gen_logits))
+        if psnrs is not None:
+            metrics["psnr_to_reference"] = psnrs.mean().item()
+        if confusion is not None:
+            metrics["sample_pixel_accuracy"], metrics["sample_mean_iou"], _ = segmentation_scores(confusion)
         if args.num_grid > 0:
             save_image_grid(grid, out_json.with_name(f"{out_json.stem}_samples.png"), nrow=min(8, len(grid)))
         if min(num_samples, num_ref) < 2048 and extractor.name.startswith("inception"):
@@ -293,7 +351,7 @@ def main(args, feature_extractor=None):
     val_loss = None
     if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
         val_loss, note = validation_loss(model, args.reference, args.batch_size, args.num_workers, device, precision,
-                                         args.val_batches)
+                                         args.val_batches, args.cond_path)
         if note:
             notes.append(note)
     # A features file (.pt) names the folder it was computed from.
@@ -303,7 +361,9 @@ def main(args, feature_extractor=None):
                            f"at {size}x{size}; both as 8-bit images",
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
-                    prc_neighborhood=PRC_NEIGHBORHOOD)
+                    prc_neighborhood=PRC_NEIGHBORHOOD,
+                    pairs=None if pairs is None else dict(conditions=str(Path(args.cond_path).resolve()),
+                                                          num_pairs=len(pairs), segmenter=args.segmenter))
     sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale,
                     class_id=args.class_id, seed=args.seed, ema=used_ema)
     result = dict(**metrics, val_loss=val_loss, val_bits_per_token=None if val_loss is None else val_loss / math.log(2),
@@ -334,6 +394,9 @@ def print_table(result):
             ("Inception Score", fmt("isc", ".4g", "isc_std")), ("KID", fmt("kid", ".3g", "kid_std")),
             ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f")),
             ("val bits per token", fmt("val_bits_per_token", ".3f"))]
+    if result["protocol"]["pairs"] is not None:
+        rows += [("PSNR to the pair's image", fmt("psnr_to_reference", ".2f")),
+                 ("mean IoU to the pair's labels", fmt("sample_mean_iou", ".4f"))]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -348,6 +411,14 @@ def build_parser():
     a = p.add_argument
     a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
     a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training")
+    a("--taming-config", default=None, help="the model.yaml of a taming-transformers Net2NetTransformer checkpoint "
+      "given as --checkpoint-path (its last.ckpt)")
+    a("--cond-path", default=None, help="the reference images' conditions (same relative path and stem): a model "
+      "with an image condition draws sample i for pair i in turn, and sample i is compared with pair i (PSNR; mean "
+      "IoU with --segmenter)")
+    a("--segmenter", default=None, help="a segmenter.py checkpoint: the samples' segmentation against the label maps "
+      "of --cond-path gives sample_mean_iou")
     a("--reference", required=True,
       help="folder of reference images (searched recursively), or a reference_*.pt features file written before")
     a("--num-samples", type=int, default=1000, help="images to generate (published FIDs use 50000)")

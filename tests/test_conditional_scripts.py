@@ -1,6 +1,7 @@
 """The scripts with an image condition: training_transformer.py --cond-path (pairing, the token cache's condition
 rows, the checkpoint's record), sample_transformer.py --cond-image on a canvas 2x the training size, completion with
 a condition, and the one-sentence errors."""
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -8,13 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
+import eval_transformer
 import sample_transformer
 import training_transformer
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from data import DataError, PairedFolder, find_images
 from demo_flowers import make_demo_flowers
+from eval_transformer import RandomConvFeatures
+from eval_vqgan import psnr
 from helpers import STAGE2_FLAGS, TINY
+from segmenter import PixelClassifier
 from transformer import TransformerConfig, VQGANTransformer
+from utils import to_image_range
 from vqgan import VQGAN, VQGANConfig
 
 LABELS = VQGANConfig(image_kind="segmentation", num_labels=3, image_size=32, ch=32, ch_mult=(1, 1, 1, 1),
@@ -128,6 +134,41 @@ def test_condition_errors_are_one_sentence(run, tmp_path):
                     plain)
     with pytest.raises(ValueError, match=r"--cond-image needs a model trained with an image condition"):
         sample(plain, tmp_path / "out", "--cond-image", str(tmp_path / "odd.png"))
+
+
+def test_eval_pairs_samples_with_conditions_and_ground_truth(run, tmp_path, monkeypatch):
+    """eval_transformer.py --cond-path --segmenter: sample i is drawn for pair i's condition and compared with pair i;
+    the validation loss reads each held-out image with its condition."""
+    root, ckpt = run
+    model = VQGANTransformer.from_checkpoint(ckpt)
+    pairs = PairedFolder(root / "flowers", root / "labels", 32, train=False, cond_kind="segmentation", num_labels=3)
+    torch.manual_seed(0)
+    save_checkpoint(PixelClassifier(3).checkpoint(), tmp_path / "segmenter.pt")
+    seen = []
+
+    def reconstruct(self, n, canvas_hw=None, cond=None, **kwargs):
+        """The next n pairs' own codes (--batch-size 2): the samples are their reconstructions."""
+        first = 2 * len(seen)
+        seen.append(cond)
+        return self.encode_to_grid(torch.stack([pairs[first + k]["image"] for k in range(n)]))
+    monkeypatch.setattr(VQGANTransformer, "sample_canvas", reconstruct)
+    result = eval_transformer.main(eval_transformer.build_parser().parse_args([
+        "--checkpoint-path", str(ckpt), "--reference", str(root / "flowers"), "--cond-path", str(root / "labels"),
+        "--segmenter", str(tmp_path / "segmenter.pt"), "--num-samples", "4", "--batch-size", "2", "--device", "cpu",
+        "--out-json", str(tmp_path / "m.json"), "--num-workers", "0"]), feature_extractor=RandomConvFeatures())
+    assert result["protocol"]["pairs"]["num_pairs"] == 11
+    for batch, cond in enumerate(seen):  # pairs 0, 1, then 2, 3
+        expected = torch.stack([pairs[2 * batch + k]["cond"] for k in range(2)])
+        assert torch.equal(cond, model.encode_condition(expected))
+    x = torch.stack([pairs[i]["image"] for i in range(4)])
+    expected_psnr = psnr(to_image_range(model.indices_to_image(model.encode_to_grid(x))), to_image_range(x)).mean()
+    assert result["psnr_to_reference"] == pytest.approx(expected_psnr.item(), rel=1e-5)
+    assert 0 <= result["sample_mean_iou"] <= 1 and 0 <= result["sample_pixel_accuracy"] <= 1
+    # The validation loss by hand: every one of the 11 pairs with its condition, in bits.
+    x, c = (torch.stack([pairs[i][key] for i in range(len(pairs))]) for key in ("image", "cond"))
+    with torch.no_grad():
+        _, loss = model(model.encode_to_indices(x), cond=model.encode_condition(c))
+    assert result["val_bits_per_token"] == pytest.approx(loss.item() / math.log(2), rel=1e-4)
 
 
 @pytest.mark.parametrize("flags, error, message", [

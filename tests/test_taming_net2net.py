@@ -1,5 +1,6 @@
 """taming-transformers' Net2NetTransformer checkpoints: parity with taming's own outputs on taming_cond_tiny (a
 segmentation-conditioned model), and every other conditioning stage taming has, built from the same weights."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,10 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+import eval_transformer
 import sample_transformer
+from data import PairedFolder
+from eval_transformer import RandomConvFeatures
 from mingpt import GPT
 from transformer import VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
@@ -42,6 +46,35 @@ def test_sample_transformer_reproduces_tamings_greedy_samples_from_label_map_png
             "--out-dir", str(tmp_path / f"out{i}"), "--device", "cpu"]))
         indices = torch.load(tmp_path / f"out{i}" / "indices.pt", weights_only=True)
         assert indices.shape == (1, 4, 4) and torch.equal(indices.flatten(1)[0], REF["greedy_indices"][i])
+
+
+def test_eval_transformer_measures_a_taming_model_on_pairs(tmp_path):
+    """eval_transformer.py --taming-config with the label maps of its reference images: the validation loss is taming's
+    cross-entropy of the image tokens after the condition tokens (the fixture's logits), averaged over the pairs."""
+    for i in range(4):  # the fixture's two pairs and their mirror images
+        x, labels = (REF["x"][i % 2], REF["labels"][i % 2]) if i < 2 else (REF["x"][i % 2].flip(-1),
+                                                                             REF["labels"][i % 2].flip(-1))
+        pixels = ((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(labels.numpy().astype(np.uint8)).save(tmp_path / "labels" / f"{i}.png")
+    result = eval_transformer.main(eval_transformer.build_parser().parse_args([
+        "--checkpoint-path", str(FIXTURES / "last.ckpt"), "--taming-config", str(FIXTURES / "model.yaml"),
+        "--reference", str(tmp_path / "images"), "--cond-path", str(tmp_path / "labels"), "--num-samples", "4",
+        "--device", "cpu", "--out-json", str(tmp_path / "m.json"), "--num-workers", "0"]),
+        feature_extractor=RandomConvFeatures())
+    model = VQGANTransformer.from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
+    pairs = PairedFolder(tmp_path / "images", tmp_path / "labels", 16, train=False, cond_kind="segmentation",
+                         num_labels=5)
+    x, c = (torch.stack([pairs[i][key] for i in range(4)]) for key in ("image", "cond"))
+    z = model.encode_to_indices(x)
+    logits, _ = model(z, cond=model.encode_condition(c))
+    assert torch.equal(c[:2].argmax(1), REF["labels"])  # the PNGs hold the fixture's label maps
+    torch.testing.assert_close(logits[:2], REF["logits"], atol=1e-5, rtol=0)  # the fixture's image is the PNG's
+    expected = F.cross_entropy(logits.flatten(0, 1), z.flatten()).item() / math.log(2)
+    assert result["val_bits_per_token"] == pytest.approx(expected, rel=1e-5)
+    assert result["num_samples"] == 4 and result["sampling"]["ema"] is False
 
 
 def variant(tmp_path, ckpt=FIXTURES / "last.ckpt", **params):
