@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data import PairedFolder, build_loader
+from data import DataError, PairedFolder, build_loader
 from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import pick_device, seed_everything, set_threads
 from training_run import run_script
@@ -77,9 +77,10 @@ def train(pairs, num_labels, steps, batch_size=32, lr=3e-3, device=torch.device(
     model = PixelClassifier(num_labels).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)  # short runs: warm up, anneal
-    loader, step = build_loader(pairs, batch_size, train=True), 0
+    loader, step = build_loader(pairs, min(batch_size, len(pairs)), train=True), 0  # a small set: one batch of all
     with tqdm(total=steps, desc="segmenter") as bar:
         while step < steps:
+            epoch_start = step
             for batch in loader:
                 if batch is None:
                     continue
@@ -93,6 +94,8 @@ def train(pairs, num_labels, steps, batch_size=32, lr=3e-3, device=torch.device(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if step == steps:
                     break
+            if step == epoch_start:  # every file unreadable: no epoch would ever end the loop
+                raise DataError(f"None of the {len(pairs)} pairs for the segmenter could be read.")
     return model.eval()
 
 

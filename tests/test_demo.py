@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -22,9 +23,16 @@ def pixels(path):
         return np.asarray(image.convert("RGB"))
 
 
-def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One run of the tiny default demo, which the conditional demo then builds on."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.main(demo.build_parser().parse_args(["--tiny", "--out-dir", str(out), "--device", "cpu"]))
+
+
+def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tiny_demo):
     tiny = demo.TINY
-    summary = demo.main(demo.build_parser().parse_args(["--tiny", "--out-dir", str(tmp_path), "--device", "cpu"]))
+    tmp_path, summary = tiny_demo
 
     # The figures printed at the end are eval_vqgan.py's, written to results/eval_vqgan.json.
     metrics = json.loads((tmp_path / "results" / "eval_vqgan.json").read_text())
@@ -59,6 +67,42 @@ def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tmp_path):
         a, b = pixels(small), pixels(large)
         assert b.shape == (tiny.enlarge * a.shape[0], tiny.enlarge * a.shape[1], 3)
         assert np.array_equal(b[::tiny.enlarge, ::tiny.enlarge], a)
+
+
+def test_tiny_conditional_demo_builds_on_the_default_run(tiny_demo, capsys):
+    tiny, c = demo.TINY, demo.COND_TINY
+    out, _ = tiny_demo
+    default_gpt = out / "checkpoints" / "transformer_last.pt"
+    before = default_gpt.stat().st_mtime_ns
+    summary = demo.main(demo.build_parser().parse_args(["--tiny", "--conditional", "--out-dir", str(out), "--device",
+                                                        "cpu"]))
+    assert "Reusing the default demo's flowers and models" in capsys.readouterr().out
+    assert default_gpt.stat().st_mtime_ns == before  # the default demo's GPT is the unconditional baseline, kept
+
+    train, heldout = demo.data_dirs(out, tiny)
+    for folder in (train, heldout):  # a label map (classes of FLOWER_LABELS) beside every flower
+        assert [p.name for p in find_images(demo.labels_dir(folder))] == [p.name for p in find_images(folder)]
+    labels = torch.load(out / "labels" / "checkpoints" / "vqgan_last.pt", weights_only=True)
+    assert (labels["config"]["image_kind"], labels["config"]["num_labels"]) == ("segmentation", 4)
+    cond = torch.load(out / "conditional" / "checkpoints" / "transformer_last.pt", weights_only=True)
+    plain = torch.load(default_gpt, weights_only=True)
+    assert cond["cond_kind"] == "segmentation" and cond["step"] == plain["step"] == tiny.gpt_steps
+    assert Path(cond["cond_checkpoint"]) == (out / "labels" / "checkpoints" / "vqgan_last.pt").resolve()
+    same = ("n_layer", "n_head", "n_embd", "pkeep", "embd_pdrop")  # the same GPT, but for the block it reads
+    assert [cond["config"][k] for k in same] == [plain["config"][k] for k in same]
+
+    for name in ("conditional", "unconditional"):  # both GPTs measured on the held-out pairs
+        saved = json.loads((out / "conditional" / "results" / f"eval_{name}.json").read_text())
+        assert saved == summary["results"][name] and saved["protocol"]["pairs"]["num_pairs"] == tiny.heldout_images
+        for key in ("val_bits_per_token", "psnr_to_reference", "sample_mean_iou"):
+            assert math.isfinite(saved[key]), (name, key)
+    assert 0 <= summary["segmenter"]["pixel_accuracy"] <= 1
+
+    cell = tiny.image_size + 2  # make_grid's padding
+    assert pixels(summary["pictures"][0]).shape == (tiny.enlarge * (c.layouts * cell + 2),
+                                                    tiny.enlarge * ((c.samples_per_layout + 2) * cell + 2), 3)
+    large = torch.load(out / "conditional" / "samples" / "large" / "indices.pt", weights_only=True)
+    assert large.shape == (c.samples_per_layout, 2 * tiny.image_size // 2, 2 * tiny.image_size // 2)  # f = 2
 
 
 def run_cli(*flags):
