@@ -166,13 +166,13 @@ def main(args):
     lpips = inception = None
     if kind != "rgb":
         notes.append(f"lpips and rfid are null: their networks judge RGB images, not {kind} maps.")
-    elif lpips_available():
-        lpips = LPIPS().to(device)
     else:
-        vgg = vgg16_path()
-        notes.append(f"lpips is null: LPIPS needs torchvision's ImageNet VGG16 weights: put {os.path.basename(vgg)} "
-                     f"(from {VGG16_WEIGHTS.url}) in {os.path.dirname(vgg)}/.")
-    if kind == "rgb":
+        if lpips_available():
+            lpips = LPIPS().to(device)
+        else:
+            vgg = vgg16_path()
+            notes.append(f"lpips is null: LPIPS needs torchvision's ImageNet VGG16 weights: put "
+                         f"{os.path.basename(vgg)} (from {VGG16_WEIGHTS.url}) in {os.path.dirname(vgg)}/.")
         inception, note = load_inception(device)
         if note:
             notes.append(note)

@@ -33,14 +33,19 @@ from runtime import autocast, make_scaler
 class LossConfig:
     """Weights of the stage-1 loss terms and the step at which the GAN starts (the paper's defaults)."""
     rec_loss_factor: float = 1.0
-    perceptual_loss_factor: float = 1.0
+    perceptual_loss_factor: Optional[float] = None  # None: 1.0 for rgb, 0 for gray and segmentation
     disc_start: int = 10000
-    disc_factor: float = 1.0
+    disc_factor: Optional[float] = None  # None: 1.0, and 0 for segmentation
     disc_weight: float = 0.8
     image_kind: str = "rgb"  # segmentation: binary cross-entropy with logits instead of L1
 
     def __post_init__(self):
-        """LPIPS judges RGB images; label maps train without a GAN (taming's VQSegmentationModel)."""
+        """Defaults by image kind: LPIPS judges RGB images; label maps train without a GAN (taming's
+        VQSegmentationModel). A value given against them is refused."""
+        if self.perceptual_loss_factor is None:
+            self.perceptual_loss_factor = 1.0 if self.image_kind == "rgb" else 0.0
+        if self.disc_factor is None:
+            self.disc_factor = 0.0 if self.image_kind == "segmentation" else 1.0
         if self.image_kind != "rgb" and self.perceptual_loss_factor > 0:
             raise ValueError(f"--perceptual-loss-factor must be 0 for --image-kind {self.image_kind}: LPIPS's VGG "
                              f"judges RGB images.")

@@ -37,22 +37,13 @@ def from_flags(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-def kind_defaults(args):
-    """Fill the loss weights whose default depends on --image-kind: LPIPS for rgb only, the GAN for all but label
-    maps (a value given against that is refused by LossConfig)."""
-    if args.perceptual_loss_factor is None:
-        args.perceptual_loss_factor = 1.0 if args.image_kind == "rgb" else 0.0
-    if args.disc_factor is None:
-        args.disc_factor = 0.0 if args.image_kind == "segmentation" else 1.0
-
-
-def check_args(args):
+def check_args(args, loss_config):
     """Reject impossible values of the training flags up front, naming the flag (the configs check their own)."""
     check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
                    "max_nonfinite_steps")
     if args.learning_rate is not None and not args.learning_rate > 0:  # also refuses nan
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
-    gan_starts = args.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
+    gan_starts = loss_config.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
     if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
         raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
                          f"pass a larger size or --disc-factor 0.")
@@ -111,9 +102,8 @@ def show_progress(run, vqgan, ema, x):
 
 @keeps_signal_handlers
 def main(args):
-    kind_defaults(args)
     config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)  # they check their own flags
-    check_args(args)
+    check_args(args, loss_config)
     run = TrainingRun(args, "vqgan")
     device = run.device
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
@@ -124,7 +114,7 @@ def main(args):
     disc = Discriminator(DiscriminatorConfig(in_channels=config.in_channels))  # never trained for label maps
     vqgan, disc = vqgan.to(device, memory_format=memory_format), disc.to(device, memory_format=memory_format)
     lpips = None
-    if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
+    if loss_config.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
         lpips = LPIPS().to(device, memory_format=memory_format)
     lr = args.learning_rate or BASE_LEARNING_RATE * args.batch_size * run.d.world_size * args.grad_accum
     opt_vq, opt_disc = build_optimizers(vqgan, disc, lr, args)
@@ -212,7 +202,7 @@ def build_parser():
     a("--restart-dead-codes", action="store_true", help="re-seed unused codes from current encoder outputs")
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
     a("--quantizer", choices=["vq", "ema", "fsq", "lfq"], default="vq",
-      help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (README)")
+      help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (docs/quantizers.md)")
     a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
     a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")
     a("--codebook-ema-decay", type=float, default=0.99, help="ema: decay of the codes' moving averages")

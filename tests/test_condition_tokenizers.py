@@ -123,14 +123,13 @@ def test_impossible_kind_flags_are_refused(tmp_path, kind, flags, message):
 
 
 def test_loss_defaults_follow_the_image_kind():
+    """The flags' None defaults become LossConfig's per-kind values; given values stay."""
     parse = training_vqgan.build_parser().parse_args
     for kind, lpips, gan in (("rgb", 1.0, 1.0), ("gray", 0.0, 1.0), ("segmentation", 0.0, 0.0)):
-        args = parse(["--image-kind", kind])
-        training_vqgan.kind_defaults(args)
-        assert (args.perceptual_loss_factor, args.disc_factor) == (lpips, gan), kind
-    args = parse(["--perceptual-loss-factor", "0.5", "--disc-factor", "0"])
-    training_vqgan.kind_defaults(args)
-    assert (args.perceptual_loss_factor, args.disc_factor) == (0.5, 0.0)  # given values stay
+        config = training_vqgan.from_flags(LossConfig, parse(["--image-kind", kind]))
+        assert (config.perceptual_loss_factor, config.disc_factor) == (lpips, gan), kind
+    config = training_vqgan.from_flags(LossConfig, parse(["--perceptual-loss-factor", "0.5", "--disc-factor", "0"]))
+    assert (config.perceptual_loss_factor, config.disc_factor) == (0.5, 0.0)
 
 
 # ---- the training script and evaluation ----
