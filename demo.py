@@ -88,9 +88,9 @@ class ConditionalSettings:
 
 
 COND = ConditionalSettings(
-    labels_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions",
-                  "--latent-dim", "32", "--num-codebook-vectors", "256", "--codebook-dim", "8", "--codebook-l2-norm",
-                  "--restart-dead-codes", "--batch-size", "16", "--learning-rate", "6e-4"],
+    labels_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions", "8",
+                  "--latent-dim", "32", "--num-codebook-vectors", "128", "--codebook-dim", "8", "--codebook-l2-norm",
+                  "--restart-dead-codes", "--batch-size", "16", "--learning-rate", "6e-4"],  # docs/conditional.md
     labels_steps=600, block_size=128, segmenter_steps=600, layouts=4, samples_per_layout=4, large_scale=2)
 
 COND_TINY = ConditionalSettings(
