@@ -46,7 +46,7 @@ class TransformerConfig:
     pkeep: float = 1.0  # probability of keeping each input index (taming's input noise)
     num_classes: int = 0  # 0: unconditional, one start token
     class_dropout: float = 0.0  # > 0: a learned null-class token replaces the class this often (classifier-free)
-    cond_downsample: int = 1  # an image condition is resized to 1/S before it is tokenized (taming's downsample_cond_size)
+    cond_downsample: int = 1  # the image condition is resized to 1/S before tokenizing (taming's downsample_cond_size)
     cond_dropout: float = 0.0  # > 0: the null condition replaces the image condition this often (guidance)
     cond_embedding: str = "shared"  # condition code k is token k (taming's one table), or "separate": token K + k
     embd_pdrop: float = 0.0

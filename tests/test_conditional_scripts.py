@@ -130,8 +130,8 @@ def test_condition_errors_are_one_sentence(run, tmp_path):
                str(root / "vqgan.pt"))
     plain, config = tmp_path / "plain.pt", TransformerConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
     gpt = VQGANTransformer(VQGAN(VQGANConfig(**TINY)), config).gpt
-    save_checkpoint(dict(model=gpt.state_dict(), config=asdict(config), step=0, vqgan_checkpoint=str(root / "vqgan.pt")),
-                    plain)
+    save_checkpoint(dict(model=gpt.state_dict(), config=asdict(config), step=0,
+                         vqgan_checkpoint=str(root / "vqgan.pt")), plain)
     with pytest.raises(ValueError, match=r"--cond-image needs a model trained with an image condition"):
         sample(plain, tmp_path / "out", "--cond-image", str(tmp_path / "odd.png"))
 
