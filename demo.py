@@ -282,8 +282,8 @@ def conditional_demo(args):
     for name, ckpt in (("conditional", cond_ckpt), ("unconditional", gpt_ckpt)):
         results[name] = run_script(eval_transformer, [
             "--checkpoint-path", str(ckpt), "--reference", str(heldout_dir), "--cond-path",
-            str(labels_dir(heldout_dir)),
-            "--segmenter", str(segmenter_ckpt), "--features", "random-conv", "--num-samples", str(s.heldout_images),
+            str(labels_dir(heldout_dir)), "--segmenter", str(segmenter_ckpt), "--features", "random-conv",
+            "--num-samples", str(s.heldout_images),
             "--top-k", str(s.top_k), "--num-grid", "0", "--out-json", str(cond_out / "results" / f"eval_{name}.json"),
             "--num-workers", "0", *device])
     times["measurements"] = time.perf_counter() - start - sum(times.values())
