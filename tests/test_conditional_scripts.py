@@ -136,6 +136,32 @@ def test_condition_errors_are_one_sentence(run, tmp_path):
         sample(plain, tmp_path / "out", "--cond-image", str(tmp_path / "odd.png"))
 
 
+def test_super_resolution_with_the_images_own_tokenizer(run, tmp_path):
+    """RGB conditions tokenized by the image's own stage-1 model (no --cond-checkpoint), shrunk to 1/2 first
+    (--cond-downsample 2): low-resolution copies, enlarged 2x by nearest neighbour, come back exactly."""
+    root, _ = run
+    (tmp_path / "low").mkdir()
+    for path in find_images(root / "flowers"):
+        with Image.open(path) as image:
+            image.resize((16, 16), Image.BICUBIC).resize((32, 32), Image.NEAREST).save(tmp_path / "low" / path.name)
+    out = tmp_path / "stage2"
+    training_transformer.main(training_transformer.build_parser().parse_args(STAGE2_FLAGS + [
+        "--block-size", "80", "--dataset-path", str(root / "flowers"), "--cond-path", str(tmp_path / "low"),
+        "--checkpoint-path", str(root / "vqgan.pt"), "--cond-downsample", "2", "--cond-embedding", "separate",
+        "--max-steps", "2", "--sample-every", "2", "--out-dir", str(out)]))
+    ckpt = out / "checkpoints" / "transformer_last.pt"
+    saved = load_checkpoint(ckpt)
+    assert saved["cond_kind"] == "rgb" and saved["cond_checkpoint"] == str((root / "vqgan.pt").resolve())
+    model = VQGANTransformer.from_checkpoint(ckpt)
+    assert model.cond_vqgan is model.vqgan and model.cond_hw == (4, 4) and model.cond_offset == 64
+    low = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.encode_condition(low.repeat_interleave(2, 2).repeat_interleave(2, 3)),
+                       model.encode_to_grid(low))  # nearest up, then nearest down: the same pixels
+    with Image.open(tmp_path / "low" / "flower_0000.png") as image:
+        image.resize((64, 64), Image.NEAREST).save(tmp_path / "large.png")
+    assert sample(ckpt, tmp_path / "out", "--cond-image", str(tmp_path / "large.png")).shape == (2, 16, 16)
+
+
 def test_eval_pairs_samples_with_conditions_and_ground_truth(run, tmp_path, monkeypatch):
     """eval_transformer.py --cond-path --segmenter: sample i is drawn for pair i's condition and compared with pair i;
     the validation loss reads each held-out image with its condition."""
