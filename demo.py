@@ -248,11 +248,15 @@ def conditional_demo(args):
     # 2. The label maps' tokenizer (one-hot in, logits out, binary cross-entropy: taming's VQSegmentationModel),
     # measured on the held-out maps.
     labels_out = out / "labels"
-    labels_ckpt = run_script(training_vqgan, [
-        "--image-kind", "segmentation", "--num-labels", str(num_labels), "--dataset-path", str(labels_dir(train_dir)),
-        "--image-size", str(size), *c.labels_flags, "--max-steps", str(c.labels_steps), "--sample-every",
-        str(c.labels_steps), "--save-every", str(c.labels_steps), "--out-dir", str(labels_out), "--num-workers", "0",
-        *device])
+    labels_ckpt = labels_out / "checkpoints" / "vqgan_last.pt"
+    if finished(labels_ckpt, c.labels_steps, labels_dir(train_dir)):
+        print(f"Reusing the layout tokenizer {labels_ckpt}.")
+    else:
+        run_script(training_vqgan, [
+            "--image-kind", "segmentation", "--num-labels", str(num_labels), "--dataset-path",
+            str(labels_dir(train_dir)), "--image-size", str(size), *c.labels_flags, "--max-steps", str(c.labels_steps),
+            "--sample-every", str(c.labels_steps), "--save-every", str(c.labels_steps), "--out-dir", str(labels_out),
+            "--num-workers", "0", *device])
     labels_eval = run_script(eval_vqgan, [
         "--checkpoint-path", str(labels_ckpt), "--dataset-path", str(labels_dir(heldout_dir)), "--out-json",
         str(labels_out / "results" / "eval_vqgan.json"), "--num-grid", "12", "--num-workers", "0", *device])
