@@ -11,7 +11,8 @@ reconstructions.png), samples/ (grid.png) and, enlarged for viewing, demo_recons
 
 --conditional reuses that run when it is in <out-dir> (or makes it first) and adds the label maps of the flowers
 (data/*_labels/), their tokenizer (labels/), a GPT that reads [layout tokens, image tokens] and the per-pixel
-classifier that measures its samples (conditional/), and demo_conditional.png and demo_conditional_2x.png.
+classifier that measures its samples (conditional/), and demo_conditional.png and demo_conditional_2x.png. Each
+finished model of a previous run in <out-dir> is reused, so an interrupted run picks up where it stopped.
 """
 import argparse
 import json
@@ -264,12 +265,16 @@ def conditional_demo(args):
 
     # 3. The conditional GPT: the default demo's GPT flags and steps, reading [start, layout tokens, image tokens].
     cond_out = out / "conditional"
-    cond_ckpt = run_script(training_transformer, [
-        "--dataset-path", str(train_dir), "--cond-path", str(labels_dir(train_dir)), "--val-path", str(heldout_dir),
-        "--val-cond-path", str(labels_dir(heldout_dir)), "--checkpoint-path", str(vqgan_ckpt), "--cond-checkpoint",
-        str(labels_ckpt), "--precompute-tokens", *s.gpt_flags, "--block-size", str(c.block_size), "--max-steps",
-        str(s.gpt_steps), "--sample-every", str(s.gpt_steps // s.evals), "--save-every", str(s.gpt_steps),
-        "--out-dir", str(cond_out), "--num-workers", "0", *device])
+    cond_ckpt = cond_out / "checkpoints" / "transformer_last.pt"
+    if finished(cond_ckpt, s.gpt_steps, train_dir):
+        print(f"Reusing the conditional GPT {cond_ckpt}.")
+    else:
+        run_script(training_transformer, [
+            "--dataset-path", str(train_dir), "--cond-path", str(labels_dir(train_dir)), "--val-path",
+            str(heldout_dir), "--val-cond-path", str(labels_dir(heldout_dir)), "--checkpoint-path", str(vqgan_ckpt),
+            "--cond-checkpoint", str(labels_ckpt), "--precompute-tokens", *s.gpt_flags, "--block-size",
+            str(c.block_size), "--max-steps", str(s.gpt_steps), "--sample-every", str(s.gpt_steps // s.evals),
+            "--save-every", str(s.gpt_steps), "--out-dir", str(cond_out), "--num-workers", "0", *device])
     times["conditional stage 2"] = time.perf_counter() - start - sum(times.values())
 
     # 4. The ruler: a per-pixel classifier of (flower, label map) pairs, with its own held-out accuracy.
