@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import training_vqgan
+from cli import ScriptParser, run_script
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, train_step
 from lpips import LPIPS
@@ -29,7 +30,6 @@ from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throug
 from mingpt import GPT, GPTConfig
 from runtime import autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter
 from vqgan import VQGAN, VQGANConfig
 
 CONFIGS = {
@@ -325,8 +325,7 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark stage-1 and stage-2 training and sampling.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Benchmark stage-1 and stage-2 training and sampling.")
     a = p.add_argument
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
     a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
@@ -359,4 +358,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_script(main, build_parser())

@@ -10,7 +10,6 @@ images are resized (shorter side) and centre-cropped to that size. Both go to th
 The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
 sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -25,11 +24,11 @@ from tqdm import tqdm
 
 import eval_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import ScriptParser, run_script
 from data import DataError, ImageFolder, build_loader, find_images
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 
 # torch-fidelity's defaults (those of the papers that introduced each metric).
 ISC_SPLITS = 10            # Inception Score: mean over 10 splits of the samples
@@ -342,9 +341,8 @@ def print_table(result):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample from a stage-2 model and measure the samples against reference "
-                                            "images (FID, IS, KID, precision/recall) and its validation loss.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample from a stage-2 model and measure the samples against reference images (FID, IS, KID, "
+                     "precision/recall) and its validation loss.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
     a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")

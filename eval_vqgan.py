@@ -6,7 +6,6 @@
 Every image is resized (shorter side) and center-cropped to --image-size, encoded, quantized and decoded. Writes the
 metrics as JSON, a grid of originals over their reconstructions beside it, and prints a small table.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -17,12 +16,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from cli import ScriptParser, run_script
 from codebook import codebook_usage
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
-from training_run import run_script
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.
@@ -224,8 +223,7 @@ def print_table(metrics):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Reconstruct a folder of images with a stage-1 VQGAN and measure it.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
     a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")

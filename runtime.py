@@ -184,6 +184,14 @@ def make_scaler(precision, device):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM, after its checkpoint was saved."""
+
+    def __init__(self, signal_name):
+        super().__init__(f"stopped by {signal_name} after saving")
+        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
+
+
 class StopSignal:
     """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting."""
 

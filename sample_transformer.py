@@ -6,7 +6,6 @@
     python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
 """
-import argparse
 import time
 
 import torch
@@ -16,11 +15,11 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from cli import ScriptParser, run_script
 from data import DataError
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, check_writable, save_image_grid, to_image_range
+from utils import check_writable, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
@@ -164,8 +163,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
     a("--checkpoint-path", default="checkpoints/transformer_last.pt", help="a stage-2 checkpoint")
     a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")

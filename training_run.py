@@ -1,9 +1,6 @@
 """TrainingRun: the part of both training loops that is not the algorithm (resume, atomic saves, stop signals, the
-non-finite guard, epochs and skipped files, the metrics log, TensorBoard and the progress bar), and the scripts'
-entry point."""
+non-finite guard, epochs and skipped files, the metrics log, TensorBoard and the progress bar)."""
 import json
-import signal
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,32 +9,12 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, MissingWeights, check_same_config, load_checkpoint, save_checkpoint
+from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
 from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
 from ema import EMA
-from runtime import (StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory, seed_everything,
-                     set_threads, setup_distributed, wrap_model)
-from utils import MetricsLog, check_writable, parse_flags, save_image_grid, to_image_range
-
-
-class Interrupted(Exception):
-    """A run stopped by SIGINT or SIGTERM, after its checkpoint was saved."""
-
-    def __init__(self, signal_name):
-        super().__init__(f"stopped by {signal_name} after saving")
-        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
-
-
-def run_script(main, parser, checkpoint_name=None):
-    """A script's entry point: an expected failure is one line on stderr and exit code 1, never a traceback; a run
-    stopped by a signal exits with 130 (SIGINT) or 143 (SIGTERM) after saving."""
-    try:
-        main(parse_flags(parser, checkpoint_name=checkpoint_name))
-    except Interrupted as stop:
-        sys.exit(stop.exit_code)
-    except (DataError, CheckpointError, MissingWeights, ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+from runtime import (Interrupted, StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory,
+                     seed_everything, set_threads, setup_distributed, wrap_model)
+from utils import MetricsLog, check_writable, save_image_grid, to_image_range
 
 
 class TrainingRun:
@@ -62,7 +39,7 @@ class TrainingRun:
         self.precision = resolve_precision(args.precision, self.device)
         self.out_dir = Path(args.out_dir)
         self.results = self.out_dir / "results"
-        self.ckpt_path = self.out_dir / "checkpoints" / f"{name}_last.pt"
+        self.ckpt_path = checkpoint_path(self.out_dir, name)
         self.tensorboard = None
         if self.is_main:
             check_writable(self.out_dir)

@@ -4,7 +4,6 @@
     python training_transformer.py --dataset-path /my/images --checkpoint-path run/checkpoints/vqgan_last.pt
     torchrun --nproc_per_node 4 training_transformer.py ...          # 4 GPUs
 """
-import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,15 +11,19 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
+from cli import ScriptParser, add_run_flags, check_positive, run_script
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
 from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync
-from training_run import TrainingRun, run_script
+from training_run import TrainingRun
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter, add_run_flags, check_positive, save_plots
+from utils import save_plots
 from vqgan import VQGAN
 
 # ---- the one line to edit: your folder of images (sub-folders are classes with --conditional) ----
 DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
+
+RUN_NAME = "transformer"  # checkpoints/transformer_last.pt, results/transformer_metrics.jsonl
+MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change besides the run flags
 
 BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
 
@@ -116,7 +119,7 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
-    run = TrainingRun(args, "transformer")
+    run = TrainingRun(args, RUN_NAME)
     device = run.device
     vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
@@ -182,8 +185,7 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional)")
     a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")
@@ -206,9 +208,9 @@ def build_parser():
       "replaces the class token, for sample_transformer.py --cfg-scale (default 0.1; 0: no null class)")
     a("--precompute-tokens", action="store_true", help="encode the data set once (and its flips) and train from that")
     a("--sample-top-k", type=int, default=None, help="top-k of the samples drawn during training")
-    add_run_flags(p, "transformer")
+    add_run_flags(p)
     return p
 
 
 if __name__ == "__main__":
-    run_script(main, build_parser(), checkpoint_name="transformer")
+    run_script(main, build_parser())

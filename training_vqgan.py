@@ -6,31 +6,29 @@
 """
 import argparse
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 
+from cli import ScriptParser, add_run_flags, check_positive, config_from_flags, run_script
 from data import ImageFolder
 from discriminator import Discriminator
-from lpips import LPIPS
 from loss import LossConfig, Stage1, train_step
+from lpips import LPIPS
 from runtime import fused_adam, keeps_signal_handlers, no_sync
-from training_run import TrainingRun, run_script
-from utils import HelpFormatter, add_run_flags, check_positive, save_plots
+from training_run import TrainingRun
+from utils import save_plots
 from vqgan import VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
 DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
 
+RUN_NAME = "vqgan"  # checkpoints/vqgan_last.pt, results/vqgan_metrics.jsonl
+MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change besides the run flags
+
 BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
 
 
 # ---- helpers ----
-
-def from_flags(cls, args):
-    """A config dataclass from the flags: every field has the flag of the same name (it validates itself)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
 
 def check_args(args):
     """Reject impossible values of the training flags up front, naming the flag (the configs check their own)."""
@@ -95,9 +93,9 @@ def show_progress(run, vqgan, ema, x):
 
 @keeps_signal_handlers
 def main(args):
-    config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)  # they check their own flags
+    config, loss_config = config_from_flags(VQGANConfig, args), config_from_flags(LossConfig, args)  # checked
     check_args(args)
-    run = TrainingRun(args, "vqgan")
+    run = TrainingRun(args, RUN_NAME)
     device = run.device
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
 
@@ -164,8 +162,7 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 1 of VQGAN: train the VQ autoencoder.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Stage 1 of VQGAN: train the VQ autoencoder.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
@@ -206,9 +203,9 @@ def build_parser():
            "for ~5%% more time; default: on the CPU, off on CUDA")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="channels_last memory format for the convolutions; default: on the CPU, off on CUDA (see bench.py)")
-    add_run_flags(p, "vqgan")
+    add_run_flags(p)
     return p
 
 
 if __name__ == "__main__":
-    run_script(main, build_parser(), checkpoint_name="vqgan")
+    run_script(main, build_parser())
