@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-import training_vqgan
-from cli import ScriptParser, run_script
+from cli import BASE_LEARNING_RATE, ScriptParser, run_script
 from discriminator import Discriminator
-from loss import LossConfig, Stage1, train_step
+from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
+from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory)
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -68,16 +68,12 @@ def build_gpt(config, grid, args, device):
 def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
-    recompute = training_vqgan.recompute_default(args.recompute, device)
-    fmt = torch.channels_last if training_vqgan.channels_last_default(args.channels_last, device) else \
-        torch.contiguous_format
-    vqgan = VQGAN(config).set_recompute(recompute).to(device, memory_format=fmt)
+    fmt = memory_format(on_cpu_default(args.channels_last, device))
+    vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device)).to(device, memory_format=fmt)
     disc = Discriminator().to(device, memory_format=fmt)
     lpips = LPIPS(vgg_weights=None).to(device, memory_format=fmt)  # random VGG16 weights: the same FLOPs, no download
-    train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
-    lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
-    opt_vq, opt_disc = training_vqgan.build_optimizers(vqgan, disc, lr, train_args)
-    s = Stage1(vqgan, disc, lpips, training_vqgan.from_flags(LossConfig, train_args), precision)
+    opt_vq, opt_disc = stage1_optimizers(vqgan, disc, BASE_LEARNING_RATE * args.batch_size)
+    s = Stage1(vqgan, disc, lpips, LossConfig(disc_start=0), precision)  # the paper's loss, GAN on
     compiled = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
     x = x.contiguous(memory_format=fmt)
@@ -87,8 +83,8 @@ def bench_stage1(args, device, precision):
         metrics = train_step(s, x, i)
         if not math.isfinite(metrics["loss"].item()):  # the training loop's check (and its one sync per step)
             raise FloatingPointError(f"stage 1: non-finite loss at step {i}")
-        training_vqgan.optimizer_step(opt_vq, s.scalers[0])
-        training_vqgan.optimizer_step(opt_disc, s.scalers[1])
+        optimizer_step(opt_vq, s.scalers[0])
+        optimizer_step(opt_disc, s.scalers[1])
 
     times, cpu_times, flops = time_steps(step, lambda i: step(i, (vqgan, disc)), args.warmup, args.steps, device,
                                          args.compile)
@@ -100,7 +96,7 @@ def bench_stage2(args, device, precision):
     """One step of stage-2 training on random tokens: GPT forward and backward, clipping, AdamW (no VQGAN encode)."""
     config, grid = models_config(args)
     gpt = build_gpt(config, grid, args, device)
-    opt = gpt.configure_optimizers(4.5e-6 * args.gpt_batch_size)
+    opt = gpt.configure_optimizers(BASE_LEARNING_RATE * args.gpt_batch_size)
     scaler = make_scaler(precision, device)
     model = torch.compile(gpt) if args.compile else gpt
     start_token = config.num_codebook_vectors
@@ -115,7 +111,7 @@ def bench_stage2(args, device, precision):
             raise FloatingPointError(f"stage 2: non-finite loss at step {i}")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)  # training_transformer's default --grad-clip
-        training_vqgan.optimizer_step(opt, scaler)
+        optimizer_step(opt, scaler)
 
     times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device, args.compile)
     tokens_per_step = args.gpt_batch_size * grid * grid
@@ -291,8 +287,8 @@ def main(args):
     results = {"config": args.config, "vqgan": CONFIGS[args.config]["vqgan"] or "VQGANConfig() defaults",
                "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
                "precision": precision, "compile": args.compile,
-               "recompute": training_vqgan.recompute_default(args.recompute, device),
-               "channels_last": training_vqgan.channels_last_default(args.channels_last, device),
+               "recompute": on_cpu_default(args.recompute, device),
+               "channels_last": on_cpu_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
                "issue_flops": ISSUE_FLOPS.get(args.config),

@@ -11,6 +11,9 @@ from data import DataError
 from runtime import Interrupted
 
 
+BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
+
+
 def run_script(main, parser, argv=None):
     """A script's entry point: main(flags of parse_flags) and what it returns. An expected failure is one line on
     stderr and exit code 1, never a traceback; a run stopped by a signal exits with 130 (SIGINT) or 143 (SIGTERM)
@@ -45,6 +48,9 @@ class ScriptParser(argparse.ArgumentParser):
 def add_run_flags(parser):
     """Flags of the training loop, the same in both scripts."""
     a = parser.add_argument
+    a("--learning-rate", type=float, default=None,
+      help="Adam's learning rate (AdamW's in stage 2); default: 4.5e-6 x the global batch (--batch-size x processes x "
+           "--grad-accum), taming's scaling")
     a("--epochs", type=int, default=100, help="passes over the data set (unless --max-steps is given)")
     a("--max-steps", type=int, default=None,
       help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
@@ -138,7 +144,12 @@ def parse_flags(parser, argv=None):
     return args
 
 
-# ---- flags to configs, and their checks ----
+# ---- flags to values: configs, the learning rate, checks ----
+
+def learning_rate(args, world_size):
+    """--learning-rate when given, else taming's scaling: BASE_LEARNING_RATE x the global batch."""
+    return args.learning_rate or BASE_LEARNING_RATE * args.batch_size * world_size * args.grad_accum
+
 
 def config_from_flags(cls, args):
     """A config dataclass from the flags: every field has the flag of the same name (it validates itself)."""

@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from runtime import autocast, make_scaler
+from runtime import autocast, fused_adam, make_scaler
+
+ADAM_BETAS = (0.5, 0.9)  # taming's betas of both optimizers
 
 
 @dataclass
@@ -34,6 +36,13 @@ class LossConfig:
     def gan_active(self, step):
         """taming's adopt_weight: the GAN terms (and the discriminator's updates) from --disc-start on."""
         return self.disc_factor > 0 and step >= self.disc_start
+
+
+def stage1_optimizers(vqgan, disc, lr, betas=ADAM_BETAS):
+    """taming's two Adams: one for the encoder, codebook and decoder, one for the discriminator."""
+    fused = fused_adam(next(vqgan.parameters()).device)
+    return (torch.optim.Adam(vqgan.parameters(), lr=lr, betas=betas, fused=fused),
+            torch.optim.Adam(disc.parameters(), lr=lr, betas=betas, fused=fused))
 
 
 def hinge_d_loss(logits_real, logits_fake):

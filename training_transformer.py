@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from cli import ScriptParser, add_run_flags, check_positive, run_script
+from cli import ScriptParser, add_run_flags, check_positive, learning_rate, run_script
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
-from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync
+from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
 from transformer import TransformerConfig, VQGANTransformer
 from utils import save_plots
@@ -24,8 +24,6 @@ DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn fl
 
 RUN_NAME = "transformer"  # checkpoints/transformer_last.pt, results/transformer_metrics.jsonl
 MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change besides the run flags
-
-BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
 
 
 # ---- data: images, or token rows encoded once ----
@@ -131,7 +129,7 @@ def main(args):
     config = config_from_args(args, vqgan, len(classes) if classes else 0)
     transformer = VQGANTransformer(vqgan, config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
-    lr = args.learning_rate or BASE_LEARNING_RATE * args.batch_size * run.d.world_size * args.grad_accum
+    lr = learning_rate(args, run.d.world_size)
     optimizer = gpt.configure_optimizers(lr, weight_decay=args.weight_decay)
     scaler = make_scaler(run.precision, device)
 
@@ -167,9 +165,7 @@ def main(args):
             continue
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler)
         if ema:
             ema.update(gpt)
         loss = loss.detach().float()
@@ -194,7 +190,6 @@ def build_parser():
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")
     a("--image-size", type=int, default=None, help="default: the stage-1 model's training size")
     a("--batch-size", type=int, default=8, help="sequences per process per micro-step")
-    a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the Linear weights")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value")
     a("--pkeep", type=float, default=1.0, help="probability of keeping each input index (else a random code)")

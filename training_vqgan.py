@@ -9,12 +9,12 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import ScriptParser, add_run_flags, check_positive, config_from_flags, run_script
+from cli import ScriptParser, add_run_flags, check_positive, config_from_flags, learning_rate, run_script
 from data import ImageFolder
 from discriminator import Discriminator
-from loss import LossConfig, Stage1, train_step
+from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from runtime import fused_adam, keeps_signal_handlers, no_sync
+from runtime import keeps_signal_handlers, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
 from utils import save_plots
 from vqgan import VQGAN, VQGANConfig
@@ -24,8 +24,6 @@ DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn fl
 
 RUN_NAME = "vqgan"  # checkpoints/vqgan_last.pt, results/vqgan_metrics.jsonl
 MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change besides the run flags
-
-BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
 
 
 # ---- helpers ----
@@ -40,34 +38,6 @@ def check_args(args):
     if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
         raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
                          f"pass a larger size or --disc-factor 0.")
-
-
-def recompute_default(flag, device):
-    """--recompute when given, else on where memory is scarce and time plentiful (the CPU), off on GPUs."""
-    return device.type == "cpu" if flag is None else flag
-
-
-def channels_last_default(flag, device):
-    """--channels-last when given, else on for the CPU only, where it was measured (oneDNN: ~12% of a step).
-
-    On CUDA, GroupNorm turns a channels_last input back into the standard layout (PyTorch issue 111824), twice per
-    norm; bench.py --channels-last measures whether the faster convolutions win that back on a given GPU.
-    """
-    return device.type == "cpu" if flag is None else flag
-
-
-def build_optimizers(vqgan, disc, lr, args):
-    """taming's two Adams: one for the encoder, codebook and decoder, one for the discriminator."""
-    fused = fused_adam(next(vqgan.parameters()).device)
-    return (torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused),
-            torch.optim.Adam(disc.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused))
-
-
-def optimizer_step(opt, scaler):
-    """Step and clear the gradients (a disabled scaler just steps; fp16's skips steps whose gradients overflowed)."""
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
 
 
 # The panels of results/vqgan_losses.png: (title, logged values, log scale).
@@ -99,15 +69,14 @@ def main(args):
     device = run.device
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
 
-    memory_format = torch.channels_last if channels_last_default(args.channels_last, device) else \
-        torch.contiguous_format
-    vqgan = VQGAN(config).set_recompute(recompute_default(args.recompute, device))
-    vqgan, disc = vqgan.to(device, memory_format=memory_format), Discriminator().to(device, memory_format=memory_format)
+    fmt = memory_format(on_cpu_default(args.channels_last, device))
+    vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device))
+    vqgan, disc = vqgan.to(device, memory_format=fmt), Discriminator().to(device, memory_format=fmt)
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
-        lpips = LPIPS().to(device, memory_format=memory_format)
-    lr = args.learning_rate or BASE_LEARNING_RATE * args.batch_size * run.d.world_size * args.grad_accum
-    opt_vq, opt_disc = build_optimizers(vqgan, disc, lr, args)
+        lpips = LPIPS().to(device, memory_format=fmt)
+    lr = learning_rate(args, run.d.world_size)
+    opt_vq, opt_disc = stage1_optimizers(vqgan, disc, lr, betas=(args.beta1, args.beta2))
     s = Stage1(vqgan, disc, lpips, loss_config, run.precision)
 
     ckpt = run.resume(config)
@@ -138,7 +107,7 @@ def main(args):
     disc.train()
     for batches in run.steps(loader):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
             fixed_batch = x[:8] if fixed_batch is None else fixed_batch
             with no_sync(s.vqgan_ddp, s.disc_ddp, sync=i == len(batches) - 1):
                 metrics = train_step(s, x, run.step, args.grad_accum)
@@ -167,9 +136,8 @@ def build_parser():
     a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
-    a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
-    a("--beta1", type=float, default=0.5, help="Adam beta1")
-    a("--beta2", type=float, default=0.9, help="Adam beta2")
+    a("--beta1", type=float, default=ADAM_BETAS[0], help="Adam beta1")
+    a("--beta2", type=float, default=ADAM_BETAS[1], help="Adam beta2")
     a("--ch", type=int, default=128, help="base channel count of encoder and decoder")
     a("--ch-mult", type=int, nargs="+", default=[1, 1, 2, 2, 4], help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="ResNet blocks per level (the decoder has one more)")
@@ -200,9 +168,11 @@ def build_parser():
     a("--perceptual-loss-factor", type=float, default=1.0, help="weight of LPIPS (0: VGG is never built)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
-           "for ~5%% more time; default: on the CPU, off on CUDA")
+           "for ~5%% more time, where memory is scarce and time plentiful; default: on the CPU, off on CUDA")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-      help="channels_last memory format for the convolutions; default: on the CPU, off on CUDA (see bench.py)")
+      help="channels_last memory format for the convolutions: ~12%% of a CPU step (oneDNN). On CUDA, GroupNorm turns "
+           "it back into the standard layout (PyTorch issue 111824), twice per norm, so it stays off there until "
+           "bench.py --channels-last shows a gain on a GPU; default: on the CPU, off on CUDA")
     add_run_flags(p)
     return p
 

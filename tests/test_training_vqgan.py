@@ -10,7 +10,7 @@ from loss import LossConfig, Stage1, hinge_d_loss, train_step
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from lpips import LPIPS
-from runtime import make_scaler
+from runtime import make_scaler, on_cpu_default
 from checkpoint import CheckpointError, load_checkpoint
 from vqgan import VQGAN, VQGANConfig
 from helpers import TINY, TINY_FLAGS
@@ -125,8 +125,8 @@ def test_impossible_flags_are_rejected(tmp_path, flag, value, message):
 
 def test_recompute_is_on_for_the_cpu_only_unless_asked():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training_vqgan.recompute_default(None, cpu) is True
-    assert training_vqgan.recompute_default(None, cuda) is False
-    assert training_vqgan.recompute_default(False, cpu) is False
-    assert training_vqgan.recompute_default(True, cuda) is True
+    assert on_cpu_default(None, cpu) is True
+    assert on_cpu_default(None, cuda) is False
+    assert on_cpu_default(False, cpu) is False
+    assert on_cpu_default(True, cuda) is True
     assert training_vqgan.build_parser().parse_args(["--no-recompute"]).recompute is False
