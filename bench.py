@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import BASE_LEARNING_RATE, ScriptParser, run_script
+from config import check_positive
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
@@ -271,9 +272,7 @@ def main(args):
     for key, value in DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs")
     if min(args.window_scales) <= 0:
         raise ValueError(f"--window-scales must be positive, got {args.window_scales}.")
     if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:

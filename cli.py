@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from checkpoint import CheckpointError, MissingWeights, checkpoint_path, load_checkpoint
+from config import ConfigError, check_positive
 from data import DataError
 from runtime import Interrupted
 
@@ -16,15 +17,24 @@ BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch s
 
 def run_script(main, parser, argv=None):
     """A script's entry point: main(flags of parse_flags) and what it returns. An expected failure is one line on
-    stderr and exit code 1, never a traceback; a run stopped by a signal exits with 130 (SIGINT) or 143 (SIGTERM)
-    after saving."""
+    stderr and exit code 1, never a traceback, a config's error worded by the flags; a run stopped by a signal exits
+    with 130 (SIGINT) or 143 (SIGTERM) after saving."""
+    args = None
     try:
-        return main(parse_flags(parser, argv))
+        args = parse_flags(parser, argv)
+        return main(args)
     except Interrupted as stop:
         sys.exit(stop.exit_code)
     except (DataError, CheckpointError, MissingWeights, ValueError, FloatingPointError) as error:
+        if isinstance(error, ConfigError) and args is not None:
+            error = in_flag_words(error, args)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def in_flag_words(error, args):
+    """A ConfigError's message with each field that is a flag of the script written as that flag: n_embd, --n-embd."""
+    return error.worded(lambda name: f"--{name.replace('_', '-')}" if hasattr(args, name) else name)
 
 
 # ---- the parser ----
@@ -146,18 +156,26 @@ def parse_flags(parser, argv=None):
 
 # ---- flags to values: configs, the learning rate, checks ----
 
+def config_from_flags(cls, args, **values):
+    """A config dataclass from the flags: each field from the flag of its name, or by the config's `flag_values`
+    where its flag has another name or default; `values` give what no flag does. The config checks itself."""
+    from_flags = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    if hasattr(cls, "flag_values"):
+        from_flags.update(cls.flag_values(args))
+    return cls(**{**from_flags, **values})
+
+
+def check_run_flags(args):
+    """ConfigError for an impossible value of the training loop's flags (the scripts' entry point names the flag)."""
+    check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
+                   "max_nonfinite_steps")
+    if args.learning_rate is not None:
+        check_positive(args, "learning_rate")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise ConfigError("ema_decay", f"must be between 0 and 1 (e.g. 0.999), got {args.ema_decay}.")
+
+
 def learning_rate(args, world_size):
     """--learning-rate when given, else taming's scaling: BASE_LEARNING_RATE x the global batch."""
     return args.learning_rate or BASE_LEARNING_RATE * args.batch_size * world_size * args.grad_accum
 
-
-def config_from_flags(cls, args):
-    """A config dataclass from the flags: every field has the flag of the same name (it validates itself)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
-def check_positive(args, *names):
-    """Reject a zero or negative value of each named flag, naming the flag."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import eval_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError, ImageFolder, build_loader, find_images
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
@@ -175,14 +176,10 @@ def reference_features(reference, image_size, extractor, device, cache_dir, batc
 # ---- the model's side: samples and validation loss ----
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.num_samples < MIN_IMAGES:
         raise ValueError(f"--num-samples must be at least {MIN_IMAGES}: precision and recall reach each sample's "
                          f"{PRC_NEIGHBORHOOD}rd nearest neighbour.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from cli import ScriptParser, run_script
 from codebook import codebook_usage
+from config import check_positive
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
@@ -125,8 +126,9 @@ def load_model(args):
 @torch.no_grad()
 def main(args):
     set_threads(args.threads)
-    if args.batch_size <= 0 or args.num_grid < 0:
-        raise ValueError("--batch-size must be positive and --num-grid not negative.")
+    check_positive(args, "batch_size")
+    if args.num_grid < 0:
+        raise ValueError(f"--num-grid must not be negative, got {args.num_grid}.")
     device = pick_device(args.device)
     model = load_model(args).to(device)
     image_size = args.image_size or model.config.image_size

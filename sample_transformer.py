@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
@@ -92,11 +93,7 @@ def masked_input(model, codes, regenerate):
 
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if model.num_classes and args.class_id is None:

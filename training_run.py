@@ -10,6 +10,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
+from cli import check_run_flags
+from config import config_from_dict
 from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
 from ema import EMA
 from runtime import (Interrupted, StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory,
@@ -31,6 +33,7 @@ class TrainingRun:
     """
 
     def __init__(self, args, name):
+        check_run_flags(args)
         self.args, self.name = args, name
         set_threads(args.threads)
         self.d = setup_distributed(args.device, args.dist_timeout)
@@ -71,7 +74,7 @@ class TrainingRun:
                 print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
             return None
         ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
-        check_same_config(asdict(type(config).from_dict(ckpt["config"])), self.config, self.ckpt_path)
+        check_same_config(asdict(config_from_dict(type(config), ckpt["config"])), self.config, self.ckpt_path)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
         if self.is_main:
             print(f"Resumed from {self.ckpt_path} at step {self.step}.")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from cli import ScriptParser, add_run_flags, check_positive, learning_rate, run_script
+from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
+from config import check_positive
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
 from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
@@ -53,21 +54,11 @@ def batch_indices(batch, transformer, run):
 # ---- checks and evaluation ----
 
 def check_args(args):
-    """Reject impossible values of the training flags up front, naming the flag (the config checks its own)."""
-    check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
-                   "max_nonfinite_steps", "val_batches")
+    """What neither the config nor the run checks: the validation batches and the stage-1 checkpoint."""
+    check_positive(args, "val_batches")
     if not Path(args.checkpoint_path).is_file():
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
-
-
-def config_from_args(args, vqgan, num_classes):
-    return TransformerConfig(image_size=args.image_size or vqgan.config.image_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep,
-                             num_classes=num_classes, embd_pdrop=args.dropout, resid_pdrop=args.dropout,
-                             attn_pdrop=args.dropout,
-                             class_dropout=(0.1 if args.conditional else 0.0) if args.class_dropout is None
-                             else args.class_dropout)
 
 
 @torch.no_grad()
@@ -126,7 +117,8 @@ def main(args):
     else:
         train_paths, val_paths = split_paths(paths, args.val_fraction, seed=args.seed)
     classes = ImageFolder(args.dataset_path, 8, with_labels=True, paths=paths).classes if args.conditional else None
-    config = config_from_args(args, vqgan, len(classes) if classes else 0)
+    config = config_from_flags(TransformerConfig, args, image_size=args.image_size or vqgan.config.image_size,
+                               num_classes=len(classes) if classes else 0)
     transformer = VQGANTransformer(vqgan, config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
     lr = learning_rate(args, run.d.world_size)

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import ScriptParser, add_run_flags, check_positive, config_from_flags, learning_rate, run_script
+from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from data import ImageFolder
 from discriminator import Discriminator
 from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
@@ -17,7 +17,7 @@ from lpips import LPIPS
 from runtime import keeps_signal_handlers, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
 from utils import save_plots
-from vqgan import VQGAN, VQGANConfig
+from vqgan import QUANTIZERS, VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
 DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
@@ -29,11 +29,7 @@ MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change bes
 # ---- helpers ----
 
 def check_args(args):
-    """Reject impossible values of the training flags up front, naming the flag (the configs check their own)."""
-    check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
-                   "max_nonfinite_steps")
-    if args.learning_rate is not None and not args.learning_rate > 0:  # also refuses nan
-        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
+    """What neither config nor the run checks: an image size the discriminator can judge while the GAN is on."""
     gan_starts = args.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
     if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
         raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
@@ -151,7 +147,7 @@ def build_parser():
     a("--codebook-l2-norm", action="store_true", help="cosine-similarity lookup with l2-normalised codes")
     a("--restart-dead-codes", action="store_true", help="re-seed unused codes from current encoder outputs")
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
-    a("--quantizer", choices=["vq", "ema", "fsq", "lfq"], default="vq",
+    a("--quantizer", choices=QUANTIZERS, default="vq",
       help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (README)")
     a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
     a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")

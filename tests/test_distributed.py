@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE
-from helpers import STAGE2_FLAGS, TINY
-from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
+from helpers import STAGE2_FLAGS, TINY
+from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from loss import hinge_d_loss
 from runtime import Dist, no_sync, wrap_model
 from vqgan import VQGAN, VQGANConfig

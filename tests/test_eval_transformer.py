@@ -12,9 +12,9 @@ import eval_transformer
 import eval_vqgan
 from checkpoint import save_checkpoint
 from cli import run_script
-from helpers import TINY, TINY_GPT
 from data import ImageFolder
 from demo_flowers import make_demo_flowers
+from helpers import TINY, TINY_GPT
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 

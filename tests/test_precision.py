@@ -19,7 +19,6 @@ from runtime import optimizer_step
 from vqgan import VQGAN, VQGANConfig
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_codebook_distances_ignore_autocast(dtype):
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import parse_flags, run_script
-from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
 from demo_flowers import make_demo_flowers
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
 from vqgan import VQGAN, VQGANConfig
 
 # a run with non-default model, loss and data flags, which a resume must not need again
