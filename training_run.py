@@ -28,16 +28,17 @@ class TrainingRun:
             ...optimizer step...
             run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
 
-    and run.finish() saves the last checkpoint. `run.state_dict` (set by the script) returns the models' and
-    optimizers' states; the run adds its position (step, epoch, batch in epoch), the config and the flags.
+    and run.finish() saves the last checkpoint. Each checkpoint holds the script's state (the function given to
+    run.steps returns the models' and optimizers' states), the run's position (step, epoch, batch in epoch), the
+    config and the flags.
     """
 
     def __init__(self, args, name):
         check_run_flags(args)
         self.args, self.name = args, name
         set_threads(args.threads)
-        self.d = setup_distributed(args.device, args.dist_timeout)
-        self.device, self.is_main = self.d.device, self.d.is_main
+        self.dist = setup_distributed(args.device, args.dist_timeout)
+        self.device, self.is_main = self.dist.device, self.dist.is_main
         reuse_freed_memory(self.device)
         self.precision = resolve_precision(args.precision, self.device)
         self.out_dir = Path(args.out_dir)
@@ -49,12 +50,12 @@ class TrainingRun:
             (self.out_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")  # --config
             if not args.no_tensorboard:
                 self.tensorboard = SummaryWriter(self.out_dir / "tensorboard")
-        seed_everything(args.seed + self.d.rank)  # different noise per rank, the same model init after DDP's broadcast
+        seed_everything(args.seed + self.dist.rank)  # other noise per rank, the same model init after DDP's broadcast
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.config, self.state_dict, self.log, self.bar = None, None, None, None
+        self.config, self.checkpoint_state, self.log, self.bar = None, None, None, None
         self.stop = StopSignal()
         self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
-        self.flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective a step
+        self.step_flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective
         self.sums, self.count, self.shown = None, 0, {}  # shown: the values in the progress bar
 
     def dataset_paths(self, path, default_path):
@@ -90,14 +91,14 @@ class TrainingRun:
         return ema
 
     def wrap(self, module):
-        return wrap_model(module, self.d, self.args.compile)
+        return wrap_model(module, self.dist, self.args.compile)
 
     def loader(self, dataset, batch_size):
         """A loader of this rank's shard, resumable mid-epoch; sets the number of steps of the run."""
-        args, d = self.args, self.d
-        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=d.rank,
-                                        world_size=d.world_size)
-        batches_per_epoch = len(dataset) // d.world_size // batch_size
+        args, world_size = self.args, self.dist.world_size
+        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=self.dist.rank,
+                                        world_size=world_size)
+        batches_per_epoch = len(dataset) // world_size // batch_size
         if batches_per_epoch < args.grad_accum:
             raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
                             f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
@@ -106,8 +107,12 @@ class TrainingRun:
         self.batch_size = batch_size
         return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
 
-    def steps(self, loader):
-        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal."""
+    def steps(self, loader, checkpoint_state):
+        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal.
+
+        checkpoint_state(): the script's part of each checkpoint this run saves (models, optimizers, scalers ...).
+        """
+        self.checkpoint_state = checkpoint_state
         if self.is_main:
             self.log = MetricsLog(self.results / f"{self.name}_metrics.jsonl", resume=self.step > 0)
             self.log.truncate_after(self.step)
@@ -143,11 +148,11 @@ class TrainingRun:
 
         The step's one collective and one read: the non-finite flag and the stop flag travel together.
         """
-        self.flags[0] = (~torch.isfinite(loss.detach())).any()
-        self.flags[1].fill_(float(self.stop.received is not None))
-        if self.d.enabled:
-            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = self.flags.tolist()
+        self.step_flags[0] = (~torch.isfinite(loss.detach())).any()
+        self.step_flags[1].fill_(float(self.stop.received is not None))
+        if self.dist.enabled:
+            dist.all_reduce(self.step_flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = self.step_flags.tolist()
         self.stopped = self.stopped or stop > 0
         if not nonfinite:
             self.nonfinite_in_a_row = 0
@@ -203,7 +208,7 @@ class TrainingRun:
         """Rank 0 writes the checkpoint atomically: the script's states, the run's position, config and flags."""
         if not self.is_main:
             return
-        save_checkpoint(dict(**self.state_dict(), step=self.step, epoch=self.epoch,
+        save_checkpoint(dict(**self.checkpoint_state(), step=self.step, epoch=self.epoch,
                              batch_in_epoch=self.batch_in_epoch, config=self.config, args=vars(self.args)),
                         self.ckpt_path)
         if reason:

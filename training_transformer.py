@@ -121,7 +121,7 @@ def main(args):
                                num_classes=len(classes) if classes else 0)
     transformer = VQGANTransformer(vqgan, config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
-    lr = learning_rate(args, run.d.world_size)
+    lr = learning_rate(args, run.dist.world_size)
     optimizer = gpt.configure_optimizers(lr, weight_decay=args.weight_decay)
     scaler = make_scaler(run.precision, device)
 
@@ -134,9 +134,11 @@ def main(args):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     model, ema = run.wrap(transformer), run.keep_ema(gpt, ckpt)
-    run.state_dict = lambda: dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(),
-                                  scaler=scaler.state_dict(), classes=classes, ema=ema.state_dict(gpt) if ema else None,
-                                  vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()))
+
+    def checkpoint_state():
+        return dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    classes=classes, ema=ema.state_dict(gpt) if ema else None,
+                    vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()))
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
@@ -145,7 +147,7 @@ def main(args):
                                         with_labels=args.conditional, paths=train_paths[:4])[i]
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
-    for batches in run.steps(loader):
+    for batches in run.steps(loader, checkpoint_state):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):

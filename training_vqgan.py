@@ -14,7 +14,7 @@ from data import ImageFolder
 from discriminator import Discriminator
 from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from runtime import keeps_signal_handlers, memory_format, no_sync, on_cpu_default, optimizer_step
+from runtime import keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
 from utils import save_plots
 from vqgan import QUANTIZERS, VQGAN, VQGANConfig
@@ -71,9 +71,9 @@ def main(args):
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
         lpips = LPIPS().to(device, memory_format=fmt)
-    lr = learning_rate(args, run.d.world_size)
+    lr = learning_rate(args, run.dist.world_size)
     opt_vq, opt_disc = stage1_optimizers(vqgan, disc, lr, betas=(args.beta1, args.beta2))
-    s = Stage1(vqgan, disc, lpips, loss_config, run.precision)
+    scaler_vq, scaler_disc = make_scaler(run.precision, device), make_scaler(run.precision, device)
 
     ckpt = run.resume(config)
     if ckpt is not None:
@@ -83,39 +83,39 @@ def main(args):
         opt_disc.load_state_dict(ckpt["opt_disc"])
         for group in opt_vq.param_groups + opt_disc.param_groups:  # the flags' learning rate, not the saved one
             group["lr"] = lr
-        for scaler, key in zip(s.scalers, ("scaler_vq", "scaler_disc")):
+        for scaler, key in ((scaler_vq, "scaler_vq"), (scaler_disc, "scaler_disc")):
             if ckpt.get(key):
                 scaler.load_state_dict(ckpt[key])
-    s.vqgan_ddp, s.disc_ddp = run.wrap(vqgan), run.wrap(disc)
+    stage1 = Stage1(vqgan, disc, lpips, loss_config, run.precision, scalers=(scaler_vq, scaler_disc),
+                    vqgan_wrapped=run.wrap(vqgan), disc_wrapped=run.wrap(disc))
     ema = run.keep_ema(vqgan, ckpt)
 
-    def state_dict():
+    def checkpoint_state():
         usage, perplexity = vqgan.quantize.usage()
         return dict(model=vqgan.state_dict(), discriminator=disc.state_dict(), opt_vq=opt_vq.state_dict(),
-                    opt_disc=opt_disc.state_dict(), scaler_vq=s.scalers[0].state_dict(),
-                    scaler_disc=s.scalers[1].state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
+                    opt_disc=opt_disc.state_dict(), scaler_vq=scaler_vq.state_dict(),
+                    scaler_disc=scaler_disc.state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
                     ema=ema.state_dict(vqgan) if ema else None)
-    run.state_dict = state_dict
 
     loader = run.loader(ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths), args.batch_size)
     fixed_batch = None
     vqgan.train()
     disc.train()
-    for batches in run.steps(loader):
+    for batches in run.steps(loader, checkpoint_state):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
             fixed_batch = x[:8] if fixed_batch is None else fixed_batch
-            with no_sync(s.vqgan_ddp, s.disc_ddp, sync=i == len(batches) - 1):
-                metrics = train_step(s, x, run.step, args.grad_accum)
+            with no_sync(stage1.vqgan_wrapped, stage1.disc_wrapped, sync=i == len(batches) - 1):
+                metrics = train_step(stage1, x, run.step, args.grad_accum)
         if run.skip_update(metrics["loss"]):  # keep the last good weights
             opt_vq.zero_grad(set_to_none=True)
             opt_disc.zero_grad(set_to_none=True)
             continue
-        optimizer_step(opt_vq, s.scalers[0])
+        optimizer_step(opt_vq, scaler_vq)
         if ema:
             ema.update(vqgan)
         if loss_config.gan_active(run.step):
-            optimizer_step(opt_disc, s.scalers[1])
+            optimizer_step(opt_disc, scaler_disc)
         if run.is_main:  # only rank 0 logs; on the device, so no wait
             metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
         run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
