@@ -12,9 +12,9 @@ from tqdm import tqdm
 from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
 from cli import check_run_flags
 from config import config_from_dict
-from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
+from data import DataError, ResumableSampler, build_loader
 from ema import EMA
-from runtime import (Interrupted, StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory,
+from runtime import (Interrupted, StopSignal, cleanup_distributed, resolve_precision, reuse_freed_memory,
                      seed_everything, set_threads, setup_distributed, wrap_model)
 from utils import MetricsLog, check_writable, save_image_grid, to_image_range
 
@@ -57,12 +57,6 @@ class TrainingRun:
         self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
         self.step_flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective
         self.sums, self.count, self.shown = None, 0, {}  # shown: the values in the progress bar
-
-    def dataset_paths(self, path, default_path):
-        """The data set's image files; rank 0 writes the demo set first if the default path is still empty."""
-        paths = resolve_dataset(path, default_path) if self.is_main else None
-        barrier()
-        return paths if paths is not None else find_images(path)
 
     def resume(self, config):
         """With --resume and a checkpoint: check its config against `config` (a config dataclass), take its

@@ -14,14 +14,15 @@ from checkpoint import CheckpointError
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from config import check_positive
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
-from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
+from demo_flowers import write_default_demo_set
+from runtime import autocast, barrier, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
 from transformer import TransformerConfig, VQGANTransformer
 from utils import save_plots
 from vqgan import VQGAN
 
 # ---- the one line to edit: your folder of images (sub-folders are classes with --conditional) ----
-DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
+DATASET_PATH = "data/flowers"  # the scripts draw a small demo set of flowers here on first use
 
 RUN_NAME = "transformer"  # checkpoints/transformer_last.pt, results/transformer_metrics.jsonl
 MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change besides the run flags
@@ -111,7 +112,10 @@ def main(args):
     run = TrainingRun(args, RUN_NAME)
     device = run.device
     vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
-    paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
+    if run.is_main and args.dataset_path == DATASET_PATH:
+        write_default_demo_set(DATASET_PATH)
+    barrier()  # the other ranks wait for the demo set
+    paths = find_images(args.dataset_path)
     if args.val_path:
         train_paths, val_paths = paths, find_images(args.val_path)
     else:

@@ -10,17 +10,18 @@ from contextlib import nullcontext
 import torch
 
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
-from data import ImageFolder
+from data import ImageFolder, find_images
+from demo_flowers import write_default_demo_set
 from discriminator import Discriminator
 from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from runtime import keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
+from runtime import barrier, keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
 from utils import save_plots
 from vqgan import QUANTIZERS, VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
-DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
+DATASET_PATH = "data/flowers"  # the scripts draw a small demo set of flowers here on first use
 
 RUN_NAME = "vqgan"  # checkpoints/vqgan_last.pt, results/vqgan_metrics.jsonl
 MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change besides the run flags
@@ -63,7 +64,10 @@ def main(args):
     check_args(args)
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
+    if run.is_main and args.dataset_path == DATASET_PATH:
+        write_default_demo_set(DATASET_PATH)
+    barrier()  # the other ranks wait for the demo set
+    paths = find_images(args.dataset_path)
 
     fmt = memory_format(on_cpu_default(args.channels_last, device))
     vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device))

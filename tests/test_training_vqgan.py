@@ -1,4 +1,5 @@
 """The stage-1 training step and script: same gradients as the plain formulation, isolation of the GAN step, resume."""
+import functools
 import json
 import re
 import signal
@@ -6,8 +7,10 @@ import signal
 import pytest
 import torch
 
+import demo_flowers
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint
+from data import DataError, ImageFolder, find_images
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from helpers import TINY, TINY_FLAGS, script_error
@@ -120,6 +123,24 @@ def test_impossible_flags_are_rejected(tmp_path, capsys, flag, value, message):
     else:
         flags[i + 1] = value
     assert re.search(message, script_error(training_vqgan, flags, capsys))
+
+
+def test_the_default_data_path_gets_the_demo_set_in_the_script_not_in_a_loader(tmp_path, monkeypatch, capsys):
+    """A new user's `python training_vqgan.py`: the demo flowers are drawn at data/flowers, saying so, once; loading
+    a folder never writes one."""
+    monkeypatch.chdir(tmp_path)
+    small = functools.partial(make_demo_flowers, num_images=8, size=40)  # the default 300 of 256 px take seconds
+    monkeypatch.setattr(demo_flowers, "make_demo_flowers", small)
+    flags = TINY_FLAGS + ["--max-steps", "1", "--no-tensorboard"]  # and no --dataset-path
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(training_vqgan.DATASET_PATH, 32)
+    assert not (tmp_path / "data").exists()
+    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    assert "Writing the demo data set of drawn flowers to data/flowers/" in capsys.readouterr().out
+    assert len(find_images(tmp_path / "data" / "flowers")) == 8
+    assert load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")["step"] == 1
+    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    assert "Writing the demo" not in capsys.readouterr().out  # drawn once
 
 
 def test_recompute_is_on_for_the_cpu_only_unless_asked():
