@@ -18,18 +18,15 @@ import torch
 
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
+from presets import TINY_GPT, TINY_VQGAN, as_flags
 
 ROOT = Path(__file__).resolve().parent
 # 256x256 demo flowers with the paper's models; no VGG16 download needed (LPIPS off), a few steps each.
 FULL = dict(stage1=["--batch-size", "6", "--perceptual-loss-factor", "0", "--disc-start", "2"],
             stage2=["--batch-size", "8"], image_size=256, bench=["--config", "paper"])
-# The CPU form: the tests' tiny models at 32x32.
-QUICK = dict(stage1=["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-                     "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16",
-                     "--num-codebook-vectors", "64", "--batch-size", "2", "--perceptual-loss-factor", "0",
-                     "--disc-start", "2"],
-             stage2=["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "2"],
-             image_size=32, bench=["--quick"])
+# The CPU form: the tiny models of presets.py.
+QUICK = dict(stage1=[*as_flags(TINY_VQGAN), "--batch-size", "2", "--perceptual-loss-factor", "0", "--disc-start", "2"],
+             stage2=[*as_flags(TINY_GPT), "--batch-size", "2"], image_size=TINY_VQGAN["image_size"], bench=["--quick"])
 
 
 def plan(args, work):
@@ -119,7 +116,7 @@ def build_parser():
     p = ScriptParser("Run every GPU path of the scripts once and print one table.")
     a = p.add_argument
     a("--device", default=None, help="passed to every script (default: theirs, CUDA when available)")
-    a("--quick", action="store_true", help="the tests' tiny models at 32x32: the CPU form")
+    a("--quick", action="store_true", help="the tiny models of presets.py at 32x32: the CPU form")
     a("--steps", type=int, default=5, help="optimizer steps of each training run")
     a("--nproc", type=int, default=None, help="processes under torchrun (default: every GPU, at least 1)")
     a("--work-dir", default="runs/gpu_check", help="where data, runs and the table go")

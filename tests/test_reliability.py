@@ -36,7 +36,6 @@ from vqgan import VQGAN
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_vqgan.py"
-# The tiny model of tests/test_training_vqgan.py: 32x32 crops, 3 levels, no VGG.
 BATCHES_PER_EPOCH = 3  # 12 demo images, batches of 4
 
 
