@@ -41,9 +41,9 @@ CONFIGS = {
     # for a quick look, the tiny models of presets.py: 32x32 images, f=4 (8x8 = 64 tokens), 64 codes, a 2-layer GPT
     "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT),
 }
-# The issue's estimates for the paper config: FLOPs of one training step per 256x256 image (encoder 138 G and
-# decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
-ISSUE_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
+# Estimates by hand for the paper config, beside the counted FLOPs: one training step per 256x256 image (encoder 138 G
+# and decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
+ESTIMATED_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
 DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
     "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
     "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
@@ -292,7 +292,7 @@ def main(args):
                "channels_last": on_cpu_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
-               "issue_flops": ISSUE_FLOPS.get(args.config),
+               "estimated_flops": ESTIMATED_FLOPS.get(args.config),
                "notes": ["Stage 1 uses LPIPS with random VGG16 weights: the same FLOPs as the ImageNet ones.",
                          "Stage 1 and 2 train on one fixed random batch: data loading is not measured.",
                          "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
