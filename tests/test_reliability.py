@@ -1,4 +1,4 @@
-"""Reliability end to end: the stage-1 script over bad files, clean failures, SIGKILL then --resume, a kill while saving,
+"""The stage-1 script end to end under trouble: bad files, clean failures, SIGKILL then --resume, a kill while saving,
 SIGINT/SIGTERM, a checkpoint carrying code, non-finite losses, config mismatches and weights-only loading.
 
 Most script runs are children of one multiprocessing fork server that imported training_vqgan once: each child runs
