@@ -350,7 +350,8 @@ def build_parser():
     a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
     a("--temperature", type=float, default=1.0, help="softmax temperature")
     a("--top-k", type=int, default=None, help="sample among the k most likely codes only (default: all codes)")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass (default: off)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")

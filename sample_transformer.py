@@ -168,8 +168,10 @@ def build_parser():
     a("--num-samples", type=int, default=16, help="images to generate")
     a("--batch-size", type=int, default=16, help="images sampled in parallel")
     a("--temperature", type=float, default=1.0, help="softmax temperature (lower: safer, less varied)")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (1: greedy; default: all codes)")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass (default: off)")
+    a("--top-k", type=int, default=None,
+      help="sample among the k most likely codes only (1: greedy; default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None, help="the class to sample, for a model trained with --conditional")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="canvas in pixels, multiples of f, at least the training size (default); larger ones are sampled with "

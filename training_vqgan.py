@@ -170,8 +170,10 @@ def build_parser():
            "ranks' batches)")
     a("--codebook-ema-decay", type=float, default=0.99,
       help="ema: decay of the codes' moving averages (the weights' average is --ema-decay)")
-    a("--fsq-levels", type=int, nargs="+", default=None, help="fsq (needs it): values per dimension, e.g. 8 8 8 for 512 codes")
-    a("--lfq-bits", type=int, default=None, help="lfq (needs it): dimensions quantized to their sign, 2^bits codes (1 to 16)")
+    a("--fsq-levels", type=int, nargs="+", default=None,
+      help="fsq (needs it): values per dimension, e.g. 8 8 8 for 512 codes")
+    a("--lfq-bits", type=int, default=None,
+      help="lfq (needs it): dimensions quantized to their sign, 2^bits codes (1 to 16)")
     a("--lfq-entropy-weight", type=float, default=0.1, help="lfq: weight of the entropy loss")
     a("--lfq-diversity-weight", type=float, default=1.0,
       help="lfq: weight of the codebook entropy inside the entropy loss")
