@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
 from presets import TINY_GPT, TINY_VQGAN, as_flags
@@ -37,7 +38,7 @@ def plan(args, work):
     common = ["--dataset-path", data, "--num-workers", "2", "--max-steps", str(args.steps), "--log-every", "1",
               "--sample-every", str(args.steps), *device]
     stage1 = [*size["stage1"], *common]
-    vq_ckpt = str(work / "s1" / "checkpoints" / "vqgan_last.pt")
+    vq_ckpt = str(checkpoint_path(work / "s1", "vqgan"))
     stage2 = [*size["stage2"], *common, "--checkpoint-path", vq_ckpt]
     steps = []
     if not args.skip_tests:
@@ -47,7 +48,7 @@ def plan(args, work):
         ("stage 1, defaults", [python, str(ROOT / "training_vqgan.py"), *stage1, "--out-dir", str(work / "s1")]),
         ("stage 2, defaults", [python, str(ROOT / "training_transformer.py"), *stage2, "--out-dir", str(work / "s1")]),
         ("sampling", [python, str(ROOT / "sample_transformer.py"), "--checkpoint-path",
-                      str(work / "s1" / "checkpoints" / "transformer_last.pt"), "--num-samples", "8",
+                      str(checkpoint_path(work / "s1", "transformer")), "--num-samples", "8",
                       "--out-dir", str(work / "samples"), *device]),
     ]
     if not args.skip_compile:
@@ -56,7 +57,7 @@ def plan(args, work):
                   ("stage 2, --compile", [python, str(ROOT / "training_transformer.py"), *stage2, "--compile",
                                           "--out-dir", str(work / "compiled")]),
                   ("sampling, --compile", [python, str(ROOT / "sample_transformer.py"), "--checkpoint-path",
-                                           str(work / "compiled" / "checkpoints" / "transformer_last.pt"),
+                                           str(checkpoint_path(work / "compiled", "transformer")),
                                            "--num-samples", "8", "--compile", "--out-dir", str(work / "samples_c"),
                                            *device])]
     if not args.skip_bench and not args.skip_compile:

@@ -15,6 +15,7 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
 from data import DataError
@@ -162,7 +163,7 @@ def main(args):
 def build_parser():
     p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
-    a("--checkpoint-path", default="checkpoints/transformer_last.pt", help="a stage-2 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")), help="a stage-2 checkpoint")
     a("--vqgan-checkpoint", default=None,
       help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--num-samples", type=int, default=16, help="images to generate")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, checkpoint_path
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from config import check_positive
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
@@ -183,7 +183,7 @@ def build_parser():
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional); "
       "the default one gets the demo flowers on first use")
-    a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")), help="the stage-1 checkpoint")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")
