@@ -27,7 +27,7 @@ from presets import TINY_GPT, TINY_VQGAN, as_flags
 HELDOUT_SEED = 1  # the held-out flowers are drawn from another seed than the training flowers (seed 0)
 
 
-# ---- the settings: chosen on this project's 2-core CPU (README, "A demo run on the CPU") ----
+# ---- the settings: chosen on this project's 2-core CPU (docs/demo.md, "Why these settings") ----
 
 @dataclass
 class DemoSettings:

@@ -162,7 +162,8 @@ def build_parser():
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
     a("--quantizer", choices=QUANTIZERS, default="vq",
       help="vq: the paper's learned codebook; ema: each code the moving average of the encoder outputs it is "
-           "picked for; fsq: finite scalar quantization (--fsq-levels); lfq: lookup-free, signs as bits (--lfq-bits)")
+           "picked for; fsq: finite scalar quantization (--fsq-levels); lfq: lookup-free, signs as bits (--lfq-bits); "
+           "see docs/quantizers.md")
     a("--rotation-trick", action="store_true",
       help="vq/ema: the encoder's gradient goes through the rotation and rescaling onto its code, not a straight copy")
     a("--kmeans-init", action="store_true",
