@@ -14,10 +14,8 @@ reconstructions.png), samples/ (grid.png) and, enlarged for viewing, demo_recons
 classifier that measures its samples (conditional/), and demo_conditional.png and demo_conditional_2x.png. Each
 finished model of a previous run in <out-dir> is reused, so an interrupted run picks up where it stopped.
 """
-import argparse
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,11 @@ import sample_transformer
 import segmenter
 import training_transformer
 import training_vqgan
-from checkpoint import CheckpointError, load_checkpoint
-from data import DataError, map_to_tensor, read_map
+from checkpoint import load_checkpoint
+from cli import ScriptParser, run_script
+from data import map_to_tensor, read_map
 from demo_flowers import FLOWER_LABELS, make_demo_flowers
+from presets import TINY_GPT, TINY_VQGAN, as_flags
 from utils import for_display, save_image_grid
 
 HELDOUT_SEED = 1  # the held-out flowers are drawn from another seed than the training flowers (seed 0)
@@ -66,14 +66,11 @@ DEMO = DemoSettings(
                "--learning-rate", "1e-3", "--dropout", "0.1"],
     gpt_steps=1500, num_samples=32, top_k=30, evals=5, enlarge=3)
 
-TINY = DemoSettings(
-    image_size=16, train_images=16, heldout_images=4,
-    vqgan_flags=["--ch", "32", "--ch-mult", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
-                 "--z-channels", "8", "--latent-dim", "8", "--num-codebook-vectors", "16", "--batch-size", "4",
-                 "--disc-start", "100"],
+TINY = DemoSettings(  # the tiny models of presets.py
+    image_size=TINY_VQGAN["image_size"], train_images=16, heldout_images=4,
+    vqgan_flags=[*as_flags(TINY_VQGAN, leave_out=["image_size"]), "--batch-size", "4", "--disc-start", "100"],
     vqgan_lr=[(4, 1e-3), (6, 3e-4)],
-    gpt_flags=["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "64", "--batch-size", "4",
-               "--learning-rate", "1e-3"],  # f=2: an 8x8 token grid
+    gpt_flags=[*as_flags(TINY_GPT), "--batch-size", "4", "--learning-rate", "1e-3"],
     gpt_steps=4, num_samples=4, top_k=8, evals=1, enlarge=2)
 
 
@@ -94,18 +91,18 @@ COND = ConditionalSettings(
                   "--restart-dead-codes", "--batch-size", "16", "--learning-rate", "6e-4"],  # docs/conditional.md
     labels_steps=600, block_size=128, segmenter_steps=600, layouts=4, samples_per_layout=4, large_scale=2)
 
-COND_TINY = ConditionalSettings(
-    labels_flags=["--ch", "32", "--ch-mult", "1", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
+COND_TINY = ConditionalSettings(  # f = 8: 4x4 layout tokens
+    labels_flags=["--ch", "32", "--ch-mult", "1", "1", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
                   "--z-channels", "8", "--latent-dim", "8", "--num-codebook-vectors", "16", "--batch-size", "4"],
     labels_steps=3, block_size=80, segmenter_steps=3, layouts=2, samples_per_layout=2, large_scale=2)
 
 
 # ---- helpers ----
 
-def run_script(script, flags):
-    """Print the equivalent command line, then run the script's main() with those flags."""
+def run_step(script, flags):
+    """Print the equivalent command line, then run the script with those flags as that command line would."""
     print(f"\n$ python {script.__name__}.py {shlex.join(flags)}", flush=True)
-    return script.main(script.build_parser().parse_args(flags))
+    return run_script(script.main, script.build_parser(), flags)
 
 
 def last_value(metrics_path, key):
@@ -175,7 +172,7 @@ def default_demo(args):
     # run continues from the exact step, with the same optimizer state and data order.
     vqgan_steps = s.vqgan_lr[-1][0]
     for phase, (until_step, lr) in enumerate(s.vqgan_lr):
-        vqgan_ckpt = run_script(training_vqgan, [
+        vqgan_ckpt = run_step(training_vqgan, [
             "--dataset-path", str(train_dir), "--image-size", str(size), *s.vqgan_flags,
             "--perceptual-loss-factor", "0", "--learning-rate", str(lr), "--max-steps", str(until_step),
             "--sample-every", str(vqgan_steps // s.evals), "--save-every", str(vqgan_steps), *run_flags,
@@ -184,14 +181,14 @@ def default_demo(args):
 
     # 3. Held-out reconstructions, measured by eval_vqgan.py: results/eval_vqgan.json and results/reconstructions.png.
     eval_json = out / "results" / "eval_vqgan.json"
-    metrics = run_script(eval_vqgan, [
+    metrics = run_step(eval_vqgan, [
         "--checkpoint-path", str(vqgan_ckpt), "--dataset-path", str(heldout_dir), "--out-json", str(eval_json),
         "--num-grid", "12", "--num-workers", "0", *device])
     times["eval"] = time.perf_counter() - start - sum(times.values())
 
     # 4. Stage 2: a GPT on the codes of the training flowers (encoded once, with their flips), validated on the
     # held-out flowers' codes.
-    gpt_ckpt = run_script(training_transformer, [
+    gpt_ckpt = run_step(training_transformer, [
         "--dataset-path", str(train_dir), "--val-path", str(heldout_dir), "--checkpoint-path", str(vqgan_ckpt),
         "--precompute-tokens", *s.gpt_flags,
         "--max-steps", str(s.gpt_steps), "--sample-every", str(s.gpt_steps // s.evals),
@@ -200,7 +197,7 @@ def default_demo(args):
 
     # 5. New flowers: sample codes from the GPT and decode them.
     samples_dir = out / "samples"
-    run_script(sample_transformer, [
+    run_step(sample_transformer, [
         "--checkpoint-path", str(gpt_ckpt), "--num-samples", str(s.num_samples), "--top-k", str(s.top_k),
         "--out-dir", str(samples_dir), *device])
     times["sampling"] = time.perf_counter() - start - sum(times.values())
@@ -253,12 +250,12 @@ def conditional_demo(args):
     if finished(labels_ckpt, c.labels_steps, labels_dir(train_dir)):
         print(f"Reusing the layout tokenizer {labels_ckpt}.")
     else:
-        run_script(training_vqgan, [
+        run_step(training_vqgan, [
             "--image-kind", "segmentation", "--num-labels", str(num_labels), "--dataset-path",
             str(labels_dir(train_dir)), "--image-size", str(size), *c.labels_flags, "--max-steps", str(c.labels_steps),
             "--sample-every", str(c.labels_steps), "--save-every", str(c.labels_steps), "--out-dir", str(labels_out),
             "--num-workers", "0", *device])
-    labels_eval = run_script(eval_vqgan, [
+    labels_eval = run_step(eval_vqgan, [
         "--checkpoint-path", str(labels_ckpt), "--dataset-path", str(labels_dir(heldout_dir)), "--out-json",
         str(labels_out / "results" / "eval_vqgan.json"), "--num-grid", "12", "--num-workers", "0", *device])
     times["layout tokenizer"] = time.perf_counter() - start - sum(times.values())
@@ -269,7 +266,7 @@ def conditional_demo(args):
     if finished(cond_ckpt, s.gpt_steps, train_dir):
         print(f"Reusing the conditional GPT {cond_ckpt}.")
     else:
-        run_script(training_transformer, [
+        run_step(training_transformer, [
             "--dataset-path", str(train_dir), "--cond-path", str(labels_dir(train_dir)), "--val-path",
             str(heldout_dir), "--val-cond-path", str(labels_dir(heldout_dir)), "--checkpoint-path", str(vqgan_ckpt),
             "--cond-checkpoint", str(labels_ckpt), "--precompute-tokens", *s.gpt_flags, "--block-size",
@@ -279,7 +276,7 @@ def conditional_demo(args):
 
     # 4. The ruler: a per-pixel classifier of (flower, label map) pairs, with its own held-out accuracy.
     segmenter_ckpt = cond_out / "checkpoints" / "segmenter.pt"
-    _, segmenter_scores = run_script(segmenter, [
+    _, segmenter_scores = run_step(segmenter, [
         "--images", str(train_dir), "--labels", str(labels_dir(train_dir)), "--num-labels", str(num_labels),
         "--val-images", str(heldout_dir), "--val-labels", str(labels_dir(heldout_dir)), "--image-size", str(size),
         "--steps", str(c.segmenter_steps), "--out", str(segmenter_ckpt), *device])
@@ -289,7 +286,7 @@ def conditional_demo(args):
     # and its layout (the mean IoU of its segmentation); for the default GPT, which reads no layout, chance levels.
     results = {}
     for name, ckpt in (("conditional", cond_ckpt), ("unconditional", gpt_ckpt)):
-        results[name] = run_script(eval_transformer, [
+        results[name] = run_step(eval_transformer, [
             "--checkpoint-path", str(ckpt), "--reference", str(heldout_dir), "--cond-path",
             str(labels_dir(heldout_dir)), "--segmenter", str(segmenter_ckpt), "--features", "random-conv",
             "--num-samples", str(s.heldout_images),
@@ -301,14 +298,14 @@ def conditional_demo(args):
     rows = []
     for i in range(c.layouts):
         name, samples_dir = f"flower_{i:04d}.png", cond_out / "samples" / f"layout_{i}"
-        run_script(sample_transformer, [
+        run_step(sample_transformer, [
             "--checkpoint-path", str(cond_ckpt), "--cond-image", str(labels_dir(heldout_dir) / name), "--target-image",
             str(heldout_dir / name), "--num-samples", str(c.samples_per_layout), "--top-k", str(s.top_k), "--seed",
             str(i), "--out-dir", str(samples_dir), *device])
         rows += [read_pictures([labels_dir(heldout_dir) / name], "segmentation", num_labels),
                  read_pictures(sorted(samples_dir.glob("sample_*.png"))), read_pictures([heldout_dir / name])]
     large_samples = cond_out / "samples" / "large"
-    run_script(sample_transformer, [
+    run_step(sample_transformer, [
         "--checkpoint-path", str(cond_ckpt), "--cond-image", str(labels_dir(large_dir) / "flower_0000.png"),
         "--target-image", str(large_dir / "flower_0000.png"), "--num-samples", str(c.samples_per_layout), "--top-k",
         str(s.top_k), "--out-dir", str(large_samples), *device])
@@ -336,8 +333,8 @@ def conditional_demo(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Run the whole method on demo flowers: data, stage 1, evaluation, "
-                                            "stage 2 and sampling (about 15 minutes on 2 CPU cores).")
+    p = ScriptParser("Run the whole method on demo flowers: data, stage 1, evaluation, stage 2 and sampling (about "
+                     "15 minutes on 2 CPU cores).")
     p.add_argument("--out-dir", default="runs/demo", help="where the data, checkpoints, results and pictures go")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
     p.add_argument("--conditional", action="store_true", help="then draw flowers for held-out label maps: a layout "
@@ -347,8 +344,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser())

@@ -17,7 +17,6 @@ condition of pair i (in turn) by a model with an image condition, and every mode
 the PSNR to its image and, with --segmenter (segmenter.py) for label maps, the mean IoU between its segmentation and
 the label map. For a model that reads no condition these are the chance levels the conditional figures are judged by.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -33,12 +32,13 @@ from tqdm import tqdm
 import eval_vqgan
 import sample_transformer
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError, ImageFolder, PairedFolder, build_loader, collate_images, find_images
 from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from segmenter import PixelClassifier
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 
 # torch-fidelity's defaults (those of the papers that introduced each metric).
 ISC_SPLITS = 10            # Inception Score: mean over 10 splits of the samples
@@ -186,14 +186,10 @@ def reference_features(reference, image_size, extractor, device, cache_dir, batc
 # ---- the model's side: samples and validation loss ----
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.num_samples < MIN_IMAGES:
         raise ValueError(f"--num-samples must be at least {MIN_IMAGES}: precision and recall reach each sample's "
                          f"{PRC_NEIGHBORHOOD}rd nearest neighbour.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
@@ -405,27 +401,29 @@ def print_table(result):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample from a stage-2 model and measure the samples against reference "
-                                            "images (FID, IS, KID, precision/recall) and its validation loss.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample from a stage-2 model and measure the samples against reference images (FID, IS, KID, "
+                     "precision/recall) and its validation loss.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
-    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
-    a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training")
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
+    a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training (default: "
+      "the path stored in the stage-2 checkpoint)")
     a("--taming-config", default=None, help="the model.yaml of a taming-transformers Net2NetTransformer checkpoint "
-      "given as --checkpoint-path (its last.ckpt)")
+      "given as --checkpoint-path (its last.ckpt) (default: --checkpoint-path is one of ours)")
     a("--cond-path", default=None, help="the reference images' conditions (same relative path and stem): a model "
       "with an image condition draws sample i for pair i in turn, and sample i is compared with pair i (PSNR; mean "
-      "IoU with --segmenter)")
+      "IoU with --segmenter) (default: none)")
     a("--segmenter", default=None, help="a segmenter.py checkpoint: the samples' segmentation against the label maps "
-      "of --cond-path gives sample_mean_iou")
+      "of --cond-path gives sample_mean_iou (default: none)")
     a("--reference", required=True,
       help="folder of reference images (searched recursively), or a reference_*.pt features file written before")
-    a("--num-samples", type=int, default=1000, help="images to generate (published FIDs use 50000)")
+    a("--num-samples", type=int, default=1000, help="images to generate, at least 4 (published FIDs use 50000)")
     a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
     a("--temperature", type=float, default=1.0, help="softmax temperature")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")

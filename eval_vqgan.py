@@ -8,7 +8,6 @@ metrics as JSON, a grid of originals over their reconstructions beside it, and p
 --image-kind decides the metrics: gray maps get PSNR and SSIM on their one channel (LPIPS and rFID judge RGB images);
 label maps (segmentation) get pixel accuracy and mean IoU of the argmax of the logits, and a grid in label colours.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -19,12 +18,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from cli import ScriptParser, run_script
 from codebook import codebook_usage
+from config import check_positive
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
-from training_run import run_script
-from utils import HelpFormatter, for_display, save_image_grid, to_image_range
+from utils import for_display, save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.
@@ -150,8 +150,9 @@ def load_model(args):
 @torch.no_grad()
 def main(args):
     set_threads(args.threads)
-    if args.batch_size <= 0 or args.num_grid < 0:
-        raise ValueError("--batch-size must be positive and --num-grid not negative.")
+    check_positive(args, "batch_size")
+    if args.num_grid < 0:
+        raise ValueError(f"--num-grid must not be negative, got {args.num_grid}.")
     device = pick_device(args.device)
     model = load_model(args).to(device)
     image_size = args.image_size or model.config.image_size
@@ -267,11 +268,11 @@ def print_table(metrics):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Reconstruct a folder of images with a stage-1 VQGAN and measure it.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
-    a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")
+    a("--taming-config", default=None,
+      help="taming-transformers' model.yaml for a taming checkpoint (default: ours, no yaml)")
     a("--taming-stage", choices=["first_stage", "cond_stage"], default=None,
       help="which VQ model of a taming Net2NetTransformer checkpoint to evaluate (needed for those only)")
     a("--dataset-path", required=True, help="folder of images, searched recursively")

@@ -7,18 +7,16 @@ a condition and the segmentation of the images drawn for it measures how well th
 It is no part of the method: only a ruler. Its own held-out pixel accuracy and mean IoU (printed, and kept in the
 checkpoint) say how far its readings of samples can be trusted.
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cli import ScriptParser, run_script
 from data import DataError, PairedFolder, build_loader
 from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import pick_device, seed_everything, set_threads
-from training_run import run_script
 
 
 class PixelClassifier(nn.Module):
@@ -122,8 +120,8 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train the small per-pixel classifier that segments generated images for "
-                                            "the mean-IoU measurement of conditional samples.")
+    p = ScriptParser("Train the small per-pixel classifier that segments generated images for the mean-IoU "
+                     "measurement of conditional samples.")
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--labels", required=True, help="their label maps: same relative path and stem (PNG, pixel = class)")
     p.add_argument("--num-labels", type=int, required=True, help="number of classes")

@@ -1,5 +1,5 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, read_taming
+from config import ConfigError, check_positive, config_from_dict
 from mingpt import GPT, GPTConfig, sample_next, static_cache, taming_gpt_config, taming_gpt_weights
 from utils import for_display
 from vqgan import VQGAN
@@ -54,33 +55,29 @@ class TransformerConfig:
     attn_pdrop: float = 0.0
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        if self.image_size is not None and self.image_size <= 0:
-            raise ValueError(f"--image-size must be positive, got {self.image_size}.")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"--n-embd {self.n_embd} must divide by --n-head {self.n_head}.")
+        """Refuse impossible values once, naming the field (GPTConfig checks the GPT's sizes)."""
+        if self.image_size is not None:
+            check_positive(self, "image_size")
         if not 0.0 < self.pkeep <= 1.0:
-            raise ValueError(f"--pkeep must be in (0, 1], got {self.pkeep}.")
+            raise ConfigError("pkeep", f"must be in (0, 1], got {self.pkeep}.")
         if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"--class-dropout must be in [0, 1), got {self.class_dropout}.")
+            raise ConfigError("class_dropout", f"must be in [0, 1), got {self.class_dropout}.")
         if self.class_dropout and not self.num_classes:
-            raise ValueError("--class-dropout needs a class-conditional model (--conditional).")
-        if self.cond_downsample < 1:
-            raise ValueError(f"--cond-downsample must be at least 1, got {self.cond_downsample}.")
+            raise ConfigError("class_dropout", "needs a class-conditional model (`num_classes` > 0).")
+        check_positive(self, "cond_downsample")
         if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"--cond-dropout must be in [0, 1), got {self.cond_dropout}.")
+            raise ConfigError("cond_dropout", f"must be in [0, 1), got {self.cond_dropout}.")
         if self.cond_embedding not in ("shared", "separate"):
-            raise ValueError(f"--cond-embedding must be shared or separate, got {self.cond_embedding!r}.")
+            raise ConfigError("cond_embedding", f"must be shared or separate, got {self.cond_embedding!r}.")
 
-    @classmethod
-    def from_dict(cls, d):
-        """Build from a checkpoint's `config` dict; unknown keys are an error that names them."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"The checkpoint's transformer config has fields this code does not know: {unknown}.")
-        return cls(**d)
+    @staticmethod
+    def flag_values(args):
+        """cli.config_from_flags: the fields whose flag has another name or default (each other field has its own)."""
+        class_dropout = args.class_dropout
+        if class_dropout is None:  # a null class for classifier-free guidance when class-conditional
+            class_dropout = 0.1 if args.conditional else 0.0
+        return dict(embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout,
+                    class_dropout=class_dropout)
 
 
 def window_origin(i, j, canvas_hw, window_hw):
@@ -152,19 +149,19 @@ class VQGANTransformer(nn.Module):
         f = vqgan.config.downsample_factor
         self.image_size = config.image_size or vqgan.config.image_size
         if self.image_size % f:
-            raise ValueError(f"--image-size {self.image_size} must divide by the stage-1 downsampling factor {f}.")
+            raise ConfigError("image_size", f"{self.image_size} must divide by the stage-1 downsampling factor {f}.")
         self.latent_hw = (self.image_size // f, self.image_size // f)  # the token grid (h, w)
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
         self.cond_hw, num_cond_codes = (0, 0), 0
         if cond_vqgan is not None:
             S, fc = config.cond_downsample, cond_vqgan.config.downsample_factor
             if self.image_size % (S * fc):
-                raise ValueError(f"--image-size {self.image_size} must divide by --cond-downsample {S} times the "
-                                 f"condition tokenizer's downsampling factor {fc}.")
+                raise ConfigError("image_size", f"{self.image_size} must divide by `cond_downsample` {S} times the "
+                                                f"condition tokenizer's downsampling factor {fc}.")
             self.cond_hw = (self.image_size // S // fc,) * 2  # the condition's token grid (hc, wc)
             num_cond_codes = cond_vqgan.config.num_codebook_vectors
         elif config.cond_dropout:
-            raise ValueError("--cond-dropout needs an image condition (--cond-path).")
+            raise ConfigError("cond_dropout", "needs an image condition (`cond_path`).")
         self.num_cond_tokens = self.cond_hw[0] * self.cond_hw[1]
         self.pkeep, self.num_classes = config.pkeep, config.num_classes
         self.num_start_tokens = 0 if taming is not None and taming["start"] is None else 1
@@ -176,7 +173,7 @@ class VQGANTransformer(nn.Module):
                 (f"the {needed} tokens the GPT reads: {'the start token, ' * self.num_start_tokens}the "
                  f"{self.num_cond_tokens} condition tokens ({self.cond_hw[0]}x{self.cond_hw[1]}) and all "
                  f"{self.num_tokens} image indices but the last")
-            raise ValueError(f"--block-size {config.block_size} is smaller than {what}.")
+            raise ConfigError("block_size", f"{config.block_size} is smaller than {what}.")
         if taming is not None:  # taming's own table: condition codes as they are, its class ids or SOS as tokens
             self.cond_offset, self.start_token, self.null_token, self.null_cond_token = 0, None, None, None
             vocab_size = taming["vocab_size"]
@@ -213,7 +210,7 @@ class VQGANTransformer(nn.Module):
             check_condition_tokenizer(cond_path, ckpt["cond_kind"], trust)
             same = Path(cond_path).resolve() == Path(vqgan_path).resolve()
             cond_vqgan = vqgan if same else VQGAN.from_checkpoint(cond_path, trust=trust, ema=ema)
-        model = cls(vqgan, TransformerConfig.from_dict(ckpt["config"]), cond_vqgan)
+        model = cls(vqgan, config_from_dict(TransformerConfig, ckpt["config"]), cond_vqgan)
         model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         model.classes = ckpt.get("classes")
         return model.eval()
@@ -452,11 +449,6 @@ class VQGANTransformer(nn.Module):
                 logits = uncond + cfg_scale * (cond_logits - uncond)
             grid[:, i, j] = sample_next(logits, temperature, top_k, top_p)[:, 0]
         return grid
-
-    @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=None, top_p=None, labels=None, cond=None):
-        """n new images (n, 3, H, W) in [-1, 1]."""
-        return self.indices_to_image(self.sample_indices(n, temperature, top_k, top_p, labels, cond=cond))
 
     @torch.no_grad()
     def log_images(self, x, labels=None, temperature=1.0, top_k=None, top_p=None, cond=None):

@@ -92,7 +92,7 @@ def test_null_condition_at_the_cond_dropout_rate(monkeypatch):
     assert torch.equal(window[~null], cond.flatten(1)[~null]) and (window[null] == K + 1).all()  # the whole window
     model.eval()(torch.zeros(4000, 16, dtype=torch.long), cond=cond)
     assert torch.equal(seen[1][:, 1:17], cond.flatten(1))  # never at evaluation
-    with pytest.raises(ValueError, match="--cond-dropout needs an image condition"):
+    with pytest.raises(ValueError, match=r"cond_dropout needs an image condition \(cond_path\)"):
         VQGANTransformer(VQGAN(IMAGE_VQGAN), TransformerConfig(n_layer=1, n_head=1, n_embd=8, block_size=16,
                                                                cond_dropout=0.1))
 
@@ -114,7 +114,7 @@ def test_guidance_drops_the_condition_in_one_forward(monkeypatch):
 
 
 def test_block_size_counts_the_condition():
-    with pytest.raises(ValueError, match=r"--block-size 30 is smaller than the 32 tokens the GPT reads: the start "
+    with pytest.raises(ValueError, match=r"block_size 30 is smaller than the 32 tokens the GPT reads: the start "
                                          r"token, the 16 condition tokens \(4x4\) and all 16 image indices"):
         cond_model(block_size=30)
 

@@ -102,7 +102,9 @@ def test_tiny_conditional_demo_builds_on_the_default_run(tiny_demo, capsys):
     assert pixels(summary["pictures"][0]).shape == (tiny.enlarge * (c.layouts * cell + 2),
                                                     tiny.enlarge * ((c.samples_per_layout + 2) * cell + 2), 3)
     large = torch.load(out / "conditional" / "samples" / "large" / "indices.pt", weights_only=True)
-    assert large.shape == (c.samples_per_layout, 2 * tiny.image_size // 2, 2 * tiny.image_size // 2)  # f = 2
+    f = 2 ** (len(torch.load(out / "checkpoints" / "vqgan_last.pt", weights_only=True)["config"]["ch_mult"]) - 1)
+    side = c.large_scale * tiny.image_size // f  # the large layout's canvas in image tokens
+    assert large.shape == (c.samples_per_layout, side, side)
 
 
 def run_cli(*flags):
