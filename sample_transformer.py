@@ -18,6 +18,7 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import net2net
 from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
@@ -166,7 +167,7 @@ def check_args(args, model):
 def load_model(args, device):
     """Our stage-2 checkpoint, or with --taming-config a taming-transformers Net2NetTransformer."""
     if args.taming_config:
-        return VQGANTransformer.from_taming(args.checkpoint_path, args.taming_config).to(device)
+        return net2net.from_taming(args.checkpoint_path, args.taming_config).to(device)
     return VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
                                             ema=not args.no_ema, cond_path=args.cond_checkpoint).to(device)
 

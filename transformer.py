@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, load_checkpoint, read_taming
+from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, check_positive, config_from_dict
-from mingpt import GPT, GPTConfig, sample_next, static_cache, taming_gpt_config, taming_gpt_weights
+from mingpt import GPT, GPTConfig, sample_next, static_cache
 from utils import for_display
 from vqgan import VQGAN
 
@@ -139,7 +139,7 @@ class VQGANTransformer(nn.Module):
 
     def __init__(self, vqgan, config: TransformerConfig, cond_vqgan=None, taming=None):
         """cond_vqgan: the frozen stage-1 model that tokenizes the image condition (may be vqgan itself).
-        taming: a taming-transformers checkpoint's layout (from_taming): {"vocab_size", "start": None, "sos" or
+        taming: a taming-transformers checkpoint's layout (net2net.py): {"vocab_size", "start": None, "sos" or
         "class", "sos_token"}; its condition codes share the table and there is no start token before them."""
         super().__init__()
         self.vqgan = vqgan.eval().requires_grad_(False)  # frozen: stage 2 never changes the tokenizer
@@ -213,52 +213,6 @@ class VQGANTransformer(nn.Module):
         model = cls(vqgan, config_from_dict(TransformerConfig, ckpt["config"]), cond_vqgan)
         model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         model.classes = ckpt.get("classes")
-        return model.eval()
-
-    @classmethod
-    def from_taming(cls, ckpt_path, config_path):
-        """A taming-transformers Net2NetTransformer (`last.ckpt` + `model.yaml`), in eval mode, computing what taming
-        computes: one embedding table for condition and image codes, no start token before a condition, the SOS
-        token (unconditional) or the class id (Labelator) as the first token; downsample_cond_size as a factor."""
-        state, params = read_taming(ckpt_path, config_path)
-        if "transformer_config" not in params or "first_stage_config" not in params:
-            raise ValueError(f"{config_path} is not a Net2NetTransformer config (it has no transformer_config and "
-                             f"first_stage_config); a VQ model's config goes to eval_vqgan.py.")
-        permuter = (params.get("permuter_config") or {}).get("target", "Identity")
-        if not permuter.endswith("Identity"):
-            raise ValueError(f"taming's permuter {permuter} is not supported: only raster order (Identity).")
-        stage = {}
-        for name in ("first_stage", "cond_stage"):
-            prefix = f"{name}_model."
-            stage[name] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        vqgan = VQGAN.from_taming_state(stage["first_stage"], params["first_stage_config"]["params"])
-        cond = params.get("cond_stage_config")
-        target = cond.get("target", "") if isinstance(cond, dict) else cond
-        layout, cond_vqgan, num_classes = dict(start=None, sos_token=params.get("sos_token", 0)), None, 0
-        if params.get("unconditional", False) or cond == "__is_unconditional__":  # taming's SOSProvider
-            layout["start"] = "sos"
-        elif cond == "__is_first_stage__":  # a (low-resolution) copy of the image, in the image's own codes
-            cond_vqgan = vqgan
-        elif target.endswith("Labelator"):  # class-conditional: the class id is the first token
-            layout["start"], num_classes = "class", cond["params"]["n_classes"]
-        elif isinstance(cond, dict) and "ddconfig" in cond.get("params", {}):  # segmentation, depth, ...
-            cond_vqgan = VQGAN.from_taming_state(stage["cond_stage"], cond["params"])
-        else:
-            raise ValueError(f"taming's conditioning stage {target} is not supported (SOS, Labelator, the first "
-                             f"stage and VQ models are).")
-        image_size, downsample = vqgan.config.image_size, params.get("downsample_cond_size", -1)
-        if cond_vqgan is not None and downsample > -1 and image_size % downsample:
-            raise ValueError(f"downsample_cond_size {downsample} does not divide the image size {image_size}.")
-        hp = params["transformer_config"]["params"]
-        gpt_config = taming_gpt_config(hp)
-        layout["vocab_size"] = gpt_config.vocab_size
-        config = TransformerConfig(image_size=image_size, n_layer=gpt_config.n_layer, n_head=gpt_config.n_head,
-                                   n_embd=gpt_config.n_embd, block_size=gpt_config.block_size,
-                                   num_classes=num_classes, pkeep=params.get("pkeep", 1.0),
-                                   cond_downsample=image_size // downsample if cond_vqgan and downsample > -1 else 1)
-        model = cls(vqgan, config, cond_vqgan, taming=layout)
-        model.gpt.load_state_dict(taming_gpt_weights(state))
-        model.classes = None
         return model.eval()
 
     @property

@@ -15,7 +15,7 @@ import sample_transformer
 from data import PairedFolder
 from eval_transformer import RandomConvFeatures
 from mingpt import GPT
-from transformer import VQGANTransformer
+from net2net import from_taming
 from vqgan import VQGAN, VQGANConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_cond_tiny"
@@ -23,7 +23,7 @@ REF = torch.load(FIXTURES / "reference_outputs.pt", weights_only=True)
 
 
 def test_segmentation_conditioned_model_matches_taming():
-    model = VQGANTransformer.from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
+    model = from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
     assert model.cond_kind == "segmentation" and model.prefix_length == 16 and model.gpt.config.vocab_size == 32
     z, c = model.encode_to_indices(REF["x"]), model.encode_condition(REF["c"])
     assert torch.equal(z, REF["z_indices"]) and torch.equal(c.flatten(1), REF["c_indices"])
@@ -64,7 +64,7 @@ def test_eval_transformer_measures_a_taming_model_on_pairs(tmp_path):
         "--reference", str(tmp_path / "images"), "--cond-path", str(tmp_path / "labels"), "--num-samples", "4",
         "--device", "cpu", "--out-json", str(tmp_path / "m.json"), "--num-workers", "0"]),
         feature_extractor=RandomConvFeatures())
-    model = VQGANTransformer.from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
+    model = from_taming(FIXTURES / "last.ckpt", FIXTURES / "model.yaml")
     pairs = PairedFolder(tmp_path / "images", tmp_path / "labels", 16, train=False, cond_kind="segmentation",
                          num_labels=5)
     x, c = (torch.stack([pairs[i][key] for i in range(4)]) for key in ("image", "cond"))
@@ -105,7 +105,7 @@ def greedy_reference(gpt, prefix, steps):
      lambda z: torch.tensor([[3], [8]])),  # the class id is the token
 ])
 def test_sos_and_class_stages_put_their_token_first(tmp_path, params, first_tokens):
-    model = VQGANTransformer.from_taming(*variant(tmp_path, **params))
+    model = from_taming(*variant(tmp_path, **params))
     gpt = GPT.from_taming(*variant(tmp_path, **params))
     labels = torch.tensor([3, 8]) if model.num_classes else None
     z = model.encode_to_indices(REF["x"])
@@ -122,7 +122,7 @@ def test_first_stage_condition_and_downsample_cond_size(tmp_path, downsample, co
     """__is_first_stage__: the image's own codes as the condition; downsample_cond_size 8: the 16x16 condition is
     shrunk to 8x8 by nearest neighbour (F.interpolate's default, as taming calls it) before it is tokenized."""
     ckpt, path = variant(tmp_path, cond_stage_config="__is_first_stage__", downsample_cond_size=downsample)
-    model, gpt = VQGANTransformer.from_taming(ckpt, path), GPT.from_taming(ckpt, path)
+    model, gpt = from_taming(ckpt, path), GPT.from_taming(ckpt, path)
     assert model.cond_vqgan is model.vqgan and model.num_cond_tokens == cond_tokens
     c = REF["x"].flip(-1)  # any RGB image
     small = F.interpolate(c, size=(8, 8)) if downsample > 0 else c
@@ -146,7 +146,7 @@ def test_one_channel_condition_stage_loads_as_gray(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "depth.ckpt")
     dd = dict(double_z=False, z_channels=16, resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 1, 1],
               num_res_blocks=1, attn_resolutions=[4], dropout=0.0)
-    model = VQGANTransformer.from_taming(*variant(tmp_path, tmp_path / "depth.ckpt", cond_stage_config={
+    model = from_taming(*variant(tmp_path, tmp_path / "depth.ckpt", cond_stage_config={
         "target": "taming.models.vqgan.VQModel", "params": dict(embed_dim=8, n_embed=24, ddconfig=dd)}))
     assert model.cond_kind == "gray"
     d = torch.rand(2, 1, 16, 16) * 2 - 1
@@ -155,10 +155,10 @@ def test_one_channel_condition_stage_loads_as_gray(tmp_path):
 
 def test_unsupported_taming_configs_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="permuter .*AlternateParsing is not supported"):
-        VQGANTransformer.from_taming(*variant(tmp_path, permuter_config={
+        from_taming(*variant(tmp_path, permuter_config={
             "target": "taming.modules.transformer.permuter.AlternateParsing"}))
     with pytest.raises(ValueError, match="conditioning stage taming.modules.misc.Coord is not supported"):
-        VQGANTransformer.from_taming(*variant(tmp_path, cond_stage_config={"target": "taming.modules.misc.Coord"}))
+        from_taming(*variant(tmp_path, cond_stage_config={"target": "taming.modules.misc.Coord"}))
     with pytest.raises(ValueError, match="is not a Net2NetTransformer config"):
-        VQGANTransformer.from_taming(FIXTURES.parent / "taming_tiny" / "last.ckpt",
+        from_taming(FIXTURES.parent / "taming_tiny" / "last.ckpt",
                                      FIXTURES.parent / "taming_tiny" / "model.yaml")
