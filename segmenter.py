@@ -125,8 +125,9 @@ def build_parser():
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--labels", required=True, help="their label maps: same relative path and stem (PNG, pixel = class)")
     p.add_argument("--num-labels", type=int, required=True, help="number of classes")
-    p.add_argument("--val-images", default=None, help="held-out images, to report the classifier's own accuracy")
-    p.add_argument("--val-labels", default=None, help="the held-out images' label maps")
+    p.add_argument("--val-images", default=None,
+                   help="held-out images, to report the classifier's own accuracy (default: none)")
+    p.add_argument("--val-labels", default=None, help="the held-out images' label maps (default: none)")
     p.add_argument("--image-size", type=int, default=32, help="training crop (the images are resized to cover it)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="crops per step")

@@ -257,7 +257,8 @@ def build_parser():
     a("--cond-path", default=None, help="folder of image conditions (label maps, depth, low-resolution copies ...): "
       "each image is paired with the file of the same relative path and stem here (any image extension; images "
       "without one are skipped and counted); the GPT reads [condition tokens, image tokens] (default: none)")
-    a("--val-cond-path", default=None, help="with --val-path and --cond-path: the held-out images' conditions")
+    a("--val-cond-path", default=None, help="with --val-path and --cond-path: the held-out images' conditions "
+      "(default: none; with a --val-fraction split they come from --cond-path)")
     a("--cond-checkpoint", default=None, help="the stage-1 checkpoint that tokenizes the conditions (training_vqgan.py "
       "--image-kind rgb, gray or segmentation; its kind says how the files are read) (default: --checkpoint-path, "
       "the image's own tokenizer, for RGB conditions)")
