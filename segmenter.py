@@ -103,6 +103,8 @@ def main(args):
     if args.steps <= 0 or args.num_labels < 2:
         raise ValueError(f"--steps must be positive and --num-labels at least 2, got {args.steps} and "
                          f"{args.num_labels}.")
+    if bool(args.val_images) != bool(args.val_labels):
+        raise ValueError("--val-images and --val-labels go together: the held-out images and their label maps.")
     pairs = PairedFolder(args.images, args.labels, args.image_size, train=True, cond_kind="segmentation",
                          num_labels=args.num_labels)
     model = train(pairs, args.num_labels, args.steps, args.batch_size, args.learning_rate, device, args.seed)

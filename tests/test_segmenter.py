@@ -44,7 +44,10 @@ def test_the_classifier_learns_colours_and_reports_its_held_out_accuracy(tmp_pat
     assert torch.load(tmp_path / "seg.pt", weights_only=True)["held_out"]["mean_iou"] == scores["mean_iou"]
 
 
-def test_a_file_that_is_not_a_segmenter_is_one_sentence(tmp_path):
+def test_bad_inputs_are_one_sentence(tmp_path):
     save_checkpoint(dict(model={}, config=dict(n_layer=2)), tmp_path / "gpt.pt")
     with pytest.raises(CheckpointError, match="gpt.pt is not a segmenter checkpoint"):
         PixelClassifier.from_checkpoint(tmp_path / "gpt.pt")
+    with pytest.raises(ValueError, match="--val-images and --val-labels go together"):
+        segmenter.main(segmenter.build_parser().parse_args(["--images", "a", "--labels", "b", "--num-labels", "3",
+                                                            "--val-images", "c"]))
