@@ -55,7 +55,7 @@ def check_args(args):
     """Reject impossible values of the training flags up front, naming the flag (the config checks its own)."""
     check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
                    "max_nonfinite_steps", "val_batches")
-    if not Path(args.checkpoint_path).is_file():
+    if not Path(args.checkpoint_path).exists():
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
 
@@ -116,9 +116,10 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
+    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
+                                  user="training_transformer.py --checkpoint-path")  # the wrong kind fails here
     run = TrainingRun(args, "transformer")
     device = run.device
-    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
     paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
     if args.val_path:
         train_paths, val_paths = paths, find_images(args.val_path)
@@ -186,7 +187,8 @@ def build_parser():
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional)")
-    a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")
+    a("--checkpoint-path", default="checkpoints/vqgan_last.pt",
+      help="the stage-1 checkpoint, or a stage-1 model folder of export.py")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, read_taming
+from checkpoint import load_weights, read_checkpoint, read_taming, write_model_folder
 from codebook import Codebook, EMACodebook
 from decoder import Decoder
 from encoder import Encoder
@@ -190,18 +190,27 @@ class VQGAN(nn.Module):
     # ---- checkpoints ----
 
     @classmethod
-    def from_checkpoint(cls, path, trust=False, ema=True):
-        """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode; with the
-        EMA weights when the run kept them (--ema-decay), unless ema=False."""
-        ckpt = load_checkpoint(path, trust=trust)
-        model = cls(VQGANConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
-        return model.eval()
+    def from_checkpoint(cls, path, trust=False, ema=True, user="VQGAN.from_checkpoint"):
+        """Rebuild a stage-1 model, in eval mode, from a checkpoint of training_vqgan.py (its config travels inside) or
+        a model folder of export.py (a local folder or a Hub model id); with the EMA weights when the run kept them
+        (--ema-decay), unless ema=False. Another kind of checkpoint is an error naming it and `user`'s needs."""
+        ckpt = read_checkpoint(path, trust).expect("stage1", user=user)
+        model = cls(VQGANConfig.from_dict(ckpt.config))
+        return load_weights(model, ckpt.weights(ema), ckpt.path).eval()
 
     @classmethod
-    def from_taming(cls, ckpt_path, config_path):
+    def from_pretrained(cls, name_or_path, ema=True):
+        """A stage-1 model folder of export.py, local or on the Hugging Face Hub (owner/name); as from_checkpoint."""
+        return cls.from_checkpoint(name_or_path, ema=ema, user="VQGAN.from_pretrained")
+
+    def save_pretrained(self, folder, **info):
+        """Write a model folder (config.json with `info`, model.safetensors) that from_pretrained reads."""
+        write_model_folder(folder, "vqgan", self.config_dict(), self.state_dict(), **info)
+
+    @classmethod
+    def from_taming(cls, ckpt_path, config_path, trust=False):
         """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), eval mode."""
-        state, params = read_taming(ckpt_path, config_path)
+        state, params = read_taming(ckpt_path, config_path, trust)
         dd = params["ddconfig"]
         if dd.get("double_z", False):
             raise ValueError("This taming config has double_z: true, which a VQGAN encoder never uses.")
@@ -212,8 +221,7 @@ class VQGAN(nn.Module):
                              num_codebook_vectors=params["n_embed"])
         model = cls(config)
         keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
-        model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})
-        return model.eval()
+        return load_weights(model, {k: v for k, v in state.items() if k.startswith(keep)}, ckpt_path).eval()
 
     def config_dict(self):
         return asdict(self.config)
