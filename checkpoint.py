@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves, weights-only loading with clear errors, config checks on resume, taming's files, the
-kind of every checkpoint this project reads, and model folders (config.json + model.safetensors, local or on the Hub)."""
+kind of every checkpoint this project reads, and model folders (config.json + model.safetensors, local or on the
+Hub)."""
 import glob
 import json
 import os
@@ -150,7 +151,7 @@ class Checkpoint:
         return (self.folder if self.folder is not None else self.entries)["config"]
 
     def stage1_path(self):
-        """Where the stage-1 model of a stage-2 checkpoint is: the folder's sub-folder, or the path saved in training."""
+        """Where a stage-2 checkpoint's stage-1 model is: the folder's sub-folder, or the path saved in training."""
         return self.path / self.folder["vqgan"] if self.folder is not None else Path(self.entries["vqgan_checkpoint"])
 
     def uses_ema(self, ema=True):

@@ -62,9 +62,10 @@ def describe_transformer(model):
     """Rows (name, value) of a stage-2 model's card table."""
     c, (h, w) = model.config, model.latent_hw
     classes = getattr(model, "classes", None)
-    conditioning = "unconditional" if not c.num_classes else \
-        f"{c.num_classes} classes ({', '.join(classes or [])})" + (
-            f", classifier-free guidance (null class at rate {c.class_dropout})" if model.null_token is not None else "")
+    guidance = f", classifier-free guidance (null class at rate {c.class_dropout})" if model.null_token is not None \
+        else ""
+    conditioning = f"{c.num_classes} classes ({', '.join(classes or [])}){guidance}" if c.num_classes else \
+        "unconditional"
     return [("image size", f"{model.image_size} x {model.image_size} ({h} x {w} tokens); larger canvases with a "
                            f"sliding window"),
             ("GPT", f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, block size {c.block_size}"),
@@ -249,7 +250,8 @@ def export(args):
     try:
         if args.taming_config:
             vqgan = VQGAN.from_taming(args.checkpoint_path, args.taming_config, trust=args.trust_checkpoint)
-            vqgan.save_pretrained(partial, weights="taming", step=ckpt.entries.get("global_step"), source=ckpt.path.name)
+            vqgan.save_pretrained(partial, weights="taming", step=ckpt.entries.get("global_step"),
+                                  source=ckpt.path.name)
             (partial / CARD_FILE).write_text(vqgan_card(vqgan, ckpt, name, ema))
         elif ckpt.kind == "stage1":
             vqgan = VQGAN.from_checkpoint(ckpt, ema=ema, user="export.py")
