@@ -101,7 +101,8 @@ def read_taming(ckpt_path, config_path, trust=False):
 
 # kind: (what it is, with {} for "checkpoint" or "model folder"; the scripts and flags that read it)
 KINDS = {
-    "stage1": ("a stage-1 (VQGAN) {}", "eval_vqgan.py, training_transformer.py --checkpoint-path and export.py"),
+    "stage1": ("a stage-1 (VQGAN) {}",
+               "eval_vqgan.py, training_transformer.py --checkpoint-path, app.py and export.py"),
     "stage2": ("a stage-2 (transformer) {}", "sample_transformer.py, eval_transformer.py, app.py and export.py"),
     "taming": ("a taming-transformers VQGAN checkpoint", "eval_vqgan.py and export.py with --taming-config model.yaml"),
     "taming-stage2": ("a taming-transformers transformer (Net2NetTransformer) checkpoint", None),

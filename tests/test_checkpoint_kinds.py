@@ -1,0 +1,106 @@
+"""Every script given the wrong kind of checkpoint says in one line what it got and what it needs: stage 1 and stage 2
+.pt files, taming-transformers' VQGAN and transformer checkpoints, model folders, a Hub id with no network, and a
+file of none of these kinds."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+import eval_transformer
+import eval_vqgan
+import export
+import sample_transformer
+import training_transformer
+from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from helpers import STAGE2_FLAGS, write_tiny_checkpoints
+from training_run import run_script
+
+REPO = Path(__file__).resolve().parents[1]
+TAMING = REPO / "tests" / "fixtures" / "taming_tiny"
+STAGE1 = "is a stage-1 (VQGAN) checkpoint, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py " \
+         "and export.py read"
+STAGE2 = "is a stage-2 (transformer) checkpoint, which sample_transformer.py, eval_transformer.py, app.py and " \
+         "export.py read"
+NEEDS_STAGE1 = "needs a stage-1 checkpoint from training_vqgan.py (or a stage-1 model folder from export.py)"
+NEEDS_STAGE2 = "needs a stage-2 checkpoint from training_transformer.py (or a stage-2 model folder from export.py)"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, flowers):
+    """{name: path} of every kind: our two stages, their exported folders, taming's two, and a stranger."""
+    folder = tmp_path_factory.mktemp("kinds")
+    _, stage1, stage2 = write_tiny_checkpoints(folder)
+    export.main(export.build_parser().parse_args(["--checkpoint-path", str(stage2), "--out", str(folder / "m")]))
+    save_checkpoint(dict(features=torch.zeros(4, 8), extractor="random-conv"), folder / "reference_x.pt")
+    return dict(stage1=stage1, stage2=stage2, folder2=folder / "m", folder1=folder / "m" / "vqgan",
+                taming=TAMING / "last.ckpt", taming2=TAMING / "transformer.ckpt", other=folder / "reference_x.pt",
+                flowers=flowers, out=folder / "out")
+
+
+def test_each_kind_is_told_apart(files):
+    kinds = {name: read_checkpoint(files[name]).kind for name in ("stage1", "stage2", "folder1", "folder2", "taming",
+                                                                   "taming2", "other")}
+    assert kinds == dict(stage1="stage1", stage2="stage2", folder1="stage1", folder2="stage2", taming="taming",
+                         taming2="taming-stage2", other=None)
+
+
+def test_a_stage1_checkpoint_to_sample_transformer_is_one_line_on_stderr(files):
+    result = subprocess.run([sys.executable, "sample_transformer.py", "--checkpoint-path", str(files["stage1"]),
+                             "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr == (f"error: {files['stage1']} {STAGE1}; sample_transformer.py {NEEDS_STAGE2}.\n")
+
+
+# (script module, flags with {name} for the files above, the checkpoint_name of its entry point, what stderr says)
+WRONG_KINDS = [
+    (eval_transformer, "--checkpoint-path {stage1} --reference {flowers}", None,
+     f"{STAGE1}; eval_transformer.py {NEEDS_STAGE2}."),
+    (eval_vqgan, "--checkpoint-path {stage2} --dataset-path {flowers}", None,
+     f"{STAGE2}; eval_vqgan.py {NEEDS_STAGE1} such as the one it was trained on, {{stage1}}."),
+    (eval_vqgan, "--checkpoint-path {folder2} --dataset-path {flowers}", None,
+     f"is a stage-2 (transformer) model folder, which sample_transformer.py, eval_transformer.py, app.py and export.py "
+     f"read; eval_vqgan.py {NEEDS_STAGE1} such as the one it was trained on, {{folder1}}."),
+    (training_transformer, "--checkpoint-path {stage2} --dataset-path {flowers} --out-dir {out}", "transformer",
+     f"{STAGE2}; training_transformer.py --checkpoint-path {NEEDS_STAGE1} such as the one it was trained on, "
+     f"{{stage1}}."),
+    (sample_transformer, "--checkpoint-path {taming}", None,
+     "is a taming-transformers VQGAN checkpoint, which eval_vqgan.py and export.py with --taming-config model.yaml "
+     f"read; sample_transformer.py {NEEDS_STAGE2}."),
+    (eval_transformer, "--checkpoint-path {taming2} --reference {flowers}", None,
+     f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; eval_transformer.py {NEEDS_STAGE2}."),
+    (sample_transformer, "--checkpoint-path {folder1}", None,
+     f"is a stage-1 (VQGAN) model folder, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py and "
+     f"export.py read; sample_transformer.py {NEEDS_STAGE2}."),
+    (sample_transformer, "--checkpoint-path {stage2} --vqgan-checkpoint {stage2}", None,
+     f"{STAGE2}; --vqgan-checkpoint {NEEDS_STAGE1} such as the one it was trained on, {{stage1}}."),
+    (eval_vqgan, f"--checkpoint-path {{stage1}} --taming-config {TAMING / 'model.yaml'} --dataset-path {{flowers}}",
+     None, f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt)."),
+    (app, "--checkpoint-path {taming2}", None,
+     f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; app.py {NEEDS_STAGE2} or a stage-1 "
+     f"checkpoint"),
+    (export, "--checkpoint-path {other} --out {out}", None,
+     "is not a checkpoint this project writes (it holds features, extractor); export.py needs a stage-2 checkpoint"),
+]
+
+
+@pytest.mark.parametrize("script, flags, checkpoint_name, message", WRONG_KINDS,
+                         ids=[f"{s.__name__}-{f.split()[1]}" for s, f, _, _ in WRONG_KINDS])
+def test_every_script_names_the_kind_it_got(files, script, flags, checkpoint_name, message, capsys, monkeypatch):
+    argv = flags.format(**files).split()
+    extra = STAGE2_FLAGS if script is training_transformer else [] if script is export else ["--device", "cpu"]
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv, *extra])
+    with pytest.raises(SystemExit) as stop:
+        run_script(script.main, script.build_parser(), checkpoint_name=checkpoint_name)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {argv[1]} ") and message.format(**files) in err, err
+    assert not files["out"].exists()  # nothing was started: training_transformer fails before its run folder
+
+
+def test_a_hub_id_without_the_network_is_one_sentence():
+    with pytest.raises(CheckpointError, match=r"^someone/tiny-vqgan is neither a local file or folder nor a model that "
+                                              r"could be fetched from the Hugging Face Hub \(HF_HUB_OFFLINE is set\)"):
+        read_checkpoint("someone/tiny-vqgan")
