@@ -22,7 +22,7 @@ def norm_swish_conv(x, norm, conv=None, dropout=None, recompute=False):
     backward) and swish's output (for the conv's weight gradient). Under a non-reentrant checkpoint only x is kept,
     and the backward recomputes swish(norm(x)): two elementwise passes. The recomputation stops as soon as the
     conv's inputs exist again (torch's early stop), so no conv ever runs twice: tests/test_vqgan.py counts them.
-    At the paper config that is 1.4 GiB less peak memory per CPU step at batch 2 for ~5% more time (README, Speed).
+    At the paper config that is 1.4 GiB less peak memory per CPU step at batch 2 for ~5% more time (docs/speed.md).
     """
     def f(x):
         h = swish(norm(x))

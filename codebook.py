@@ -252,7 +252,7 @@ class EMACodebook(Codebook):
     Laplace smoothing, (N_k + eps) / (sum N + K eps) * sum N. Only the codes assigned this step are rewritten.
     N and m start at zero, so m_k / N_k is a weighted mean of the vectors assigned to code k, without a start bias:
     at its first assignment a code jumps to the mean of its vectors. (Starting m at the random initial codes, as
-    taming does, drags a new code back towards its start for some hundred steps; measured in the README.)
+    taming does, drags a new code back towards its start for some hundred steps; measured in docs/quantizers.md.)
     """
 
     def __init__(self, *, decay=0.99, eps=1e-5, **kwargs):

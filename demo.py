@@ -29,7 +29,7 @@ from demo_flowers import make_demo_flowers
 HELDOUT_SEED = 1  # the held-out flowers are drawn from another seed than the training flowers (seed 0)
 
 
-# ---- the settings: chosen on this project's 2-core CPU (README, "A demo run on the CPU") ----
+# ---- the settings: chosen on this project's 2-core CPU (docs/demo.md, "Why these settings") ----
 
 @dataclass
 class DemoSettings:

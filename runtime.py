@@ -134,7 +134,7 @@ def reuse_freed_memory(device):
     glibc gives every allocation over 32 MiB its own mmap and unmaps it on free, so each step's large activations
     are page-faulted in afresh, the kernel zeroing every 4 KiB page: about a fifth of a paper-config CPU step.
     With mmap off and the heap trimmed only above 2 GiB of free memory, freed blocks are reused instead once the
-    heap has grown to a step's needs (a few steps), for some resident memory lost to fragmentation (README, Speed).
+    heap has grown to a step's needs (a few steps), for some resident memory lost to fragmentation (docs/speed.md).
     Process-wide; does nothing off the CPU or off glibc. Returns whether it applied.
     """
     if device.type != "cpu" or not sys.platform.startswith("linux"):

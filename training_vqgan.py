@@ -187,7 +187,7 @@ def build_parser():
     a("--restart-dead-codes", action="store_true", help="re-seed unused codes from current encoder outputs")
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
     a("--quantizer", choices=["vq", "ema", "fsq", "lfq"], default="vq",
-      help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (README)")
+      help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (docs/quantizers.md)")
     a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
     a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")
     a("--codebook-ema-decay", type=float, default=0.99, help="ema: decay of the codes' moving averages")

@@ -45,3 +45,16 @@ def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
     assert peak_tflops_of("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops_of("NVIDIA H200") == 989.0 and peak_tflops_of("NVIDIA H200 NVL") == 835.0
     assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops_of("Tesla T4") is None
+
+
+def test_window_section_alone():
+    """The docs' sliding-window command: every other section skipped, the window measured at the training size."""
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(bench.build_parser().parse_args(
+            ["--quick", "--device", "cpu", "--in-process", "--skip-stage1", "--skip-stage2", "--skip-sampling",
+             "--window-scales", "1", "--threads", "1", "--out-json", ""]))
+    finally:
+        torch.set_num_threads(threads)
+    assert not {"stage1", "stage2", "sampling"} & set(results)
+    assert list(results["window"]["canvases"]) == ["1x1"] and results["window"]["canvases"]["1x1"]["tokens"] == 64

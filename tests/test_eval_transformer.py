@@ -184,6 +184,15 @@ def test_ema_weights_are_used_unless_no_ema(tmp_path, flowers):
     assert ema["val_bits_per_token"] != pytest.approx(raw["val_bits_per_token"])
 
 
+def test_features_random_conv_measures_without_any_weights(tmp_path, flowers):
+    """--features random-conv: the seeded stand-in network, so the metrics are numbers with no Inception weights."""
+    _, ckpt = tiny_checkpoint(tmp_path)
+    result = run_eval(tmp_path, ckpt, flowers, "--features", "random-conv", "--num-grid", "0")
+    assert all(isinstance(result[key], float) for key in ("fid", "kid", "precision", "recall"))
+    assert result["protocol"]["feature_extractor"] == eval_transformer.RandomConvFeatures().name
+    assert result["num_samples"] == 6 and not result["notes"]
+
+
 def test_without_inception_weights_the_metrics_are_null_with_the_file_named(tmp_path, flowers):
     _, ckpt = tiny_checkpoint(tmp_path)
     result = run_eval(tmp_path, ckpt, flowers)
