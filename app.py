@@ -84,22 +84,19 @@ def token_map(indices, num_codes, f):
     return palette[indices.cpu().numpy()].repeat(f, axis=0).repeat(f, axis=1)
 
 
-def readable_uploads(component):
-    """A subclass of a Gradio image input whose uploads that are not images are a message in the page: Gradio decodes
-    them before any function of ours runs, and its own error is a traceback in the console and "Error" in the page."""
-    class Input(component):
-        is_template = True  # drawn by the parent's frontend
+def readable(component):
+    """An image input whose uploads that are not images are a message in the page: Gradio decodes them before any
+    function of ours runs, and its own error is a traceback in the console and a bare "Error" in the page. (Wrapped
+    on the instance: a subclass of a Gradio component makes Gradio write a .pyi file beside this one.)"""
+    decode = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                raise page_error(f"The upload is not an image this page can read ({type(error).__name__}).") from None
-    Input.__name__ = f"Readable{component.__name__}"
-    return Input
-
-
-ImageInput, EditorInput = readable_uploads(gr.Image), readable_uploads(gr.ImageEditor)
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise page_error(f"The upload is not an image this page can read ({type(error).__name__}).") from None
+    component.preprocess = preprocess
+    return component
 
 
 def user_errors(fn):
@@ -260,9 +257,10 @@ def complete_tab(demo, settings):
         gr.Markdown(f"Upload an image (centre-cropped to {size}x{size}); paint over what to regenerate, or choose "
                     f"outpaint and the margins to add.")
         with gr.Row():
-            editor = EditorInput(type="pil", image_mode="RGBA", sources=["upload", "clipboard"], layers=False,
-                                    transforms=[], brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                                    label="image (paint: regenerate)", elem_classes="pixels")
+            editor = readable(gr.ImageEditor(type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                                             layers=False, transforms=[], label="image (paint: regenerate)",
+                                             brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                                             elem_classes="pixels"))
             with gr.Column():
                 modes = ["inpaint: the painted part", "outpaint: the margins"]
                 mode = gr.Radio(modes, value=modes[0], label="regenerate")
@@ -283,7 +281,7 @@ def reconstruct_tab(demo):
         gr.Markdown(f"Upload an image: its centre crop at {size}x{size} goes through the VQGAN's encoder, codebook and "
                     f"decoder.")
         with gr.Row():
-            image = ImageInput(type="pil", sources=["upload", "clipboard"], label="image")
+            image = readable(gr.Image(type="pil", sources=["upload", "clipboard"], label="image"))
             button = gr.Button("Reconstruct", variant="primary")
         with gr.Row():
             outputs = [gr.Image(label=label, format="png", elem_classes="pixels")
