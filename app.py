@@ -29,6 +29,7 @@ from vqgan import VQGAN
 
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before any work
 MIN_SIDE = 8  # pixels: a smaller upload has too little in it to cover a canvas
+PAGE_BATCH = 4  # images sampled at a time: the progress bar moves batch by batch
 CSS = """
 .pixels img { image-rendering: pixelated; }  /* small images enlarged with square pixels, not blurred */
 footer { display: none !important; }
@@ -42,7 +43,7 @@ def sampling_flags(model, num_images, top_k, temperature, class_name, cfg_scale,
     """sample_transformer.py's flags for the page's settings, checked by its own check_args."""
     classes = class_names(model)  # the page's dropdown offers these only
     args = sample_transformer.build_parser().parse_args([])
-    args.num_samples = args.batch_size = int(num_images)
+    args.num_samples, args.batch_size = int(num_images), min(int(num_images), PAGE_BATCH)
     args.top_k, args.temperature = (int(top_k) or None), float(temperature)  # top-k 0: all codes
     args.class_id = classes.index(class_name) if classes else None
     args.cfg_scale = float(cfg_scale) if model.null_token is not None and cfg_scale and cfg_scale != 1 else None
@@ -122,7 +123,7 @@ class Demo:
         self.stage2 = isinstance(model, VQGANTransformer)
 
     def sample(self, num_images, top_k, temperature, seed, class_name, cfg_scale, height, width,
-               progress=gr.Progress(track_tqdm=True)):
+               progress=gr.Progress(track_tqdm=True)):  # the page's bar follows draw()'s tqdm bar
         """New images on a canvas of height x width pixels (larger than the training size: a sliding window)."""
         args = sampling_flags(self.model, num_images, top_k, temperature, class_name, cfg_scale, (height, width))
         size = sample_transformer.canvas_size(args, self.model)
@@ -132,7 +133,7 @@ class Demo:
         return [to_pixels(image) for image in images], f"{len(images)} images of {size[0]}x{size[1]} pixels."
 
     def complete(self, editor, mode, left, top, right, bottom, num_images, top_k, temperature, seed, class_name,
-                 cfg_scale, progress=gr.Progress(track_tqdm=True)):
+                 cfg_scale, progress=gr.Progress(track_tqdm=True)):  # the page's bar follows draw()'s tqdm bar
         """Regenerate the painted part of an uploaded image (inpaint) or a margin around it (outpaint)."""
         image = upload((editor or {}).get("background"))
         args = sampling_flags(self.model, num_images, top_k, temperature, class_name, cfg_scale)
