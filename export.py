@@ -83,8 +83,10 @@ def training_section(ckpt):
         step = ckpt.entries.get("global_step")
         return (f"Converted from a taming-transformers checkpoint ({ckpt.path.name}"
                 + (f", global step {step}" if step is not None else "") + ").\n")
-    args, lines = ckpt.entries.get("args") or {}, [f"{ckpt.entries.get('step', '?')} optimizer steps."]
-    flags = [(f"--{name.replace('_', '-')}", args[name]) for name in CARD_FLAGS if name in args]
+    args, lines = ckpt.entries.get("args") or {}, [f"{ckpt.entries.get('step', '?')} optimizer steps.\n"]
+    shown = [name for name in CARD_FLAGS if args.get(name) not in (None, False)  # unset or off: in the full list
+             and not (name == "epochs" and args.get("max_steps") is not None)]  # --max-steps overrides --epochs
+    flags = [(f"--{name.replace('_', '-')}", args[name]) for name in shown]
     if flags:
         lines.append("Flags of the run, as recorded in the checkpoint:\n\n" + table(flags))
         lines.append("<details><summary>all flags</summary>\n\n```json\n" + json.dumps(args, indent=2, default=str)
@@ -106,10 +108,10 @@ def measured_section(ckpt, eval_name, log_name):
         saved = json.loads(evaluation.read_text())
         if Path(str(saved.get("checkpoint", ""))).name == ckpt.path.name:
             rows = [(name, fmt(saved.get(key), spec)) for key, (name, spec) in EVAL_KEYS[eval_name].items()]
-            where = saved.get("dataset") or saved.get("protocol", {}).get("reference")
-            count = saved.get("num_images") or saved.get("num_samples")
+            what = f"{saved.get('num_images')} images of {saved.get('dataset')}" if "dataset" in saved else \
+                f"{saved.get('num_samples')} samples against {saved.get('protocol', {}).get('reference')}"
             older = evaluation.stat().st_mtime < ckpt.path.stat().st_mtime
-            parts.append(f"From `results/{eval_name}` ({count} images; reference {where}"
+            parts.append(f"From `results/{eval_name}` ({what}"
                          + ("; measured before the checkpoint's last save" if older else "") + "):\n\n" + table(rows))
             extractor = saved.get("protocol", {}).get("feature_extractor") or ""
             if extractor.startswith("random-conv"):

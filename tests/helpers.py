@@ -42,5 +42,6 @@ def write_tiny_checkpoints(folder, ema=False, classes=None, **gpt):
                     vq_path)
     save_checkpoint(dict(model=model.gpt.state_dict(), ema=halved(model.gpt), config=asdict(model.config), step=3,
                          vqgan_checkpoint=str(vq_path), classes=classes,
-                         args=dict(dataset_path="data/flowers", n_layer=config.n_layer)), path)
+                         args=dict(dataset_path="data/flowers", n_layer=config.n_layer, max_steps=3, epochs=100,
+                                   conditional=bool(classes))), path)
     return model, vq_path, path

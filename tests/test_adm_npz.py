@@ -101,7 +101,8 @@ def test_fid_against_npz_statistics_equals_fid_against_their_images(tmp_path, mo
 def test_bad_npz_files_are_one_sentence(tmp_path, model_and_checkpoint):
     _, ckpt = model_and_checkpoint
     np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(DataError, match="are 2048-dimensional, the feature network's 64-dimensional; pass --npz-images"):
+    with pytest.raises(DataError, match="are 2048-dimensional, the feature network's 64-dimensional; pass "
+                                        "--npz-images"):
         run_eval(tmp_path, ckpt, tmp_path / "wide.npz")
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(DataError, match=r"holds arr_0 of float32 \(4, 8, 8, 3\); ADM's batches hold arr_0 as uint8"):
