@@ -7,7 +7,6 @@ stage 1 and see its tokens. A Gradio page on this machine only (127.0.0.1); it r
 
 Sampling and completion are sample_transformer.py's own functions, with the page's settings as its flags.
 """
-import argparse
 import functools
 from pathlib import Path
 
@@ -17,14 +16,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import sample_transformer
-from checkpoint import CheckpointError, read_checkpoint
+from checkpoint import CheckpointError, checkpoint_path, read_checkpoint
+from cli import ScriptParser, run_script
 from codebook import codebook_usage
 from data import DataError
 from eval_vqgan import psnr
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, to_image_range
+from utils import to_image_range
 from vqgan import VQGAN
 
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before any work
@@ -318,10 +317,10 @@ def serve(page, host="127.0.0.1", port=None, block=True):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Try a trained model in the browser: sample, inpaint/outpaint, "
-                                            "reconstruct (a Gradio page on 127.0.0.1).", formatter_class=HelpFormatter)
+    p = ScriptParser("Try a trained model in the browser: sample, inpaint/outpaint, reconstruct (a Gradio page on "
+                     "127.0.0.1).")
     a = p.add_argument
-    a("--checkpoint-path", default="checkpoints/transformer_last.pt",
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
       help="a stage-2 checkpoint or model folder (a stage-1 one gives the reconstruct tab only); a Hub id works too")
     a("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 shows the page to your network)")
     a("--port", type=int, default=7860, help="port to serve on")

@@ -2,7 +2,7 @@
 sliding-window sampling per token on canvases of 1x1, 2x2 and 4x4 training sizes.
 
     python bench.py                                          # the paper's config on the default device
-    python bench.py --quick                                  # a tiny config: a minute on a CPU
+    python bench.py --quick                                  # the tiny models of presets.py: seconds on a CPU
     python bench.py --device cpu --batch-size 2 --steps 3 --warmup 1 --threads 2
 
 Each section runs in a fresh process, so that its peak memory (the CUDA allocator's peak, or the process's peak RSS
@@ -17,32 +17,33 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-import training_vqgan
+from cli import BASE_LEARNING_RATE, ScriptParser, run_script
+from config import check_positive
 from discriminator import Discriminator
-from loss import LossConfig, Stage1, train_step
+from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
+from presets import TINY_GPT, TINY_VQGAN
+from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory)
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter
 from vqgan import VQGAN, VQGANConfig
 
 CONFIGS = {
     # the paper's: 256x256 images, f=16 (a 16x16 grid of 256 tokens), 1024 codes; taming's 24-layer ImageNet GPT
     "paper": dict(vqgan=dict(), gpt=dict(n_layer=24, n_head=16, n_embd=1024)),
-    # a tiny one for a quick look: 64x64 images, f=8 (8x8 = 64 tokens), 256 codes, a 4-layer GPT
-    "quick": dict(vqgan=dict(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
-                             z_channels=64, latent_dim=64, num_codebook_vectors=256),
-                  gpt=dict(n_layer=4, n_head=4, n_embd=256)),
+    # for a quick look, the tiny models of presets.py: 32x32 images, f=4 (8x8 = 64 tokens), 64 codes, a 2-layer GPT
+    "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT),
 }
-# The issue's estimates for the paper config: FLOPs of one training step per 256x256 image (encoder 138 G and
-# decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
-ISSUE_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
+# Estimates by hand for the paper config, beside the counted FLOPs: one training step per 256x256 image (encoder 138 G
+# and decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
+ESTIMATED_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
 DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
     "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
     "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
@@ -60,37 +61,34 @@ def models_config(args):
 
 def build_gpt(config, grid, args, device):
     """The stage-2 GPT: codes plus one start token, a block of one image's tokens (start token + all but the last)."""
-    gpt = GPT(GPTConfig(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid,
-                        **CONFIGS[args.config]["gpt"]))
+    gpt = GPT(GPTConfig(**{**CONFIGS[args.config]["gpt"], "block_size": grid * grid},
+                        vocab_size=config.num_codebook_vectors + 1))
     return gpt.to(device)
 
 
 def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
-    recompute = training_vqgan.recompute_default(args.recompute, device)
-    fmt = torch.channels_last if training_vqgan.channels_last_default(args.channels_last, device) else \
-        torch.contiguous_format
-    vqgan = VQGAN(config).set_recompute(recompute).to(device, memory_format=fmt)
+    fmt = memory_format(on_cpu_default(args.channels_last, device))
+    vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device)).to(device, memory_format=fmt)
     disc = Discriminator().to(device, memory_format=fmt)
     lpips = LPIPS(vgg_weights=None).to(device, memory_format=fmt)  # random VGG16 weights: the same FLOPs, no download
-    train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
-    lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
-    opt_vq, opt_disc = training_vqgan.build_optimizers(vqgan, disc, lr, train_args)
-    s = Stage1(vqgan, disc, lpips, training_vqgan.from_flags(LossConfig, train_args), precision)
-    compiled = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
+    opt_vq, opt_disc = stage1_optimizers(vqgan, disc, BASE_LEARNING_RATE * args.batch_size)
+    eager = Stage1(vqgan, disc, lpips, LossConfig(disc_start=0), precision)  # the paper's loss, GAN on
+    # The timed steps run the compiled models (with --compile); FLOPs are counted on the eager ones.
+    timed = replace(eager, vqgan_wrapped=torch.compile(vqgan), disc_wrapped=torch.compile(disc)) if args.compile \
+        else eager
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
     x = x.contiguous(memory_format=fmt)
 
-    def step(i, models=compiled):
-        s.vqgan_ddp, s.disc_ddp = models
-        metrics = train_step(s, x, i)
+    def step(i, stage1=timed):
+        metrics = train_step(stage1, x, i)
         if not math.isfinite(metrics["loss"].item()):  # the training loop's check (and its one sync per step)
             raise FloatingPointError(f"stage 1: non-finite loss at step {i}")
-        training_vqgan.optimizer_step(opt_vq, s.scalers[0])
-        training_vqgan.optimizer_step(opt_disc, s.scalers[1])
+        optimizer_step(opt_vq, stage1.scalers[0])
+        optimizer_step(opt_disc, stage1.scalers[1])
 
-    times, cpu_times, flops = time_steps(step, lambda i: step(i, (vqgan, disc)), args.warmup, args.steps, device,
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, eager), args.warmup, args.steps, device,
                                          args.compile)
     return {"batch_size": args.batch_size, "unit": "images",
             **throughput(times, cpu_times, args.batch_size, flops, device)}
@@ -100,7 +98,7 @@ def bench_stage2(args, device, precision):
     """One step of stage-2 training on random tokens: GPT forward and backward, clipping, AdamW (no VQGAN encode)."""
     config, grid = models_config(args)
     gpt = build_gpt(config, grid, args, device)
-    opt = gpt.configure_optimizers(4.5e-6 * args.gpt_batch_size)
+    opt = gpt.configure_optimizers(BASE_LEARNING_RATE * args.gpt_batch_size)
     scaler = make_scaler(precision, device)
     model = torch.compile(gpt) if args.compile else gpt
     start_token = config.num_codebook_vectors
@@ -115,7 +113,7 @@ def bench_stage2(args, device, precision):
             raise FloatingPointError(f"stage 2: non-finite loss at step {i}")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)  # training_transformer's default --grad-clip
-        training_vqgan.optimizer_step(opt, scaler)
+        optimizer_step(opt, scaler)
 
     times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device, args.compile)
     tokens_per_step = args.gpt_batch_size * grid * grid
@@ -168,7 +166,8 @@ def bench_window(args, device, precision):
     window's prefix, so the cost per token is bounded by one window, whatever the canvas.
     """
     config, grid = models_config(args)
-    model = VQGANTransformer(VQGAN(config), TransformerConfig(block_size=grid * grid, **CONFIGS[args.config]["gpt"]))
+    gpt = {**CONFIGS[args.config]["gpt"], "block_size": grid * grid}
+    model = VQGANTransformer(VQGAN(config), TransformerConfig(**gpt))
     model = model.to(device).eval()
     if args.quantize == "int8":
         model.gpt.quantize_int8()
@@ -275,9 +274,7 @@ def main(args):
     for key, value in DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs")
     if min(args.window_scales) <= 0:
         raise ValueError(f"--window-scales must be positive, got {args.window_scales}.")
     if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:
@@ -291,11 +288,11 @@ def main(args):
     results = {"config": args.config, "vqgan": CONFIGS[args.config]["vqgan"] or "VQGANConfig() defaults",
                "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
                "precision": precision, "compile": args.compile,
-               "recompute": training_vqgan.recompute_default(args.recompute, device),
-               "channels_last": training_vqgan.channels_last_default(args.channels_last, device),
+               "recompute": on_cpu_default(args.recompute, device),
+               "channels_last": on_cpu_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
-               "issue_flops": ISSUE_FLOPS.get(args.config),
+               "estimated_flops": ESTIMATED_FLOPS.get(args.config),
                "notes": ["Stage 1 uses LPIPS with random VGG16 weights: the same FLOPs as the ImageNet ones.",
                          "Stage 1 and 2 train on one fixed random batch: data loading is not measured.",
                          "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
@@ -325,11 +322,11 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark stage-1 and stage-2 training and sampling.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Benchmark stage-1 and stage-2 training and sampling.")
     a = p.add_argument
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
-    a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
+    a("--quick", action="store_const", dest="config", const="quick",
+      help="the tiny models of presets.py (same as --config quick)")
     a("--device", default=None, help="cuda, cuda:1, cpu ...; default: CUDA when available")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")
@@ -359,4 +356,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_script(main, build_parser())

@@ -15,7 +15,6 @@ An ADM reference batch (.npz) counts by its mu/sigma statistics as given (FID on
 images like a folder; --save-npz writes the samples as ADM's evaluator reads them (docs/share.md: which FID compares
 with which paper).
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -32,11 +31,12 @@ from tqdm import tqdm
 import adm_npz
 import eval_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError, ImageFolder, build_loader, find_images
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 
 # torch-fidelity's defaults (those of the papers that introduced each metric).
 ISC_SPLITS = 10            # Inception Score: mean over 10 splits of the samples
@@ -209,14 +209,10 @@ def load_reference(args, size, extractor, device, cache_dir):
 # ---- the model's side: samples and validation loss ----
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.num_samples < MIN_IMAGES:
         raise ValueError(f"--num-samples must be at least {MIN_IMAGES}: precision and recall reach each sample's "
                          f"{PRC_NEIGHBORHOOD}rd nearest neighbour.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
@@ -394,13 +390,13 @@ def print_table(result):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample from a stage-2 model and measure the samples against reference "
-                                            "images (FID, IS, KID, precision/recall) and its validation loss.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample from a stage-2 model and measure the samples against reference images (FID, IS, KID, "
+                     "precision/recall) and its validation loss.")
     a = p.add_argument
     a("--checkpoint-path", required=True,
       help="a stage-2 checkpoint (transformer_last.pt), or a stage-2 model folder of export.py (local or a Hub id)")
-    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--reference", required=True,
       help="folder of reference images (searched recursively), a reference_*.pt features file written before, or an "
            "ADM reference batch .npz (its mu/sigma statistics: FID only; or with --npz-images its arr_0 images)")
@@ -408,12 +404,13 @@ def build_parser():
       help="with an .npz --reference: features of its arr_0 images by --features, not its mu/sigma")
     a("--save-npz", default=None, metavar="PATH",
       help="also write the samples as ADM's evaluator reads them: arr_0 uint8 N x H x W x 3, arr_1 the labels of a "
-           "class-conditional model (all in memory: 9.8 GB for 50000 at 256 px)")
-    a("--num-samples", type=int, default=1000, help="images to generate (published FIDs use 50000)")
+           "class-conditional model (all in memory: 9.8 GB for 50000 at 256 px; default: none)")
+    a("--num-samples", type=int, default=1000, help="images to generate, at least 4 (published FIDs use 50000)")
     a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
     a("--temperature", type=float, default=1.0, help="softmax temperature")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")

@@ -6,7 +6,6 @@
 Every image is resized (shorter side) and center-cropped to --image-size, encoded, quantized and decoded. Writes the
 metrics as JSON, a grid of originals over their reconstructions beside it, and prints a small table.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -16,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cli import ScriptParser, run_script
 from codebook import codebook_usage
+from config import check_positive
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
-from training_run import run_script
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.
@@ -122,8 +122,9 @@ def load_model(args):
 @torch.no_grad()
 def main(args):
     set_threads(args.threads)
-    if args.batch_size <= 0 or args.num_grid < 0:
-        raise ValueError("--batch-size must be positive and --num-grid not negative.")
+    check_positive(args, "batch_size")
+    if args.num_grid < 0:
+        raise ValueError(f"--num-grid must not be negative, got {args.num_grid}.")
     device = pick_device(args.device)
     model = load_model(args).to(device)
     image_size = args.image_size or model.config.image_size
@@ -220,12 +221,12 @@ def print_table(metrics):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Reconstruct a folder of images with a stage-1 VQGAN and measure it.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, a stage-1 model folder of export.py (local or a "
       "Hub id), or taming's last.ckpt with --taming-config")
-    a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")
+    a("--taming-config", default=None,
+      help="taming-transformers' model.yaml for a taming checkpoint (default: ours, no yaml)")
     a("--dataset-path", required=True, help="folder of images, searched recursively")
     a("--image-size", type=int, default=None, help="center-crop size; default: the model's training size")
     a("--batch-size", type=int, default=16, help="images per batch")

@@ -9,7 +9,6 @@ code, unlike a pickled .pt) and a README.md model card; optionally upload the fo
 Load a folder with VQGAN.from_pretrained(DIR) or VQGANTransformer.from_pretrained(DIR) (a Hub id owner/name works
 too), or pass it to any script's --checkpoint-path.
 """
-import argparse
 import json
 import math
 import shutil
@@ -17,10 +16,9 @@ import uuid
 from pathlib import Path
 
 from checkpoint import CARD_FILE, CONFIG_FILE, CheckpointError, read_checkpoint
+from cli import ScriptParser, run_script
 from data import DataError
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter
 from vqgan import VQGAN
 
 # The flags of a run the model card lists (when the checkpoint recorded them), in this order.
@@ -308,9 +306,8 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Export a checkpoint as a model folder (config.json, model.safetensors, "
-                                            "README.md model card), optionally uploaded to the Hugging Face Hub.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Export a checkpoint as a model folder (config.json, model.safetensors, README.md model card), "
+                     "optionally uploaded to the Hugging Face Hub.")
     a = p.add_argument
     a("--checkpoint-path", required=True,
       help="a stage-1 or stage-2 checkpoint (a stage-2 folder holds its stage-1 model in vqgan/), or taming's "

@@ -7,7 +7,6 @@ It runs, each as its own process, exactly as a user would: the CUDA-marked tests
 steps with the defaults (bf16 on CUDA), again with --compile, and under torchrun on every GPU; sampling; and
 bench.py on the paper config. Then it prints whether each step passed and the figures of bench.py.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -17,20 +16,18 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import checkpoint_path
+from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
-from utils import HelpFormatter
+from presets import TINY_GPT, TINY_VQGAN, as_flags
 
 ROOT = Path(__file__).resolve().parent
 # 256x256 demo flowers with the paper's models; no VGG16 download needed (LPIPS off), a few steps each.
 FULL = dict(stage1=["--batch-size", "6", "--perceptual-loss-factor", "0", "--disc-start", "2"],
             stage2=["--batch-size", "8"], image_size=256, bench=["--config", "paper"])
-# The CPU form: the tests' tiny models at 32x32.
-QUICK = dict(stage1=["--image-size", "32", "--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1",
-                     "--attn-resolutions", "8", "--z-channels", "32", "--latent-dim", "16",
-                     "--num-codebook-vectors", "64", "--batch-size", "2", "--perceptual-loss-factor", "0",
-                     "--disc-start", "2"],
-             stage2=["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "2"],
-             image_size=32, bench=["--quick"])
+# The CPU form: the tiny models of presets.py.
+QUICK = dict(stage1=[*as_flags(TINY_VQGAN), "--batch-size", "2", "--perceptual-loss-factor", "0", "--disc-start", "2"],
+             stage2=[*as_flags(TINY_GPT), "--batch-size", "2"], image_size=TINY_VQGAN["image_size"], bench=["--quick"])
 
 
 def plan(args, work):
@@ -41,7 +38,7 @@ def plan(args, work):
     common = ["--dataset-path", data, "--num-workers", "2", "--max-steps", str(args.steps), "--log-every", "1",
               "--sample-every", str(args.steps), *device]
     stage1 = [*size["stage1"], *common]
-    vq_ckpt = str(work / "s1" / "checkpoints" / "vqgan_last.pt")
+    vq_ckpt = str(checkpoint_path(work / "s1", "vqgan"))
     stage2 = [*size["stage2"], *common, "--checkpoint-path", vq_ckpt]
     steps = []
     if not args.skip_tests:
@@ -51,7 +48,7 @@ def plan(args, work):
         ("stage 1, defaults", [python, str(ROOT / "training_vqgan.py"), *stage1, "--out-dir", str(work / "s1")]),
         ("stage 2, defaults", [python, str(ROOT / "training_transformer.py"), *stage2, "--out-dir", str(work / "s1")]),
         ("sampling", [python, str(ROOT / "sample_transformer.py"), "--checkpoint-path",
-                      str(work / "s1" / "checkpoints" / "transformer_last.pt"), "--num-samples", "8",
+                      str(checkpoint_path(work / "s1", "transformer")), "--num-samples", "8",
                       "--out-dir", str(work / "samples"), *device]),
     ]
     if not args.skip_compile:
@@ -60,7 +57,7 @@ def plan(args, work):
                   ("stage 2, --compile", [python, str(ROOT / "training_transformer.py"), *stage2, "--compile",
                                           "--out-dir", str(work / "compiled")]),
                   ("sampling, --compile", [python, str(ROOT / "sample_transformer.py"), "--checkpoint-path",
-                                           str(work / "compiled" / "checkpoints" / "transformer_last.pt"),
+                                           str(checkpoint_path(work / "compiled", "transformer")),
                                            "--num-samples", "8", "--compile", "--out-dir", str(work / "samples_c"),
                                            *device])]
     if not args.skip_bench and not args.skip_compile:
@@ -117,11 +114,10 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Run every GPU path of the scripts once and print one table.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Run every GPU path of the scripts once and print one table.")
     a = p.add_argument
     a("--device", default=None, help="passed to every script (default: theirs, CUDA when available)")
-    a("--quick", action="store_true", help="the tests' tiny models at 32x32: the CPU form")
+    a("--quick", action="store_true", help="the tiny models of presets.py at 32x32: the CPU form")
     a("--steps", type=int, default=5, help="optimizer steps of each training run")
     a("--nproc", type=int, default=None, help="processes under torchrun (default: every GPU, at least 1)")
     a("--work-dir", default="runs/gpu_check", help="where data, runs and the table go")
@@ -132,5 +128,5 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    outcome = main(build_parser().parse_args())
+    outcome = run_script(main, build_parser())
     sys.exit(0 if all(rc == 0 for _, rc, _ in outcome) else 1)

@@ -6,7 +6,6 @@
     python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
 """
-import argparse
 import time
 
 import torch
@@ -16,11 +15,13 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from checkpoint import checkpoint_path
+from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, check_writable, save_image_grid, to_image_range
+from utils import check_writable, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
@@ -107,11 +108,7 @@ def masked_input(model, codes, regenerate):
 
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if model.num_classes and args.class_id is None:
@@ -186,25 +183,29 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
-    a("--checkpoint-path", default="checkpoints/transformer_last.pt",
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
       help="a stage-2 checkpoint, or a stage-2 model folder of export.py (a local folder or a Hub model id)")
-    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--num-samples", type=int, default=16, help="images to generate")
     a("--batch-size", type=int, default=16, help="images sampled in parallel")
     a("--temperature", type=float, default=1.0, help="softmax temperature (lower: safer, less varied)")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (1: greedy)")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--top-k", type=int, default=None,
+      help="sample among the k most likely codes only (1: greedy; default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None, help="the class to sample, for a model trained with --conditional")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="canvas in pixels, multiples of f, at least the training size (default); larger ones are sampled with "
            "a sliding window of the training size")
     a("--input-image", default=None, help="an image to complete, resized and centre-cropped to --size")
-    a("--mask", default=None, help="a PNG of the canvas size: the tokens under its white pixels are regenerated")
+    a("--mask", default=None, help="with --input-image: a PNG of the canvas size; every token whose f x f cell holds "
+      "a white pixel (grey level 128 or more) is regenerated")
     a("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), default=None,
-      help="pixels added around the input image (multiples of f), all regenerated: the canvas is --size plus these")
+      help="with --input-image: pixels added around it (multiples of f), all regenerated; the canvas is --size plus "
+           "these")
     a("--cfg-scale", type=float, default=None,
       help="classifier-free guidance: sample from uncond + S x (cond - uncond); needs a model trained with "
            "--class-dropout; 1 is plain conditional sampling")

@@ -15,8 +15,7 @@ import export
 import sample_transformer
 import training_transformer
 from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from helpers import STAGE2_FLAGS, write_tiny_checkpoints
-from training_run import run_script
+from helpers import STAGE2_FLAGS, script_error, write_tiny_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TAMING = REPO / "tests" / "fixtures" / "taming_tiny"
@@ -54,49 +53,45 @@ def test_a_stage1_checkpoint_to_sample_transformer_is_one_line_on_stderr(files):
     assert result.stderr == (f"error: {files['stage1']} {STAGE1}; sample_transformer.py {NEEDS_STAGE2}.\n")
 
 
-# (script module, flags with {name} for the files above, the checkpoint_name of its entry point, what stderr says)
+# (script module, flags with {name} for the files above, what stderr says)
 WRONG_KINDS = [
-    (eval_transformer, "--checkpoint-path {stage1} --reference {flowers}", None,
+    (eval_transformer, "--checkpoint-path {stage1} --reference {flowers}",
      f"{STAGE1}; eval_transformer.py {NEEDS_STAGE2}."),
-    (eval_vqgan, "--checkpoint-path {stage2} --dataset-path {flowers}", None,
+    (eval_vqgan, "--checkpoint-path {stage2} --dataset-path {flowers}",
      f"{STAGE2}; eval_vqgan.py {NEEDS_STAGE1} such as the one it was trained on, {{stage1}}."),
-    (eval_vqgan, "--checkpoint-path {folder2} --dataset-path {flowers}", None,
+    (eval_vqgan, "--checkpoint-path {folder2} --dataset-path {flowers}",
      f"is a stage-2 (transformer) model folder, which sample_transformer.py, eval_transformer.py, app.py and export.py "
      f"read; eval_vqgan.py {NEEDS_STAGE1} such as the one it was trained on, {{folder1}}."),
-    (training_transformer, "--checkpoint-path {stage2} --dataset-path {flowers} --out-dir {out}", "transformer",
+    (training_transformer, "--checkpoint-path {stage2} --dataset-path {flowers} --out-dir {out}",
      f"{STAGE2}; training_transformer.py --checkpoint-path {NEEDS_STAGE1} such as the one it was trained on, "
      f"{{stage1}}."),
-    (sample_transformer, "--checkpoint-path {taming}", None,
+    (sample_transformer, "--checkpoint-path {taming}",
      "is a taming-transformers VQGAN checkpoint, which eval_vqgan.py and export.py with --taming-config model.yaml "
      f"read; sample_transformer.py {NEEDS_STAGE2}."),
-    (eval_transformer, "--checkpoint-path {taming2} --reference {flowers}", None,
+    (eval_transformer, "--checkpoint-path {taming2} --reference {flowers}",
      f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; eval_transformer.py {NEEDS_STAGE2}."),
-    (sample_transformer, "--checkpoint-path {folder1}", None,
+    (sample_transformer, "--checkpoint-path {folder1}",
      f"is a stage-1 (VQGAN) model folder, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py and "
      f"export.py read; sample_transformer.py {NEEDS_STAGE2}."),
-    (sample_transformer, "--checkpoint-path {stage2} --vqgan-checkpoint {stage2}", None,
+    (sample_transformer, "--checkpoint-path {stage2} --vqgan-checkpoint {stage2}",
      f"{STAGE2}; --vqgan-checkpoint {NEEDS_STAGE1} such as the one it was trained on, {{stage1}}."),
     (eval_vqgan, f"--checkpoint-path {{stage1}} --taming-config {TAMING / 'model.yaml'} --dataset-path {{flowers}}",
-     None, f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt)."),
-    (app, "--checkpoint-path {taming2}", None,
+     f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt)."),
+    (app, "--checkpoint-path {taming2}",
      f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; app.py {NEEDS_STAGE2} or a stage-1 "
      f"checkpoint"),
-    (export, "--checkpoint-path {other} --out {out}", None,
+    (export, "--checkpoint-path {other} --out {out}",
      "is not a checkpoint this project writes (it holds features, extractor); export.py needs a stage-2 checkpoint"),
 ]
 
 
-@pytest.mark.parametrize("script, flags, checkpoint_name, message", WRONG_KINDS,
-                         ids=[f"{s.__name__}-{f.split()[1]}" for s, f, _, _ in WRONG_KINDS])
-def test_every_script_names_the_kind_it_got(files, script, flags, checkpoint_name, message, capsys, monkeypatch):
+@pytest.mark.parametrize("script, flags, message", WRONG_KINDS,
+                         ids=[f"{s.__name__}-{f.split()[1]}" for s, f, _ in WRONG_KINDS])
+def test_every_script_names_the_kind_it_got(files, script, flags, message, capsys):
     argv = flags.format(**files).split()
     extra = STAGE2_FLAGS if script is training_transformer else [] if script is export else ["--device", "cpu"]
-    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv, *extra])
-    with pytest.raises(SystemExit) as stop:
-        run_script(script.main, script.build_parser(), checkpoint_name=checkpoint_name)
-    err = capsys.readouterr().err
-    assert stop.value.code == 1 and err.count("\n") == 1, err
-    assert err.startswith(f"error: {argv[1]} ") and message.format(**files) in err, err
+    error = script_error(script, [*argv, *extra], capsys)  # one line, exit code 1
+    assert error.startswith(f"{argv[1]} ") and message.format(**files) in error, error
     assert not files["out"].exists()  # nothing was started: training_transformer fails before its run folder
 
 

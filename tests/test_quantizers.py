@@ -8,8 +8,12 @@ import pytest
 import torch
 
 import eval_vqgan
+import training_vqgan
 from checkpoint import save_checkpoint
+from cli import config_from_flags
 from codebook import Codebook, EMACodebook, rotate_onto
+from config import config_from_dict
+from helpers import script_error
 from scalar_quantizers import FSQ, LFQ
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig, build_quantizer
@@ -227,28 +231,39 @@ def test_old_configs_load():
     for key in ("quantizer", "rotation_trick", "kmeans_init", "codebook_ema_decay", "fsq_levels", "lfq_bits",
                 "lfq_entropy_weight", "lfq_diversity_weight"):
         del old[key]
-    config = VQGANConfig.from_dict(old)
+    config = config_from_dict(VQGANConfig, old)
     assert config.quantizer == "vq" and config.num_codebook_vectors == 64
 
 
-@pytest.mark.parametrize("flags, words", [
-    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), codebook_l2_norm=True), "--codebook-l2-norm"),
-    (dict(quantizer="lfq", lfq_bits=9, rotation_trick=True), "--rotation-trick"),
-    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), num_codebook_vectors=1024), "--num-codebook-vectors 1024"),
-    (dict(quantizer="lfq", lfq_bits=9, num_codebook_vectors=1000), "--lfq-bits 9"),
-    (dict(quantizer="fsq"), "--fsq-levels"),
-    (dict(quantizer="fsq", fsq_levels=(8, 1)), "--fsq-levels"),
-    (dict(quantizer="lfq", lfq_bits=20), "--lfq-bits"),
-    (dict(quantizer="vq", fsq_levels=(8, 8)), "--fsq-levels"),
-    (dict(quantizer="ema", lfq_bits=4), "--lfq-bits"),
-    (dict(quantizer="ema", codebook_ema_decay=1.0), "--codebook-ema-decay"),
-    (dict(quantizer="pq"), "--quantizer"),
+@pytest.mark.parametrize("fields, words", [
+    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), codebook_l2_norm=True), "codebook_l2_norm"),
+    (dict(quantizer="lfq", lfq_bits=9, rotation_trick=True), "rotation_trick"),
+    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), num_codebook_vectors=1024), "num_codebook_vectors 1024"),
+    (dict(quantizer="lfq", lfq_bits=9, num_codebook_vectors=1000), "lfq_bits 9"),
+    (dict(quantizer="fsq"), "fsq_levels"),
+    (dict(quantizer="fsq", fsq_levels=(8, 1)), "fsq_levels"),
+    (dict(quantizer="lfq", lfq_bits=20), "lfq_bits"),
+    (dict(quantizer="vq", fsq_levels=(8, 8)), "fsq_levels"),
+    (dict(quantizer="ema", lfq_bits=4), "lfq_bits"),
+    (dict(quantizer="ema", codebook_ema_decay=1.0), "codebook_ema_decay"),
+    (dict(quantizer="pq"), "quantizer"),
 ])
-def test_flag_combinations_that_make_no_sense_are_one_sentence(flags, words):
+def test_field_combinations_that_make_no_sense_are_one_sentence_naming_the_fields(fields, words):
     with pytest.raises(ValueError) as err:
-        VQGANConfig(**flags)
+        VQGANConfig(**fields)
     message = str(err.value)
     assert words in message and message.endswith(".") and ". " not in message.replace("e.g. ", "")
+
+
+def test_the_quantizer_flags_make_the_config_and_its_errors_are_worded_by_flag(capsys):
+    """training_vqgan.py's flags become the config's fields by name, and a ConfigError reaches the command line
+    naming the flags, those in the middle of the sentence too."""
+    flags = ["--quantizer", "fsq", "--fsq-levels", "8", "5", "5", "5"]
+    config = config_from_flags(VQGANConfig, training_vqgan.build_parser().parse_args(flags))
+    assert (config.quantizer, config.fsq_levels, config.num_codebook_vectors) == ("fsq", (8, 5, 5, 5), 1000)
+    flags = ["--quantizer", "fsq", "--fsq-levels", 8, 8, 8, "--num-codebook-vectors", 1024]
+    error = script_error(training_vqgan, flags, capsys)
+    assert error == "--num-codebook-vectors 1024 does not match --fsq-levels 8 8 8, which make 512 codes; leave it out."
 
 
 def test_fsq_and_lfq_sizes_are_derived_and_an_explicit_match_is_accepted():
