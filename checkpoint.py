@@ -91,8 +91,10 @@ def check_same_config(saved, current, ckpt_path):
 
 
 def read_taming(ckpt_path, config_path, trust=False):
-    """The state dict of a taming-transformers VQGAN checkpoint and the `model.params` of its yaml config."""
-    state = read_checkpoint(ckpt_path, trust).expect("taming", user="--taming-config").entries["state_dict"]
+    """The state dict of a taming-transformers checkpoint (a VQ model or a Net2NetTransformer) and the `model.params`
+    of its yaml config."""
+    ckpt = read_checkpoint(ckpt_path, trust).expect("taming", "taming-stage2", user="--taming-config")
+    state = ckpt.entries["state_dict"]
     try:
         with open(config_path) as f:
             params = yaml.safe_load(f)["model"]["params"]
@@ -110,12 +112,14 @@ KINDS = {
                "eval_vqgan.py, training_transformer.py --checkpoint-path, app.py and export.py"),
     "stage2": ("a stage-2 (transformer) {}", "sample_transformer.py, eval_transformer.py, app.py and export.py"),
     "taming": ("a taming-transformers VQGAN checkpoint", "eval_vqgan.py and export.py with --taming-config model.yaml"),
-    "taming-stage2": ("a taming-transformers transformer (Net2NetTransformer) checkpoint", None),
+    "taming-stage2": ("a taming-transformers transformer (Net2NetTransformer) checkpoint",
+                      "eval_vqgan.py and export.py with --taming-config model.yaml --taming-stage (its VQ models)"),
 }
 WANTED = {  # what a script needs, in the words of the error
     "stage1": "a stage-1 checkpoint from training_vqgan.py (or a stage-1 model folder from export.py)",
     "stage2": "a stage-2 checkpoint from training_transformer.py (or a stage-2 model folder from export.py)",
     "taming": "a taming-transformers VQGAN checkpoint (its last.ckpt)",
+    "taming-stage2": "a taming-transformers Net2NetTransformer checkpoint",
 }
 MODEL_TYPES = {"vqgan": "stage1", "vqgan-transformer": "stage2"}  # config.json's model_type in a model folder
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"

@@ -77,7 +77,7 @@ def table(rows):
 
 def training_section(ckpt):
     """What the checkpoint recorded of its run: steps and flags; taming's global step for an imported model."""
-    if ckpt.kind == "taming":
+    if ckpt.kind.startswith("taming"):
         step = ckpt.entries.get("global_step")
         return (f"Converted from a taming-transformers checkpoint ({ckpt.path.name}"
                 + (f", global step {step}" if step is not None else "") + ").\n")
@@ -162,7 +162,7 @@ plain JSON.
 
 def weights_row(ckpt, ema):
     """The card's words for the weights exported."""
-    if ckpt.kind == "taming":
+    if ckpt.kind.startswith("taming"):
         return "the taming-transformers weights"
     if ckpt.uses_ema(ema):
         decay = (ckpt.entries.get("args") or {}).get("ema_decay")
@@ -249,7 +249,8 @@ def export(args):
     partial = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         if args.taming_config:
-            vqgan = VQGAN.from_taming(args.checkpoint_path, args.taming_config, trust=args.trust_checkpoint)
+            vqgan = VQGAN.from_taming(args.checkpoint_path, args.taming_config, stage=args.taming_stage,
+                                      trust=args.trust_checkpoint)
             vqgan.save_pretrained(partial, weights="taming", step=ckpt.entries.get("global_step"),
                                   source=ckpt.path.name)
             (partial / CARD_FILE).write_text(vqgan_card(vqgan, ckpt, name, ema))
@@ -317,6 +318,8 @@ def build_parser():
       "kept")
     a("--vqgan-checkpoint", default=None, help="a stage-2 model's stage-1 checkpoint, if it moved since training")
     a("--taming-config", default=None, help="taming-transformers' model.yaml, for a taming VQGAN checkpoint")
+    a("--taming-stage", choices=["first_stage", "cond_stage"], default=None,
+      help="which VQ model of a taming Net2NetTransformer checkpoint to export (needed for those only)")
     a("--overwrite", action="store_true", help="replace --out if it is a model folder written before")
     a("--push-to-hub", default=None, metavar="REPO_ID",
       help="also upload the folder to this Hugging Face Hub model repo (owner/name; created if missing; needs a "

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 TAMING = REPO / "tests" / "fixtures" / "taming_tiny"
 STAGE1 = "is a stage-1 (VQGAN) checkpoint, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py " \
          "and export.py read"
+TAMING2 = "is a taming-transformers transformer (Net2NetTransformer) checkpoint, which eval_vqgan.py and export.py " \
+          "with --taming-config model.yaml --taming-stage (its VQ models) read"
 STAGE2 = "is a stage-2 (transformer) checkpoint, which sample_transformer.py, eval_transformer.py, app.py and " \
          "export.py read"
 NEEDS_STAGE1 = "needs a stage-1 checkpoint from training_vqgan.py (or a stage-1 model folder from export.py)"
@@ -69,7 +71,7 @@ WRONG_KINDS = [
      "is a taming-transformers VQGAN checkpoint, which eval_vqgan.py and export.py with --taming-config model.yaml "
      f"read; sample_transformer.py {NEEDS_STAGE2}."),
     (eval_transformer, "--checkpoint-path {taming2} --reference {flowers}",
-     f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; eval_transformer.py {NEEDS_STAGE2}."),
+     f"{TAMING2}; eval_transformer.py {NEEDS_STAGE2}."),
     (sample_transformer, "--checkpoint-path {folder1}",
      f"is a stage-1 (VQGAN) model folder, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py and "
      f"export.py read; sample_transformer.py {NEEDS_STAGE2}."),
@@ -78,8 +80,7 @@ WRONG_KINDS = [
     (eval_vqgan, f"--checkpoint-path {{stage1}} --taming-config {TAMING / 'model.yaml'} --dataset-path {{flowers}}",
      f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt)."),
     (app, "--checkpoint-path {taming2}",
-     f"is a taming-transformers transformer (Net2NetTransformer) checkpoint; app.py {NEEDS_STAGE2} or a stage-1 "
-     f"checkpoint"),
+     f"{TAMING2}; app.py {NEEDS_STAGE2} or a stage-1 checkpoint"),
     (export, "--checkpoint-path {other} --out {out}",
      "is not a checkpoint this project writes (it holds features, extractor); export.py needs a stage-2 checkpoint"),
 ]

@@ -22,6 +22,7 @@ from transformer import VQGANTransformer
 from vqgan import VQGAN
 
 TAMING = Path(__file__).parent / "fixtures" / "taming_tiny"
+TAMING_COND = Path(__file__).parent / "fixtures" / "taming_cond_tiny"  # a segmentation-conditioned Net2NetTransformer
 
 
 def run_export(checkpoint, out, *flags):
@@ -102,6 +103,13 @@ def test_a_taming_checkpoint_exports_to_the_same_model(tmp_path):
         assert torch.equal(VQGAN.from_pretrained(folder)(x)[0],
                            VQGAN.from_taming(TAMING / "last.ckpt", TAMING / "model.yaml")(x)[0])
     assert "converted from a taming-transformers checkpoint" in (folder / "README.md").read_text()
+    # The condition stage of a Net2NetTransformer: a segmentation tokenizer, one of its two VQ models.
+    folder = run_export(TAMING_COND / "last.ckpt", tmp_path / "cond", "--taming-config",
+                        str(TAMING_COND / "model.yaml"), "--taming-stage", "cond_stage")
+    loaded = VQGAN.from_pretrained(folder)
+    original = VQGAN.from_taming(TAMING_COND / "last.ckpt", TAMING_COND / "model.yaml", stage="cond_stage")
+    assert loaded.config == original.config and loaded.config.image_kind == "segmentation"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), original.state_dict().values()))
 
 
 def test_extra_or_missing_tensors_are_refused_in_one_sentence(run, tmp_path):
