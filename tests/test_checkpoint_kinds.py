@@ -78,7 +78,8 @@ WRONG_KINDS = [
     (sample_transformer, "--checkpoint-path {stage2} --vqgan-checkpoint {stage2}",
      f"{STAGE2}; --vqgan-checkpoint {NEEDS_STAGE1} such as the one it was trained on, {{stage1}}."),
     (eval_vqgan, f"--checkpoint-path {{stage1}} --taming-config {TAMING / 'model.yaml'} --dataset-path {{flowers}}",
-     f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt)."),
+     f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt) or a "
+     f"taming-transformers Net2NetTransformer checkpoint."),
     (app, "--checkpoint-path {taming2}",
      f"{TAMING2}; app.py {NEEDS_STAGE2} or a stage-1 checkpoint"),
     (export, "--checkpoint-path {other} --out {out}",
