@@ -274,11 +274,16 @@ class TokenRows(torch.utils.data.Dataset):
 
 
 def token_cache_path(stage1_path, image_size, paths, split):
-    """Cache file next to the stage-1 checkpoint, keyed by its bytes, the image size and the image list."""
+    """Cache file next to the stage-1 checkpoint (or model folder), keyed by its bytes, the image size and the image
+    list."""
     h = hashlib.sha256()
-    with open(stage1_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    stage1_path = Path(stage1_path)
+    for file in sorted(stage1_path.iterdir()) if stage1_path.is_dir() else [stage1_path]:
+        if not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
     h.update(f"{image_size}|".encode() + "\n".join(map(str, paths)).encode())
     return Path(stage1_path).parent / f"tokens_{split}_{image_size}px_{h.hexdigest()[:16]}.pt"
 

@@ -57,7 +57,7 @@ def batch_indices(batch, transformer, run):
 def check_args(args):
     """What neither the config nor the run checks: the validation batches and the stage-1 checkpoint."""
     check_positive(args, "val_batches")
-    if not Path(args.checkpoint_path).is_file():
+    if not Path(args.checkpoint_path).exists():  # a file, or a model folder of export.py
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
 
@@ -109,9 +109,10 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
+    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
+                                  user="training_transformer.py --checkpoint-path")  # the wrong kind fails here
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
     if run.is_main and args.dataset_path == DATASET_PATH:
         write_default_demo_set(DATASET_PATH)
     barrier()  # the other ranks wait for the demo set
@@ -183,7 +184,8 @@ def build_parser():
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional); "
       "the default one gets the demo flowers on first use")
-    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")), help="the stage-1 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")),
+      help="the stage-1 checkpoint, or a stage-1 model folder of export.py")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")
