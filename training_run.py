@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
 from cli import check_run_flags
+from codebook import Quantizer
 from config import config_from_dict
 from data import DataError, ResumableSampler, build_loader
 from ema import EMA
@@ -24,7 +25,7 @@ class TrainingRun:
 
         for batches in run.steps(loader):      # the micro-batches of one optimizer step
             ...forward, backward...
-            if run.skip_update(loss): ...      # non-finite on any rank: keep the last good weights
+            if run.skip_update(losses): ...    # any micro-batch non-finite on any rank: keep the last good state
             ...optimizer step...
             run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
 
@@ -55,6 +56,7 @@ class TrainingRun:
         self.config, self.checkpoint_state, self.log, self.bar = None, None, None, None
         self.stop = StopSignal()
         self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
+        self.forward_state = None  # run.guard(...): what a skipped step puts back besides the weights
         self.step_flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective
         self.sums, self.count, self.shown = None, 0, {}  # shown: the values in the progress bar
 
@@ -83,6 +85,11 @@ class TrainingRun:
         if ckpt is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
         return ema
+
+    def guard(self, *modules):
+        """Keep what the forward passes of `modules` change (buffers, a quantizer's codes and counters) as it was before
+        each step, to put back when the step is skipped."""
+        self.forward_state = ForwardState(modules)
 
     def wrap(self, module):
         return wrap_model(module, self.dist, self.args.compile)
@@ -125,6 +132,8 @@ class TrainingRun:
                 group.append(batch)
                 if len(group) < self.args.grad_accum:
                     continue
+                if self.forward_state is not None:
+                    self.forward_state.save()
                 yield group
                 group = []
                 if self.stopped:
@@ -137,12 +146,13 @@ class TrainingRun:
                                 f"{self.args.dataset_path} readable?")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def skip_update(self, loss):
-        """True (on every rank alike) when the step's loss is not finite on some rank: skip its update.
+    def skip_update(self, losses):
+        """True (on every rank alike) when a loss of the step (`losses`: each micro-batch's, 0-d tensors) is not
+        finite on some rank: skip its update; the state kept by run.guard is put back.
 
         The step's one collective and one read: the non-finite flag and the stop flag travel together.
         """
-        self.step_flags[0] = (~torch.isfinite(loss.detach())).any()
+        self.step_flags[0] = (~torch.isfinite(torch.stack([loss.detach().float() for loss in losses]))).any()
         self.step_flags[1].fill_(float(self.stop.received is not None))
         if self.dist.enabled:
             dist.all_reduce(self.step_flags, op=dist.ReduceOp.MAX)
@@ -152,6 +162,8 @@ class TrainingRun:
             self.nonfinite_in_a_row = 0
             return False
         self.nonfinite_in_a_row += 1
+        if self.forward_state is not None:
+            self.forward_state.restore()
         if self.is_main:
             print(f"Step {self.step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row).",
                   flush=True)
@@ -222,3 +234,38 @@ class TrainingRun:
         if self.stopped:
             raise Interrupted(self.stop.received or "SIGTERM")  # another rank's signal: torchrun's SIGTERM
         return self.ckpt_path
+
+
+class ForwardState:
+    """What training forward passes change besides the gradients: the modules' buffers (BatchNorm statistics, the EMA
+    codebook's averages, usage and dead-code counts), each quantizer's codes (EMA updates, restarts, k-means) and step
+    count. save() copies them on the device (no wait for it), restore() puts them back, so a non-finite batch leaves
+    no trace in them."""
+
+    def __init__(self, modules):
+        tensors = {}  # by id: a tensor reachable twice is kept once
+        for module in modules:
+            tensors.update((id(t), t) for t in module.buffers())
+            for quantizer in self.quantizers(module):
+                tensors.update((id(p), p) for p in quantizer.parameters())
+        self.tensors = list(tensors.values())
+        self.copies = [torch.empty_like(t) for t in self.tensors]
+        self.counted = [q for module in modules for q in self.quantizers(module)]
+        self.train_steps = []
+
+    @staticmethod
+    def quantizers(module):
+        return [m for m in module.modules() if isinstance(m, Quantizer)]
+
+    @torch.no_grad()
+    def save(self):
+        for copy, tensor in zip(self.copies, self.tensors):
+            copy.copy_(tensor)
+        self.train_steps = [q.train_steps for q in self.counted]
+
+    @torch.no_grad()
+    def restore(self):
+        for copy, tensor in zip(self.copies, self.tensors):
+            tensor.copy_(copy)
+        for quantizer, steps in zip(self.counted, self.train_steps):
+            quantizer.train_steps = steps

@@ -152,13 +152,15 @@ def main(args):
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
     for batches in run.steps(loader, checkpoint_state):
+        losses = []  # each micro-batch's, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
                     _, loss = model(batch_indices(batch, transformer, run), labels)
                 scaler.scale(loss / args.grad_accum).backward()
-        if run.skip_update(loss):  # keep the last good weights
+            losses.append(loss)
+        if run.skip_update(losses):  # keep the last good weights
             optimizer.zero_grad(set_to_none=True)
             continue
         scaler.unscale_(optimizer)
