@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
-from cli import check_run_flags
+from checkpoint import CheckpointError, check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
+from cli import check_run_flags, checkpoint_to_resume
 from codebook import Quantizer
 from config import config_from_dict
 from data import DataError, ResumableSampler, build_loader
@@ -36,15 +36,23 @@ class TrainingRun:
 
     def __init__(self, args, name):
         check_run_flags(args)
+        self.resume_from = checkpoint_to_resume(args, name)  # before anything is written
         self.args, self.name = args, name
         set_threads(args.threads)
         self.dist = setup_distributed(args.device, args.dist_timeout)
         self.device, self.is_main = self.dist.device, self.dist.is_main
+        self.ckpt_path = checkpoint_path(args.out_dir, name)
+        if self.dist.enabled:  # ranks that start afresh beside ranks that resume would train apart: refuse
+            found = torch.tensor([self.resume_from is not None, self.resume_from is None], dtype=torch.float,
+                                 device=self.device)
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            if found.all():
+                raise CheckpointError(f"Some ranks find the checkpoint {self.ckpt_path} and others do not: --resume "
+                                      f"needs an --out-dir that every node reads (a shared file system).")
         reuse_freed_memory(self.device)
         self.precision = resolve_precision(args.precision, self.device)
         self.out_dir = Path(args.out_dir)
         self.results = self.out_dir / "results"
-        self.ckpt_path = checkpoint_path(self.out_dir, name)
         self.tensorboard = None
         if self.is_main:
             check_writable(self.out_dir)
@@ -64,11 +72,9 @@ class TrainingRun:
         """With --resume and a checkpoint: check its config against `config` (a config dataclass), take its
         position, return it. A field the checkpoint predates counts with its default (the model it was then)."""
         self.config = asdict(config)
-        if not self.args.resume:
-            return None
-        if not self.ckpt_path.exists():
-            if self.is_main:
-                print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
+        if self.resume_from is None:
+            if self.args.resume and self.is_main:  # --resume auto
+                print(f"--resume auto: no checkpoint at {self.ckpt_path}: starting afresh.")
             return None
         ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
         check_same_config(asdict(config_from_dict(type(config), ckpt["config"])), self.config, self.ckpt_path)
