@@ -33,7 +33,8 @@ MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change be
 def make_dataset(paths, args, transformer, train, split, run):
     """An image dataset, or with --precompute-tokens a token dataset read from (or written to) the cache.
 
-    With the cache, every rank must call this (each encodes its share of a missing cache).
+    With the cache, every rank must call this (each encodes its share of a missing cache); only rank 0 gets the
+    validation rows (it alone evaluates), the other ranks None.
     """
     images = ImageFolder(args.dataset_path, transformer.image_size, train=train and not args.precompute_tokens,
                          with_labels=args.conditional, paths=paths)
@@ -41,7 +42,7 @@ def make_dataset(paths, args, transformer, train, split, run):
         return images
     cache = token_cache_path(args.checkpoint_path, transformer.image_size, paths, split)
     return cached_tokens(cache, images, lambda x: batch_indices({"image": x}, transformer, run),
-                         args.batch_size, args.num_workers)
+                         args.batch_size, args.num_workers, every_rank=train)
 
 
 def batch_indices(batch, transformer, run):
