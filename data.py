@@ -155,16 +155,18 @@ def split_paths(paths, val_fraction=0.05, seed=0):
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Shuffles with a seed per epoch, shards across ranks, and can start mid-epoch so a resume repeats no batch."""
+    """Shuffles with a seed per epoch and shards across ranks; can start an epoch after the items that the ranks have
+    taken, so that a resume repeats and skips no item, with the same number of ranks or another."""
 
     def __init__(self, num_items, batch_size, shuffle=True, seed=0, rank=0, world_size=1):
         self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = num_items // world_size  # equal shards keep the ranks in step (DDP needs that)
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start=0):
+        """Begin epoch `epoch` after the first `start` items of its order (rank r takes items r, r + world_size,
+        ..., so after b batches of every rank the ranks have taken the first b x batch_size x world_size)."""
+        self.epoch, self.start = epoch, start
 
     def _indices(self):
         if self.shuffle:
@@ -172,13 +174,13 @@ class ResumableSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_items, generator=g).tolist()
         else:
             order = list(range(self.num_items))
-        return order[self.rank:self.per_rank * self.world_size:self.world_size]
+        return order[self.start + self.rank:self.start + len(self) * self.world_size:self.world_size]
 
     def __iter__(self):
-        return iter(self._indices()[self.start_batch * self.batch_size:])
+        return iter(self._indices())
 
     def __len__(self):
-        return max(0, self.per_rank - self.start_batch * self.batch_size)
+        return max(0, self.num_items - self.start) // self.world_size  # equal shards keep DDP's ranks in step
 
 
 class TokenRows(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
-from cli import check_run_flags, checkpoint_to_resume
+from cli import check_run_flags, checkpoint_to_resume, learning_rate
 from codebook import Quantizer
 from config import config_from_dict
 from data import DataError, ResumableSampler, build_loader
@@ -30,8 +30,10 @@ class TrainingRun:
             run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
 
     and run.finish() saves the last checkpoint. Each checkpoint holds the script's state (the function given to
-    run.steps returns the models' and optimizers' states), the run's position (step, epoch, batch in epoch), the
-    config and the flags.
+    run.steps returns the models' and optimizers' states), the run's position (step, epoch, samples of the epoch
+    taken, number of processes), the config and the flags. A resume with another number of processes is exact: the
+    learning rate follows the global batch (unless --learning-rate fixes it) and the epoch goes on from the samples
+    taken; with --epochs, the run still ends at the end of the last epoch.
     """
 
     def __init__(self, args, name):
@@ -60,7 +62,8 @@ class TrainingRun:
             if not args.no_tensorboard:
                 self.tensorboard = SummaryWriter(self.out_dir / "tensorboard")
         seed_everything(args.seed + self.dist.rank)  # other noise per rank, the same model init after DDP's broadcast
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = self.epoch = self.samples_in_epoch = 0  # samples: taken by all ranks together in this epoch
+        self.resumed_world_size = self.dist.world_size
         self.config, self.checkpoint_state, self.log, self.bar = None, None, None, None
         self.stop = StopSignal()
         self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
@@ -78,9 +81,19 @@ class TrainingRun:
             return None
         ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
         check_same_config(asdict(config_from_dict(type(config), ckpt["config"])), self.config, self.ckpt_path)
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        # a checkpoint without world_size was written by code that resumed only with the same number of processes
+        world_size, was = self.dist.world_size, ckpt.get("world_size", self.dist.world_size)
+        self.samples_in_epoch = ckpt.get("samples_in_epoch", ckpt.get("batch_in_epoch", 0) * self.args.batch_size * was)
+        self.resumed_world_size = was
         if self.is_main:
             print(f"Resumed from {self.ckpt_path} at step {self.step}.")
+            if was != world_size:
+                batch = self.args.batch_size * self.args.grad_accum
+                print(f"The run had {was} processes and has {world_size}: global batch {batch * world_size} (was "
+                      f"{batch * was}), learning rate {learning_rate(self.args, world_size):.3g} (was "
+                      f"{learning_rate(self.args, was):.3g}); epoch {self.epoch} goes on after the "
+                      f"{self.samples_in_epoch} samples it has used.")
         return ckpt
 
     def keep_ema(self, model, ckpt=None):
@@ -109,8 +122,14 @@ class TrainingRun:
         if batches_per_epoch < args.grad_accum:
             raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
                             f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
-        self.max_steps = args.max_steps if args.max_steps is not None else \
-            args.epochs * (batches_per_epoch // args.grad_accum)
+        if args.max_steps is not None:
+            self.max_steps = args.max_steps
+        elif self.resumed_world_size == world_size:
+            self.max_steps = args.epochs * (batches_per_epoch // args.grad_accum)
+        else:  # the steps so far had another global batch: as many steps of this one as end the last epoch
+            self.sampler.set_epoch(self.epoch, self.samples_in_epoch)
+            batches_left = len(self.sampler) // batch_size + (args.epochs - self.epoch - 1) * batches_per_epoch
+            self.max_steps = self.step + max(0, batches_left) // args.grad_accum
         self.batch_size = batch_size
         return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
 
@@ -127,10 +146,10 @@ class TrainingRun:
                         dynamic_ncols=True)
         group = []  # a step's micro-batches may span an epoch's end
         while self.step < self.max_steps:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.batch_in_epoch == 0, 0
+            self.sampler.set_epoch(self.epoch, self.samples_in_epoch)
+            step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.samples_in_epoch == 0, 0
             for batch in loader:
-                self.batch_in_epoch += 1
+                self.samples_in_epoch += self.batch_size * self.dist.world_size
                 skipped_in_epoch += self.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
                 self.skipped_files = max(self.skipped_files, skipped_in_epoch)  # every pass meets the same bad files
                 if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
@@ -150,7 +169,7 @@ class TrainingRun:
             if self.step == step_at_epoch_start and whole_epoch:
                 raise DataError(f"A whole epoch gave no usable batch: are the images in "
                                 f"{self.args.dataset_path} readable?")
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.epoch, self.samples_in_epoch = self.epoch + 1, 0
 
     def skip_update(self, losses):
         """True (on every rank alike) when a loss of the step (`losses`: each micro-batch's, 0-d tensors) is not
@@ -221,7 +240,9 @@ class TrainingRun:
         if not self.is_main:
             return
         save_checkpoint(dict(**self.checkpoint_state(), step=self.step, epoch=self.epoch,
-                             batch_in_epoch=self.batch_in_epoch, config=self.config, args=vars(self.args)),
+                             samples_in_epoch=self.samples_in_epoch, world_size=self.dist.world_size,
+                             batch_in_epoch=self.samples_in_epoch // (self.batch_size * self.dist.world_size),
+                             config=self.config, args=vars(self.args)),
                         self.ckpt_path)
         if reason:
             tqdm.write(f"Saved {self.ckpt_path} at step {self.step} ({reason}).")

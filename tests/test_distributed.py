@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
-from cli import BASE_LEARNING_RATE
+from cli import BASE_LEARNING_RATE, run_script
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from helpers import STAGE2_FLAGS, TINY
@@ -222,6 +223,25 @@ def test_slurm_tasks_train_like_torchrun(stage1_job, tmp_path):
     check_same_stage1_run(load_checkpoint(tmp_path / "run" / "checkpoints" / "vqgan_last.pt"), stage1_job[1], rank0,
                           rank1)
     assert "Joining 2 SLURM tasks at 127.0.0.1:" in output0 and "Joining" not in output1
+
+
+@pytest.mark.xdist_group("stage1_job")
+def test_a_resume_with_another_number_of_processes_follows_the_global_batch(stage1_job, tmp_path, capsys):
+    """stage1_job's checkpoint (2 processes; 12 images, batches of 2, --grad-accum 2: 3 micro-batches per rank and
+    epoch; 3 steps: two epochs) resumed by one process, with --epochs 3 in place of --max-steps: the learning rate
+    halves with the global batch, and the run ends with the third epoch, 6 micro-batches of 2 images (3 steps) later;
+    steps counted as for a new run would have ended it at step 3 x 3 = 9."""
+    out, reference, _, _ = stage1_job
+    ckpt = dict(reference, args=dict(reference["args"], max_steps=None, epochs=3, out_dir=str(tmp_path)))
+    save_checkpoint(ckpt, tmp_path / "checkpoints" / "vqgan_last.pt")
+    assert (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["world_size"]) == (1, 12, 2)  # epoch 1 all taken
+    run_script(training_vqgan.main, training_vqgan.build_parser(), ["--out-dir", str(tmp_path), "--resume"])
+    lr = BASE_LEARNING_RATE * 2 * 2
+    assert f"The run had 2 processes and has 1: global batch 4 (was 8), learning rate {lr:.3g} (was {2 * lr:.3g}); " \
+           f"epoch 1 goes on after the 12 samples it has used." in capsys.readouterr().out
+    resumed = load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")
+    assert (resumed["step"], resumed["epoch"], resumed["samples_in_epoch"], resumed["world_size"]) == (6, 2, 12, 1)
+    assert resumed["opt_vq"]["param_groups"][0]["lr"] == lr
 
 
 # ---- stage 2 and its token cache ----
