@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import runtime
 import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE, run_script
@@ -368,6 +369,35 @@ def test_two_jobs_at_once_write_one_token_cache(stage2_job, stage1_bytes, tmp_pa
     outputs = finish(*jobs)
     assert all(output.count("Wrote the token cache") == 2 for output in outputs)  # both did encode and write
     assert same_tensors(token_caches(stage1), stage2_job[2]) == []
+
+
+def _share_rows(rank, store, out):
+    """One rank of two: 2 and 5 rows (indices (n, 3) int32 and labels (n,)), in pieces of 2 rows."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    runtime.CHUNK_BYTES = 24  # 2 rows of indices, 3 of labels: every share travels in several pieces
+    n = (2, 5)[rank]
+    mine = {"indices": torch.arange(3 * n, dtype=torch.int32).reshape(n, 3) + 100 * rank,
+            "labels": torch.full((n,), rank)}
+    gathered = runtime.gather_rows(mine)
+    everyone = runtime.broadcast_rows(gathered)
+    nobody = runtime.gather_rows(None)  # no rank has a row
+    only_rank1 = runtime.gather_rows(mine if rank else None)
+    torch.save(dict(gathered=gathered, everyone=everyone, nobody=nobody, only_rank1=only_rank1),
+               out / f"rows_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_rows_of_unequal_shares_reach_rank_0_then_every_rank(tmp_path):
+    """The token cache's collectives: shares of 2 and 5 rows padded to 5 in pieces, gathered in rank order on rank 0,
+    sent back to every rank; an empty share, and no rows at all (every rank learns it, to stop alike)."""
+    mp.start_processes(_share_rows, args=(tmp_path / "store", tmp_path), nprocs=2, start_method="fork")  # no imports
+    ranks = [torch.load(tmp_path / f"rows_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    rank1 = {"indices": torch.arange(15, dtype=torch.int32).reshape(5, 3) + 100, "labels": torch.ones(5).long()}
+    expected = {"indices": torch.cat([torch.arange(6, dtype=torch.int32).reshape(2, 3), rank1["indices"]]),
+                "labels": torch.tensor([0, 0, 1, 1, 1, 1, 1])}
+    assert same_tensors(ranks[0]["gathered"], expected) == [] and ranks[1]["gathered"] is None
+    assert same_tensors(ranks[0]["only_rank1"], rank1) == [] and ranks[1]["only_rank1"] is None
+    assert all(same_tensors(r["everyone"], expected) == [] and r["nobody"] == {} for r in ranks)
 
 
 def _discriminator_forwards(rank, store, out):
