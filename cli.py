@@ -86,7 +86,7 @@ def add_run_flags(parser):
       help="a non-finite loss skips its update; this many in a row stop the run (fp16's overflowed gradients are the "
            "scaler's: it skips the step and lowers its scale)")
     a("--dist-timeout", type=float, default=30.0,
-      help="minutes a rank may wait in a collective under torchrun before the job stops with an error (NCCL's "
+      help="minutes a rank may wait in a collective (torchrun or SLURM) before the job stops with an error (NCCL's "
            "default: 10)")
     a("--threads", type=int, default=None,
       help="CPU threads of torch's operators; set it when other jobs share the machine (default: torch's, all cores)")
