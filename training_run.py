@@ -21,7 +21,8 @@ from utils import MetricsLog, check_writable, save_image_grid, to_image_range
 
 
 class TrainingRun:
-    """Everything of a training run that is not the algorithm: the script builds its models, then loops
+    """Everything of a training run that is not the algorithm: the script builds its models (run.guard(...) those
+    whose forward changes state besides the gradients), then loops
 
         for batches in run.steps(loader):      # the micro-batches of one optimizer step
             ...forward, backward...
