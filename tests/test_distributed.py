@@ -232,18 +232,6 @@ def test_two_nodes_train_like_two_processes_on_one(stage1_job, tmp_path):
 
 
 @pytest.mark.xdist_group("stage1_job")
-def test_slurm_tasks_train_like_torchrun(stage1_job, tmp_path):
-    """Two processes started as srun starts them (SLURM's variables and the batch script's MASTER_ADDR/MASTER_PORT,
-    no torchrun) join one process group and end where stage1_job's torchrun run ended."""
-    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
-    (rank0, rank1), (output0, output1) = slurm_tasks(tmp_path, "training_vqgan.py",
-                                                     *stage1_flags(data, tmp_path / "run"))
-    check_same_stage1_run(load_checkpoint(tmp_path / "run" / "checkpoints" / "vqgan_last.pt"), stage1_job[1], rank0,
-                          rank1)
-    assert "Joining 2 SLURM tasks at 127.0.0.1:" in output0 and "Joining" not in output1
-
-
-@pytest.mark.xdist_group("stage1_job")
 def test_a_resume_with_another_number_of_processes_follows_the_global_batch(stage1_job, tmp_path, capsys):
     """stage1_job's checkpoint (2 processes; 12 images, batches of 2, --grad-accum 2: 3 micro-batches per rank and
     epoch; 3 steps: two epochs) resumed by one process, with --epochs 3 in place of --max-steps: the learning rate
@@ -295,21 +283,25 @@ def token_caches(stage1):
 
 @pytest.fixture(scope="module")
 def stage2_job(tmp_path_factory, stage1_bytes):
-    """Stage 2 under `torchrun --nproc_per_node 2` with --precompute-tokens and the default validation split:
-    (out dir, checkpoint, token caches, rank 0's and rank 1's weights)."""
+    """Stage 2 on one node as two SLURM tasks (the variables srun sets and the batch script's MASTER_ADDR/MASTER_PORT,
+    no torchrun) with --precompute-tokens and the default validation split: (out dir, checkpoint, token caches, rank
+    0's and rank 1's weights, the tasks' outputs)."""
     tmp_path = tmp_path_factory.mktemp("stage2_job")
     data, stage1 = stage2_inputs(tmp_path, stage1_bytes)
     out = tmp_path / "stage2"
-    rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_RUN, "--dataset-path", data,
-                            "--checkpoint-path", stage1, "--out-dir", out)
-    return out, load_checkpoint(out / "checkpoints" / "transformer_last.pt"), token_caches(stage1), rank0, rank1
+    (rank0, rank1), outputs = slurm_tasks(tmp_path, "training_transformer.py", *STAGE2_RUN, "--dataset-path", data,
+                                          "--checkpoint-path", stage1, "--out-dir", out)
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    return out, ckpt, token_caches(stage1), rank0, rank1, outputs
 
 
 @pytest.mark.xdist_group("stage2_job")
-def test_stage2_two_processes_with_token_cache_and_validation_split(stage2_job):
-    """Both ranks encode their share of each cache (train and val), which reaches rank 0 by a collective; nobody
-    waits for ever, and the ranks end with the saved GPT's weights and the same EMA weights (--ema-decay)."""
-    out, ckpt, caches, rank0, rank1 = stage2_job
+def test_stage2_as_two_slurm_tasks_with_token_cache_and_validation_split(stage2_job):
+    """The SLURM tasks join one process group (rank 0 says so before it waits); both ranks encode their share of
+    each cache (train and val), which reaches rank 0 by a collective; nobody waits for ever, and the ranks end with
+    the saved GPT's weights and the same EMA weights (--ema-decay)."""
+    out, ckpt, caches, rank0, rank1, (output0, output1) = stage2_job
+    assert "Joining 2 SLURM tasks at 127.0.0.1:" in output0 and "Joining" not in output1
     assert caches["train"]["indices"].shape == (40, 64)  # 20 images and their flips, from both ranks' shares
     assert caches["val"]["indices"].shape == (2, 64)  # rank 1's share of the one held-out image is empty
     records = [json.loads(line) for line in (out / "results" / "transformer_metrics.jsonl").read_text().splitlines()]
@@ -330,13 +322,13 @@ def test_stage2_two_processes_with_token_cache_and_validation_split(stage2_job):
 def test_stage2_on_two_nodes_with_node_local_folders(stage2_job, stage1_bytes, tmp_path):
     """Two torchrun nodes, each with its own data and stage-1 copy: rank 0 alone looks for and writes the token
     caches (node 1's stage-1 folder stays as it was), rank 1's rows come by collectives, and the GPT ends as
-    stage2_job's did on one node."""
+    stage2_job's two processes on one node (SLURM tasks, the same flags) left it."""
     for node in (0, 1):
         stage2_inputs(tmp_path / f"node{node}", stage1_bytes)
     two_nodes(tmp_path, "training_transformer.py", *STAGE2_RUN, "--dataset-path", "flowers", "--checkpoint-path",
               "stage1/vqgan.pt", "--out-dir", "stage2")
     ckpt = load_checkpoint(tmp_path / "node0" / "stage2" / "checkpoints" / "transformer_last.pt")
-    _, reference, caches, _, _ = stage2_job
+    _, reference, caches, _, _, _ = stage2_job
     assert same_tensors(ckpt["model"], reference["model"]) == [] and same_tensors(ckpt["ema"], reference["ema"]) == []
     assert same_tensors(token_caches(tmp_path / "node0" / "stage1" / "vqgan.pt"), caches) == []
     assert sorted(p.name for p in (tmp_path / "node1" / "stage1").iterdir()) == ["vqgan.pt"]
