@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,15 @@ def _fsync_folder(folder):
 
 
 def save_checkpoint(obj, path):
-    """torch.save that never leaves a partial file at `path`: write a temporary file beside it, then rename."""
+    """torch.save that never leaves a partial file at `path`: write a temporary file beside it, then rename.
+
+    Several processes may save to one path at once (two jobs writing the same token cache): each writes its own
+    temporary file, the last rename wins, and none removes another's unfinished file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is an atomic rename on one file system; 'x' mode keeps the user's umask.
-    partial = path.with_name(f'{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    partial = path.with_name(f'{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
     try:
         with open(partial, 'xb') as f:
             torch.save(obj, f)
@@ -57,8 +62,28 @@ def save_checkpoint(obj, path):
         partial.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
-    for stale in path.parent.glob(f'{glob.escape(path.name)}.*.tmp'):  # left by a process killed while saving
-        stale.unlink(missing_ok=True)
+    for partial in path.parent.glob(f'{glob.escape(path.name)}.*.tmp'):
+        if _left_by_a_killed_save(partial, path.name):
+            partial.unlink(missing_ok=True)
+
+
+def _left_by_a_killed_save(partial, name):
+    """Whether the temporary file `partial` of a save to `name` belongs to no running process: one this host's process
+    wrote and that process is gone, or one named as before the names carried the writer (<name>.<hex>.tmp).
+    Another host's files are left alone: whether their writer runs cannot be told from here."""
+    writer = partial.name[len(name) + 1:-len('.tmp')].rsplit('-', 2)
+    if len(writer) != 3:
+        return True
+    host, pid = writer[0], writer[1]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's
+        pass
+    return False
 
 
 def load_checkpoint(path, trust=False, mmap=False):

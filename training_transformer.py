@@ -33,7 +33,8 @@ MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change be
 def make_dataset(paths, args, transformer, train, split, run):
     """An image dataset, or with --precompute-tokens a token dataset read from (or written to) the cache.
 
-    With the cache, every rank must call this (each encodes its share of a missing cache).
+    With the cache, every rank must call this (each encodes its share of a missing cache); only rank 0 gets the
+    validation rows (it alone evaluates), the other ranks None.
     """
     images = ImageFolder(args.dataset_path, transformer.image_size, train=train and not args.precompute_tokens,
                          with_labels=args.conditional, paths=paths)
@@ -41,7 +42,7 @@ def make_dataset(paths, args, transformer, train, split, run):
         return images
     cache = token_cache_path(args.checkpoint_path, transformer.image_size, paths, split)
     return cached_tokens(cache, images, lambda x: batch_indices({"image": x}, transformer, run),
-                         args.batch_size, args.num_workers)
+                         args.batch_size, args.num_workers, every_rank=train)
 
 
 def batch_indices(batch, transformer, run):
@@ -153,13 +154,15 @@ def main(args):
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
     for batches in run.steps(loader, checkpoint_state):
+        losses = []  # each micro-batch's, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
                     _, loss = model(batch_indices(batch, transformer, run), labels)
                 scaler.scale(loss / args.grad_accum).backward()
-        if run.skip_update(loss):  # keep the last good weights
+            losses.append(loss)
+        if run.skip_update(losses):  # keep the last good weights
             optimizer.zero_grad(set_to_none=True)
             continue
         scaler.unscale_(optimizer)
