@@ -17,19 +17,21 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-import training_vqgan
+from cli import BASE_LEARNING_RATE, ScriptParser, run_script
+from config import check_positive
 from discriminator import Discriminator
-from loss import LossConfig, Stage1, train_step
+from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import autocast, make_scaler, pick_device, resolve_precision, reuse_freed_memory
+from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory)
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter
 from vqgan import VQGAN, VQGANConfig
 
 CONFIGS = {
@@ -68,29 +70,26 @@ def build_gpt(config, grid, args, device):
 def bench_stage1(args, device, precision):
     """One step of training_vqgan: train_step (generator + discriminator, GAN on) and the two optimizer steps."""
     config, _ = models_config(args)
-    recompute = training_vqgan.recompute_default(args.recompute, device)
-    fmt = torch.channels_last if training_vqgan.channels_last_default(args.channels_last, device) else \
-        torch.contiguous_format
-    vqgan = VQGAN(config).set_recompute(recompute).to(device, memory_format=fmt)
+    fmt = memory_format(on_cpu_default(args.channels_last, device))
+    vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device)).to(device, memory_format=fmt)
     disc = Discriminator().to(device, memory_format=fmt)
     lpips = LPIPS(vgg_weights=None).to(device, memory_format=fmt)  # random VGG16 weights: the same FLOPs, no download
-    train_args = training_vqgan.build_parser().parse_args(["--disc-start", "0"])  # the script's defaults, GAN on
-    lr = training_vqgan.BASE_LEARNING_RATE * args.batch_size
-    opt_vq, opt_disc = training_vqgan.build_optimizers(vqgan, disc, lr, train_args)
-    s = Stage1(vqgan, disc, lpips, training_vqgan.from_flags(LossConfig, train_args), precision)
-    compiled = (torch.compile(vqgan), torch.compile(disc)) if args.compile else (vqgan, disc)
+    opt_vq, opt_disc = stage1_optimizers(vqgan, disc, BASE_LEARNING_RATE * args.batch_size)
+    eager = Stage1(vqgan, disc, lpips, LossConfig(disc_start=0), precision)  # the paper's loss, GAN on
+    # The timed steps run the compiled models (with --compile); FLOPs are counted on the eager ones.
+    timed = replace(eager, vqgan_wrapped=torch.compile(vqgan), disc_wrapped=torch.compile(disc)) if args.compile \
+        else eager
     x = torch.rand(args.batch_size, 3, config.image_size, config.image_size, device=device) * 2 - 1
     x = x.contiguous(memory_format=fmt)
 
-    def step(i, models=compiled):
-        s.vqgan_ddp, s.disc_ddp = models
-        metrics = train_step(s, x, i)
+    def step(i, stage1=timed):
+        metrics = train_step(stage1, x, i)
         if not math.isfinite(metrics["loss"].item()):  # the training loop's check (and its one sync per step)
             raise FloatingPointError(f"stage 1: non-finite loss at step {i}")
-        training_vqgan.optimizer_step(opt_vq, s.scalers[0])
-        training_vqgan.optimizer_step(opt_disc, s.scalers[1])
+        optimizer_step(opt_vq, stage1.scalers[0])
+        optimizer_step(opt_disc, stage1.scalers[1])
 
-    times, cpu_times, flops = time_steps(step, lambda i: step(i, (vqgan, disc)), args.warmup, args.steps, device,
+    times, cpu_times, flops = time_steps(step, lambda i: step(i, eager), args.warmup, args.steps, device,
                                          args.compile)
     return {"batch_size": args.batch_size, "unit": "images",
             **throughput(times, cpu_times, args.batch_size, flops, device)}
@@ -100,7 +99,7 @@ def bench_stage2(args, device, precision):
     """One step of stage-2 training on random tokens: GPT forward and backward, clipping, AdamW (no VQGAN encode)."""
     config, grid = models_config(args)
     gpt = build_gpt(config, grid, args, device)
-    opt = gpt.configure_optimizers(4.5e-6 * args.gpt_batch_size)
+    opt = gpt.configure_optimizers(BASE_LEARNING_RATE * args.gpt_batch_size)
     scaler = make_scaler(precision, device)
     model = torch.compile(gpt) if args.compile else gpt
     start_token = config.num_codebook_vectors
@@ -115,7 +114,7 @@ def bench_stage2(args, device, precision):
             raise FloatingPointError(f"stage 2: non-finite loss at step {i}")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)  # training_transformer's default --grad-clip
-        training_vqgan.optimizer_step(opt, scaler)
+        optimizer_step(opt, scaler)
 
     times, cpu_times, flops = time_steps(step, lambda i: step(i, gpt), args.warmup, args.steps, device, args.compile)
     tokens_per_step = args.gpt_batch_size * grid * grid
@@ -275,9 +274,7 @@ def main(args):
     for key, value in DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    check_positive(args, "batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs")
     if min(args.window_scales) <= 0:
         raise ValueError(f"--window-scales must be positive, got {args.window_scales}.")
     if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:
@@ -291,8 +288,8 @@ def main(args):
     results = {"config": args.config, "vqgan": CONFIGS[args.config]["vqgan"] or "VQGANConfig() defaults",
                "gpt": CONFIGS[args.config]["gpt"], "device": str(device), "device_name": device_name,
                "precision": precision, "compile": args.compile,
-               "recompute": training_vqgan.recompute_default(args.recompute, device),
-               "channels_last": training_vqgan.channels_last_default(args.channels_last, device),
+               "recompute": on_cpu_default(args.recompute, device),
+               "channels_last": on_cpu_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
                "issue_flops": ISSUE_FLOPS.get(args.config),
@@ -325,8 +322,7 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark stage-1 and stage-2 training and sampling.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Benchmark stage-1 and stage-2 training and sampling.")
     a = p.add_argument
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
     a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
@@ -359,4 +355,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_script(main, build_parser())

@@ -17,6 +17,11 @@ class MissingWeights(RuntimeError):
     """Pretrained weights (VGG16 for LPIPS) that are not on disk and cannot be downloaded."""
 
 
+def checkpoint_path(out_dir, run_name):
+    """Where a training run keeps its checkpoint: <out_dir>/checkpoints/<run_name>_last.pt."""
+    return Path(out_dir) / "checkpoints" / f"{run_name}_last.pt"
+
+
 def _fsync_folder(folder):
     """Make a rename durable; some platforms and file systems cannot open a folder, which is fine."""
     try:

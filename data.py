@@ -1,4 +1,4 @@
-"""Data: image folders, decoding, augmentation, the demo set, resumable sharded sampling, loaders and token caches."""
+"""Data: image folders, decoding, augmentation, resumable sharded sampling, loaders and token caches."""
 import hashlib
 import math
 import os
@@ -13,7 +13,6 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from demo_flowers import make_demo_flowers
 from runtime import usable_cores
 
 # albumentations asks PyPI for a newer version on import; training nodes are often offline.
@@ -180,14 +179,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return max(0, self.per_rank - self.start_batch * self.batch_size)
-
-
-def resolve_dataset(path, demo_path):
-    """The image files under `path`; the default `demo_path` gets the demo set on first use; other paths must exist."""
-    if str(path) == str(demo_path) and not Path(path).exists():
-        print(f"Writing the demo data set of drawn flowers to {path}/ (first run with the default path).")
-        make_demo_flowers(path)
-    return find_images(path)
 
 
 class TokenRows(torch.utils.data.Dataset):

@@ -8,10 +8,8 @@ It calls the scripts' own main() functions with the flags printed below, so each
 <out-dir>/data/ (training and held-out flowers), checkpoints/, results/ (both stages' logs, eval_vqgan.json and
 reconstructions.png), samples/ (grid.png) and, enlarged for viewing, demo_reconstructions.png and demo_samples.png.
 """
-import argparse
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,7 @@ import eval_vqgan
 import sample_transformer
 import training_transformer
 import training_vqgan
-from checkpoint import CheckpointError
-from data import DataError
+from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
 
 HELDOUT_SEED = 1  # the held-out flowers are drawn from another seed than the training flowers (seed 0)
@@ -69,10 +66,10 @@ TINY = DemoSettings(
 
 # ---- helpers ----
 
-def run_script(script, flags):
-    """Print the equivalent command line, then run the script's main() with those flags."""
+def run_step(script, flags):
+    """Print the equivalent command line, then run the script with those flags as that command line would."""
     print(f"\n$ python {script.__name__}.py {shlex.join(flags)}", flush=True)
-    return script.main(script.build_parser().parse_args(flags))
+    return run_script(script.main, script.build_parser(), flags)
 
 
 def last_value(metrics_path, key):
@@ -112,7 +109,7 @@ def main(args):
     # run continues from the exact step, with the same optimizer state and data order.
     vqgan_steps = s.vqgan_lr[-1][0]
     for phase, (until_step, lr) in enumerate(s.vqgan_lr):
-        vqgan_ckpt = run_script(training_vqgan, [
+        vqgan_ckpt = run_step(training_vqgan, [
             "--dataset-path", str(train_dir), "--image-size", str(size), *s.vqgan_flags,
             "--perceptual-loss-factor", "0", "--learning-rate", str(lr), "--max-steps", str(until_step),
             "--sample-every", str(vqgan_steps // s.evals), "--save-every", str(vqgan_steps), *run_flags,
@@ -121,14 +118,14 @@ def main(args):
 
     # 3. Held-out reconstructions, measured by eval_vqgan.py: results/eval_vqgan.json and results/reconstructions.png.
     eval_json = out / "results" / "eval_vqgan.json"
-    metrics = run_script(eval_vqgan, [
+    metrics = run_step(eval_vqgan, [
         "--checkpoint-path", str(vqgan_ckpt), "--dataset-path", str(heldout_dir), "--out-json", str(eval_json),
         "--num-grid", "12", "--num-workers", "0", *device])
     times["eval"] = time.perf_counter() - start - sum(times.values())
 
     # 4. Stage 2: a GPT on the codes of the training flowers (encoded once, with their flips), validated on the
     # held-out flowers' codes.
-    gpt_ckpt = run_script(training_transformer, [
+    gpt_ckpt = run_step(training_transformer, [
         "--dataset-path", str(train_dir), "--val-path", str(heldout_dir), "--checkpoint-path", str(vqgan_ckpt),
         "--precompute-tokens", *s.gpt_flags,
         "--max-steps", str(s.gpt_steps), "--sample-every", str(s.gpt_steps // s.evals),
@@ -137,7 +134,7 @@ def main(args):
 
     # 5. New flowers: sample codes from the GPT and decode them.
     samples_dir = out / "samples"
-    run_script(sample_transformer, [
+    run_step(sample_transformer, [
         "--checkpoint-path", str(gpt_ckpt), "--num-samples", str(s.num_samples), "--top-k", str(s.top_k),
         "--out-dir", str(samples_dir), *device])
     times["sampling"] = time.perf_counter() - start - sum(times.values())
@@ -161,8 +158,8 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Run the whole method on demo flowers: data, stage 1, evaluation, "
-                                            "stage 2 and sampling (about 15 minutes on 2 CPU cores).")
+    p = ScriptParser("Run the whole method on demo flowers: data, stage 1, evaluation, stage 2 and sampling (about "
+                     "15 minutes on 2 CPU cores).")
     p.add_argument("--out-dir", default="runs/demo", help="where the data, checkpoints, results and pictures go")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when available)")
@@ -170,8 +167,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser())

@@ -3,15 +3,15 @@
     python demo_flowers.py --out data/flowers --num-images 300                  # 256x256, seed 0
     python demo_flowers.py --out data/heldout --num-images 100 --size 32 --seed 1
 """
-import argparse
 import colorsys
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cli import ScriptParser, run_script
 
 def _hsv(h, s, v):
     """An RGB tuple of ints from HSV values in [0, 1] (hue wraps around)."""
@@ -121,10 +121,18 @@ def make_demo_flowers(root, num_images=300, size=256, seed=0):
     return root
 
 
+def write_default_demo_set(path):
+    """A new user's first run of a training script with the default data path: draw the demo flowers there, saying
+    so in a line. A folder that exists is left as it is."""
+    if not Path(path).exists():
+        print(f"Writing the demo data set of drawn flowers to {path}/ (first run with the default path).")
+        make_demo_flowers(path)
+
+
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Write the demo data set of procedurally drawn flowers (PNGs).")
+    p = ScriptParser("Write the demo data set of procedurally drawn flowers (PNGs).")
     p.add_argument("--out", required=True, help="folder to write flower_XXXX.png into (existing files are kept)")
     p.add_argument("--num-images", type=int, default=300, help="how many flowers")
     p.add_argument("--size", type=int, default=256, help="side of each square image in pixels")
@@ -142,8 +150,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, build_parser())

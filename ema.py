@@ -14,7 +14,7 @@ class EMA:
 
     def __init__(self, model, decay):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"--ema-decay must be between 0 and 1, got {decay}.")
+            raise ValueError(f"The EMA decay must be between 0 and 1, got {decay}.")
         self.decay = decay
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad]

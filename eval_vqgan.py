@@ -6,7 +6,6 @@
 Every image is resized (shorter side) and center-cropped to --image-size, encoded, quantized and decoded. Writes the
 metrics as JSON, a grid of originals over their reconstructions beside it, and prints a small table.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -17,12 +16,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from cli import ScriptParser, run_script
 from codebook import codebook_usage
+from config import check_positive
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
-from training_run import run_script
-from utils import HelpFormatter, save_image_grid, to_image_range
+from utils import save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.
@@ -126,8 +126,9 @@ def load_model(args):
 @torch.no_grad()
 def main(args):
     set_threads(args.threads)
-    if args.batch_size <= 0 or args.num_grid < 0:
-        raise ValueError("--batch-size must be positive and --num-grid not negative.")
+    check_positive(args, "batch_size")
+    if args.num_grid < 0:
+        raise ValueError(f"--num-grid must not be negative, got {args.num_grid}.")
     device = pick_device(args.device)
     model = load_model(args).to(device)
     image_size = args.image_size or model.config.image_size
@@ -224,8 +225,7 @@ def print_table(metrics):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Reconstruct a folder of images with a stage-1 VQGAN and measure it.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
     a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")

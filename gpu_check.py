@@ -7,7 +7,6 @@ It runs, each as its own process, exactly as a user would: the CUDA-marked tests
 steps with the defaults (bf16 on CUDA), again with --compile, and under torchrun on every GPU; sampling; and
 bench.py on the paper config. Then it prints whether each step passed and the figures of bench.py.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
-from utils import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent
 # 256x256 demo flowers with the paper's models; no VGG16 download needed (LPIPS off), a few steps each.
@@ -117,8 +116,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Run every GPU path of the scripts once and print one table.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Run every GPU path of the scripts once and print one table.")
     a = p.add_argument
     a("--device", default=None, help="passed to every script (default: theirs, CUDA when available)")
     a("--quick", action="store_true", help="the tests' tiny models at 32x32: the CPU form")
@@ -132,5 +130,5 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    outcome = main(build_parser().parse_args())
+    outcome = run_script(main, build_parser())
     sys.exit(0 if all(rc == 0 for _, rc, _ in outcome) else 1)

@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from runtime import autocast, make_scaler
+from runtime import autocast, fused_adam, make_scaler
+
+ADAM_BETAS = (0.5, 0.9)  # taming's betas of both optimizers
 
 
 @dataclass
@@ -34,6 +36,13 @@ class LossConfig:
     def gan_active(self, step):
         """taming's adopt_weight: the GAN terms (and the discriminator's updates) from --disc-start on."""
         return self.disc_factor > 0 and step >= self.disc_start
+
+
+def stage1_optimizers(vqgan, disc, lr, betas=ADAM_BETAS):
+    """taming's two Adams: one for the encoder, codebook and decoder, one for the discriminator."""
+    fused = fused_adam(next(vqgan.parameters()).device)
+    return (torch.optim.Adam(vqgan.parameters(), lr=lr, betas=betas, fused=fused),
+            torch.optim.Adam(disc.parameters(), lr=lr, betas=betas, fused=fused))
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -59,25 +68,25 @@ def reconstruction_losses(x, x_rec, lpips, config: LossConfig):
 @dataclass
 class Stage1:
     """What a stage-1 step runs: the plain VQGAN and discriminator (lam is read off them, and they are what a
-    checkpoint saves), the wrappers that run forward and backward (DDP and/or torch.compile; the plain modules
-    when there are none), LPIPS (None: no perceptual loss), the loss config, precision and fp16's two scalers."""
+    checkpoint saves), LPIPS (None: no perceptual loss), the loss config, precision, fp16's two scalers (default: new
+    ones) and the wrappers that run forward and backward (DDP and/or torch.compile; default: the plain modules)."""
     vqgan: nn.Module
     disc: nn.Module
     lpips: Optional[nn.Module]
     config: LossConfig
     precision: str = "fp32"
     scalers: tuple = ()
-    vqgan_ddp: Optional[nn.Module] = None
-    disc_ddp: Optional[nn.Module] = None
+    vqgan_wrapped: Optional[nn.Module] = None
+    disc_wrapped: Optional[nn.Module] = None
 
     def __post_init__(self):
         device = next(self.vqgan.parameters()).device
         self.scalers = self.scalers or (make_scaler(self.precision, device), make_scaler(self.precision, device))
-        self.vqgan_ddp = self.vqgan_ddp or self.vqgan
-        self.disc_ddp = self.disc_ddp or self.disc
+        self.vqgan_wrapped = self.vqgan_wrapped or self.vqgan
+        self.disc_wrapped = self.disc_wrapped or self.disc
 
 
-def train_step(s: Stage1, x, step, grad_accum=1):
+def train_step(stage1: Stage1, x, step, grad_accum=1):
     """The gradients of L_gen for the VQGAN and of L_disc for the discriminator, with one reconstruction and one
     decoder/VGG backward (taming needs three of each).
 
@@ -86,25 +95,26 @@ def train_step(s: Stage1, x, step, grad_accum=1):
     one backward through the VQGAN: d/dx_rec of the surrogate sum(x_rec * grad_rec) is grad_rec. The
     discriminator learns from `rec` detached, so its loss never reaches the generator.
     """
-    scaler_vq, scaler_disc = s.scalers
-    device, cfg = x.device, s.config
+    scaler_vq, scaler_disc = stage1.scalers
+    device, cfg = x.device, stage1.config
     gan = cfg.gan_active(step)
-    with autocast(s.precision, device):
-        x_rec, features, _, q_loss = s.vqgan_ddp(x, return_features=True)
+    with autocast(stage1.precision, device):
+        x_rec, features, _, q_loss = stage1.vqgan_wrapped(x, return_features=True)
     aux = q_loss  # the latents' losses: add a new one here
     rec = x_rec.detach().float().requires_grad_(True)
     # fp16's loss scale keeps the gradients w.r.t. rec from underflowing; a tensor, as reading it would wait for the GPU
     scale = scaler_vq.scale(torch.ones((), device=device)) if scaler_vq.is_enabled() else 1.0
 
-    with autocast(s.precision, device):
-        nll, p_loss = reconstruction_losses(x, rec, s.lpips, cfg)
+    with autocast(stage1.precision, device):
+        nll, p_loss = reconstruction_losses(x, rec, stage1.lpips, cfg)
     grad_rec = torch.autograd.grad(nll * scale, rec)[0] / scale
     g_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
     if gan:
-        with autocast(s.precision, device):
-            g_loss = -s.disc(rec).mean()  # the plain module: only d g_loss / d rec is wanted here
+        with autocast(stage1.precision, device):
+            g_loss = -stage1.disc(rec).mean()  # the plain module: only d g_loss / d rec is wanted here
         grad_g = torch.autograd.grad(g_loss * scale, rec)[0] / scale
-        nll_last, g_last = s.vqgan.last_layer_grad(features, grad_rec), s.vqgan.last_layer_grad(features, grad_g)
+        nll_last = stage1.vqgan.last_layer_grad(features, grad_rec)
+        g_last = stage1.vqgan.last_layer_grad(features, grad_g)
         lam = adaptive_weight(nll_last, g_last, cfg.disc_weight)
         if scaler_vq.is_enabled():
             # fp16: at too high a scale a backward overflows and lam is NaN or huge. No divergence: the scaler finds
@@ -116,8 +126,8 @@ def train_step(s: Stage1, x, step, grad_accum=1):
 
     d_loss = torch.zeros((), device=device)
     if gan:
-        with autocast(s.precision, device):
-            logits_real, logits_fake = s.disc_ddp(x), s.disc_ddp(rec.detach())
+        with autocast(stage1.precision, device):
+            logits_real, logits_fake = stage1.disc_wrapped(x), stage1.disc_wrapped(rec.detach())
             d_loss = cfg.disc_factor * hinge_d_loss(logits_real.float(), logits_fake.float())
         scaler_disc.scale(d_loss / grad_accum).backward()
 

@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from config import ConfigError, check_positive
+
 
 @dataclass
 class GPTConfig:
@@ -22,8 +24,10 @@ class GPTConfig:
     attn_pdrop: float = 0.0
 
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd (--n-embd {self.n_embd}) must be divisible by n_head (--n-head {self.n_head})")
+        """Refuse impossible sizes once, naming the field."""
+        check_positive(self, "n_layer", "n_head", "n_embd", "block_size")
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd", f"{self.n_embd} must divide by `n_head` {self.n_head}.")
 
 
 class CausalSelfAttention(nn.Module):

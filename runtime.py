@@ -152,6 +152,18 @@ def fused_adam(device):
     return device.type in ("cpu", "cuda")
 
 
+# ---- switches measured on the CPU: --recompute and --channels-last ----
+
+def on_cpu_default(flag, device):
+    """A switch's value: the flag when given, else on for the CPU (where it was measured to help), off on CUDA."""
+    return device.type == "cpu" if flag is None else flag
+
+
+def memory_format(channels_last):
+    """The memory format of the stage-1 models and images: channels_last (NHWC) or the standard layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 # ---- precision ----
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,9 +191,24 @@ def make_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def optimizer_step(opt, scaler):
+    """Step and clear the gradients (a disabled scaler just steps; fp16's skips steps whose gradients overflowed)."""
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
 # ---- stopping cleanly on Ctrl-C / SIGTERM ----
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM, after its checkpoint was saved."""
+
+    def __init__(self, signal_name):
+        super().__init__(f"stopped by {signal_name} after saving")
+        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
 
 
 class StopSignal:

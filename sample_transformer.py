@@ -6,7 +6,6 @@
     python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
 """
-import argparse
 import time
 
 import torch
@@ -16,11 +15,12 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from cli import ScriptParser, run_script
+from config import check_positive
 from data import DataError
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from training_run import run_script
 from transformer import VQGANTransformer
-from utils import HelpFormatter, check_writable, save_image_grid, to_image_range
+from utils import check_writable, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
@@ -93,11 +93,7 @@ def masked_input(model, codes, regenerate):
 
 
 def check_args(args, model):
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
+    check_positive(args, "num_samples", "batch_size", "temperature")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if model.num_classes and args.class_id is None:
@@ -164,8 +160,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
     a("--checkpoint-path", default="checkpoints/transformer_last.pt", help="a stage-2 checkpoint")
     a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")

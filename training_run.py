@@ -1,9 +1,6 @@
 """TrainingRun: the part of both training loops that is not the algorithm (resume, atomic saves, stop signals, the
-non-finite guard, epochs and skipped files, the metrics log, TensorBoard and the progress bar), and the scripts'
-entry point."""
+non-finite guard, epochs and skipped files, the metrics log, TensorBoard and the progress bar)."""
 import json
-import signal
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,32 +9,14 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, MissingWeights, check_same_config, load_checkpoint, save_checkpoint
-from data import DataError, ResumableSampler, build_loader, find_images, resolve_dataset
+from checkpoint import check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
+from cli import check_run_flags
+from config import config_from_dict
+from data import DataError, ResumableSampler, build_loader
 from ema import EMA
-from runtime import (StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory, seed_everything,
-                     set_threads, setup_distributed, wrap_model)
-from utils import MetricsLog, check_writable, parse_flags, save_image_grid, to_image_range
-
-
-class Interrupted(Exception):
-    """A run stopped by SIGINT or SIGTERM, after its checkpoint was saved."""
-
-    def __init__(self, signal_name):
-        super().__init__(f"stopped by {signal_name} after saving")
-        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
-
-
-def run_script(main, parser, checkpoint_name=None):
-    """A script's entry point: an expected failure is one line on stderr and exit code 1, never a traceback; a run
-    stopped by a signal exits with 130 (SIGINT) or 143 (SIGTERM) after saving."""
-    try:
-        main(parse_flags(parser, checkpoint_name=checkpoint_name))
-    except Interrupted as stop:
-        sys.exit(stop.exit_code)
-    except (DataError, CheckpointError, MissingWeights, ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+from runtime import (Interrupted, StopSignal, cleanup_distributed, resolve_precision, reuse_freed_memory,
+                     seed_everything, set_threads, setup_distributed, wrap_model)
+from utils import MetricsLog, check_writable, save_image_grid, to_image_range
 
 
 class TrainingRun:
@@ -49,39 +28,35 @@ class TrainingRun:
             ...optimizer step...
             run.end_step(metrics)              # count, log every --log-every steps, save every --save-every
 
-    and run.finish() saves the last checkpoint. `run.state_dict` (set by the script) returns the models' and
-    optimizers' states; the run adds its position (step, epoch, batch in epoch), the config and the flags.
+    and run.finish() saves the last checkpoint. Each checkpoint holds the script's state (the function given to
+    run.steps returns the models' and optimizers' states), the run's position (step, epoch, batch in epoch), the
+    config and the flags.
     """
 
     def __init__(self, args, name):
+        check_run_flags(args)
         self.args, self.name = args, name
         set_threads(args.threads)
-        self.d = setup_distributed(args.device, args.dist_timeout)
-        self.device, self.is_main = self.d.device, self.d.is_main
+        self.dist = setup_distributed(args.device, args.dist_timeout)
+        self.device, self.is_main = self.dist.device, self.dist.is_main
         reuse_freed_memory(self.device)
         self.precision = resolve_precision(args.precision, self.device)
         self.out_dir = Path(args.out_dir)
         self.results = self.out_dir / "results"
-        self.ckpt_path = self.out_dir / "checkpoints" / f"{name}_last.pt"
+        self.ckpt_path = checkpoint_path(self.out_dir, name)
         self.tensorboard = None
         if self.is_main:
             check_writable(self.out_dir)
             (self.out_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")  # --config
             if not args.no_tensorboard:
                 self.tensorboard = SummaryWriter(self.out_dir / "tensorboard")
-        seed_everything(args.seed + self.d.rank)  # different noise per rank, the same model init after DDP's broadcast
+        seed_everything(args.seed + self.dist.rank)  # other noise per rank, the same model init after DDP's broadcast
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.config, self.state_dict, self.log, self.bar = None, None, None, None
+        self.config, self.checkpoint_state, self.log, self.bar = None, None, None, None
         self.stop = StopSignal()
         self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
-        self.flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective a step
+        self.step_flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective
         self.sums, self.count, self.shown = None, 0, {}  # shown: the values in the progress bar
-
-    def dataset_paths(self, path, default_path):
-        """The data set's image files; rank 0 writes the demo set first if the default path is still empty."""
-        paths = resolve_dataset(path, default_path) if self.is_main else None
-        barrier()
-        return paths if paths is not None else find_images(path)
 
     def resume(self, config):
         """With --resume and a checkpoint: check its config against `config` (a config dataclass), take its
@@ -94,7 +69,7 @@ class TrainingRun:
                 print(f"No checkpoint at {self.ckpt_path} yet: starting from scratch.")
             return None
         ckpt = load_checkpoint(self.ckpt_path, trust=self.args.trust_checkpoint)
-        check_same_config(asdict(type(config).from_dict(ckpt["config"])), self.config, self.ckpt_path)
+        check_same_config(asdict(config_from_dict(type(config), ckpt["config"])), self.config, self.ckpt_path)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
         if self.is_main:
             print(f"Resumed from {self.ckpt_path} at step {self.step}.")
@@ -110,14 +85,14 @@ class TrainingRun:
         return ema
 
     def wrap(self, module):
-        return wrap_model(module, self.d, self.args.compile)
+        return wrap_model(module, self.dist, self.args.compile)
 
     def loader(self, dataset, batch_size):
         """A loader of this rank's shard, resumable mid-epoch; sets the number of steps of the run."""
-        args, d = self.args, self.d
-        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=d.rank,
-                                        world_size=d.world_size)
-        batches_per_epoch = len(dataset) // d.world_size // batch_size
+        args, world_size = self.args, self.dist.world_size
+        self.sampler = ResumableSampler(len(dataset), batch_size, shuffle=True, seed=args.seed, rank=self.dist.rank,
+                                        world_size=world_size)
+        batches_per_epoch = len(dataset) // world_size // batch_size
         if batches_per_epoch < args.grad_accum:
             raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
                             f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
@@ -126,8 +101,12 @@ class TrainingRun:
         self.batch_size = batch_size
         return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
 
-    def steps(self, loader):
-        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal."""
+    def steps(self, loader, checkpoint_state):
+        """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal.
+
+        checkpoint_state(): the script's part of each checkpoint this run saves (models, optimizers, scalers ...).
+        """
+        self.checkpoint_state = checkpoint_state
         if self.is_main:
             self.log = MetricsLog(self.results / f"{self.name}_metrics.jsonl", resume=self.step > 0)
             self.log.truncate_after(self.step)
@@ -163,11 +142,11 @@ class TrainingRun:
 
         The step's one collective and one read: the non-finite flag and the stop flag travel together.
         """
-        self.flags[0] = (~torch.isfinite(loss.detach())).any()
-        self.flags[1].fill_(float(self.stop.received is not None))
-        if self.d.enabled:
-            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = self.flags.tolist()
+        self.step_flags[0] = (~torch.isfinite(loss.detach())).any()
+        self.step_flags[1].fill_(float(self.stop.received is not None))
+        if self.dist.enabled:
+            dist.all_reduce(self.step_flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = self.step_flags.tolist()
         self.stopped = self.stopped or stop > 0
         if not nonfinite:
             self.nonfinite_in_a_row = 0
@@ -223,7 +202,7 @@ class TrainingRun:
         """Rank 0 writes the checkpoint atomically: the script's states, the run's position, config and flags."""
         if not self.is_main:
             return
-        save_checkpoint(dict(**self.state_dict(), step=self.step, epoch=self.epoch,
+        save_checkpoint(dict(**self.checkpoint_state(), step=self.step, epoch=self.epoch,
                              batch_in_epoch=self.batch_in_epoch, config=self.config, args=vars(self.args)),
                         self.ckpt_path)
         if reason:

@@ -4,7 +4,6 @@
     python training_transformer.py --dataset-path /my/images --checkpoint-path run/checkpoints/vqgan_last.pt
     torchrun --nproc_per_node 4 training_transformer.py ...          # 4 GPUs
 """
-import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,17 +11,21 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
+from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
+from config import check_positive
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
-from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync
-from training_run import TrainingRun, run_script
+from demo_flowers import write_default_demo_set
+from runtime import autocast, barrier, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
+from training_run import TrainingRun
 from transformer import TransformerConfig, VQGANTransformer
-from utils import HelpFormatter, add_run_flags, check_positive, save_plots
+from utils import save_plots
 from vqgan import VQGAN
 
 # ---- the one line to edit: your folder of images (sub-folders are classes with --conditional) ----
-DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
+DATASET_PATH = "data/flowers"  # the scripts draw a small demo set of flowers here on first use
 
-BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
+RUN_NAME = "transformer"  # checkpoints/transformer_last.pt, results/transformer_metrics.jsonl
+MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change besides the run flags
 
 
 # ---- data: images, or token rows encoded once ----
@@ -52,21 +55,11 @@ def batch_indices(batch, transformer, run):
 # ---- checks and evaluation ----
 
 def check_args(args):
-    """Reject impossible values of the training flags up front, naming the flag (the config checks its own)."""
-    check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
-                   "max_nonfinite_steps", "val_batches")
+    """What neither the config nor the run checks: the validation batches and the stage-1 checkpoint."""
+    check_positive(args, "val_batches")
     if not Path(args.checkpoint_path).is_file():
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
-
-
-def config_from_args(args, vqgan, num_classes):
-    return TransformerConfig(image_size=args.image_size or vqgan.config.image_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, pkeep=args.pkeep,
-                             num_classes=num_classes, embd_pdrop=args.dropout, resid_pdrop=args.dropout,
-                             attn_pdrop=args.dropout,
-                             class_dropout=(0.1 if args.conditional else 0.0) if args.class_dropout is None
-                             else args.class_dropout)
 
 
 @torch.no_grad()
@@ -116,19 +109,23 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
-    run = TrainingRun(args, "transformer")
+    run = TrainingRun(args, RUN_NAME)
     device = run.device
     vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
-    paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
+    if run.is_main and args.dataset_path == DATASET_PATH:
+        write_default_demo_set(DATASET_PATH)
+    barrier()  # the other ranks wait for the demo set
+    paths = find_images(args.dataset_path)
     if args.val_path:
         train_paths, val_paths = paths, find_images(args.val_path)
     else:
         train_paths, val_paths = split_paths(paths, args.val_fraction, seed=args.seed)
     classes = ImageFolder(args.dataset_path, 8, with_labels=True, paths=paths).classes if args.conditional else None
-    config = config_from_args(args, vqgan, len(classes) if classes else 0)
+    config = config_from_flags(TransformerConfig, args, image_size=args.image_size or vqgan.config.image_size,
+                               num_classes=len(classes) if classes else 0)
     transformer = VQGANTransformer(vqgan, config).to(device)
     gpt = transformer.gpt  # the plain module: its state dict is what we save
-    lr = args.learning_rate or BASE_LEARNING_RATE * args.batch_size * run.d.world_size * args.grad_accum
+    lr = learning_rate(args, run.dist.world_size)
     optimizer = gpt.configure_optimizers(lr, weight_decay=args.weight_decay)
     scaler = make_scaler(run.precision, device)
 
@@ -141,9 +138,11 @@ def main(args):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     model, ema = run.wrap(transformer), run.keep_ema(gpt, ckpt)
-    run.state_dict = lambda: dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(),
-                                  scaler=scaler.state_dict(), classes=classes, ema=ema.state_dict(gpt) if ema else None,
-                                  vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()))
+
+    def checkpoint_state():
+        return dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    classes=classes, ema=ema.state_dict(gpt) if ema else None,
+                    vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()))
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
@@ -152,7 +151,7 @@ def main(args):
                                         with_labels=args.conditional, paths=train_paths[:4])[i]
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
-    for batches in run.steps(loader):
+    for batches in run.steps(loader, checkpoint_state):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
@@ -164,9 +163,7 @@ def main(args):
             continue
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler)
         if ema:
             ema.update(gpt)
         loss = loss.detach().float()
@@ -182,8 +179,7 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional)")
     a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")
@@ -192,7 +188,6 @@ def build_parser():
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")
     a("--image-size", type=int, default=None, help="default: the stage-1 model's training size")
     a("--batch-size", type=int, default=8, help="sequences per process per micro-step")
-    a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the Linear weights")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value")
     a("--pkeep", type=float, default=1.0, help="probability of keeping each input index (else a random code)")
@@ -206,9 +201,9 @@ def build_parser():
       "replaces the class token, for sample_transformer.py --cfg-scale (default 0.1; 0: no null class)")
     a("--precompute-tokens", action="store_true", help="encode the data set once (and its flips) and train from that")
     a("--sample-top-k", type=int, default=None, help="top-k of the samples drawn during training")
-    add_run_flags(p, "transformer")
+    add_run_flags(p)
     return p
 
 
 if __name__ == "__main__":
-    run_script(main, build_parser(), checkpoint_name="transformer")
+    run_script(main, build_parser())

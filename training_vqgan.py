@@ -6,70 +6,35 @@
 """
 import argparse
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 
-from data import ImageFolder
+from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
+from data import ImageFolder, find_images
+from demo_flowers import write_default_demo_set
 from discriminator import Discriminator
+from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from loss import LossConfig, Stage1, train_step
-from runtime import fused_adam, keeps_signal_handlers, no_sync
-from training_run import TrainingRun, run_script
-from utils import HelpFormatter, add_run_flags, check_positive, save_plots
-from vqgan import VQGAN, VQGANConfig
+from runtime import barrier, keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
+from training_run import TrainingRun
+from utils import save_plots
+from vqgan import QUANTIZERS, VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
-DATASET_PATH = "data/flowers"  # the default writes a small demo set of drawn flowers here on first use
+DATASET_PATH = "data/flowers"  # the scripts draw a small demo set of flowers here on first use
 
-BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch size
+RUN_NAME = "vqgan"  # checkpoints/vqgan_last.pt, results/vqgan_metrics.jsonl
+MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change besides the run flags
 
 
 # ---- helpers ----
 
-def from_flags(cls, args):
-    """A config dataclass from the flags: every field has the flag of the same name (it validates itself)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
 def check_args(args):
-    """Reject impossible values of the training flags up front, naming the flag (the configs check their own)."""
-    check_positive(args, "batch_size", "epochs", "grad_accum", "save_every", "sample_every", "log_every",
-                   "max_nonfinite_steps")
-    if args.learning_rate is not None and not args.learning_rate > 0:  # also refuses nan
-        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
+    """What neither config nor the run checks: an image size the discriminator can judge while the GAN is on."""
     gan_starts = args.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
     if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
         raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
                          f"pass a larger size or --disc-factor 0.")
-
-
-def recompute_default(flag, device):
-    """--recompute when given, else on where memory is scarce and time plentiful (the CPU), off on GPUs."""
-    return device.type == "cpu" if flag is None else flag
-
-
-def channels_last_default(flag, device):
-    """--channels-last when given, else on for the CPU only, where it was measured (oneDNN: ~12% of a step).
-
-    On CUDA, GroupNorm turns a channels_last input back into the standard layout (PyTorch issue 111824), twice per
-    norm; bench.py --channels-last measures whether the faster convolutions win that back on a given GPU.
-    """
-    return device.type == "cpu" if flag is None else flag
-
-
-def build_optimizers(vqgan, disc, lr, args):
-    """taming's two Adams: one for the encoder, codebook and decoder, one for the discriminator."""
-    fused = fused_adam(next(vqgan.parameters()).device)
-    return (torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused),
-            torch.optim.Adam(disc.parameters(), lr=lr, betas=(args.beta1, args.beta2), fused=fused))
-
-
-def optimizer_step(opt, scaler):
-    """Step and clear the gradients (a disabled scaler just steps; fp16's skips steps whose gradients overflowed)."""
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
 
 
 # The panels of results/vqgan_losses.png: (title, logged values, log scale).
@@ -95,22 +60,24 @@ def show_progress(run, vqgan, ema, x):
 
 @keeps_signal_handlers
 def main(args):
-    config, loss_config = from_flags(VQGANConfig, args), from_flags(LossConfig, args)  # they check their own flags
+    config, loss_config = config_from_flags(VQGANConfig, args), config_from_flags(LossConfig, args)  # checked
     check_args(args)
-    run = TrainingRun(args, "vqgan")
+    run = TrainingRun(args, RUN_NAME)
     device = run.device
-    paths = run.dataset_paths(args.dataset_path, DATASET_PATH)
+    if run.is_main and args.dataset_path == DATASET_PATH:
+        write_default_demo_set(DATASET_PATH)
+    barrier()  # the other ranks wait for the demo set
+    paths = find_images(args.dataset_path)
 
-    memory_format = torch.channels_last if channels_last_default(args.channels_last, device) else \
-        torch.contiguous_format
-    vqgan = VQGAN(config).set_recompute(recompute_default(args.recompute, device))
-    vqgan, disc = vqgan.to(device, memory_format=memory_format), Discriminator().to(device, memory_format=memory_format)
+    fmt = memory_format(on_cpu_default(args.channels_last, device))
+    vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device))
+    vqgan, disc = vqgan.to(device, memory_format=fmt), Discriminator().to(device, memory_format=fmt)
     lpips = None
     if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
-        lpips = LPIPS().to(device, memory_format=memory_format)
-    lr = args.learning_rate or BASE_LEARNING_RATE * args.batch_size * run.d.world_size * args.grad_accum
-    opt_vq, opt_disc = build_optimizers(vqgan, disc, lr, args)
-    s = Stage1(vqgan, disc, lpips, loss_config, run.precision)
+        lpips = LPIPS().to(device, memory_format=fmt)
+    lr = learning_rate(args, run.dist.world_size)
+    opt_vq, opt_disc = stage1_optimizers(vqgan, disc, lr, betas=(args.beta1, args.beta2))
+    scaler_vq, scaler_disc = make_scaler(run.precision, device), make_scaler(run.precision, device)
 
     ckpt = run.resume(config)
     if ckpt is not None:
@@ -120,39 +87,39 @@ def main(args):
         opt_disc.load_state_dict(ckpt["opt_disc"])
         for group in opt_vq.param_groups + opt_disc.param_groups:  # the flags' learning rate, not the saved one
             group["lr"] = lr
-        for scaler, key in zip(s.scalers, ("scaler_vq", "scaler_disc")):
+        for scaler, key in ((scaler_vq, "scaler_vq"), (scaler_disc, "scaler_disc")):
             if ckpt.get(key):
                 scaler.load_state_dict(ckpt[key])
-    s.vqgan_ddp, s.disc_ddp = run.wrap(vqgan), run.wrap(disc)
+    stage1 = Stage1(vqgan, disc, lpips, loss_config, run.precision, scalers=(scaler_vq, scaler_disc),
+                    vqgan_wrapped=run.wrap(vqgan), disc_wrapped=run.wrap(disc))
     ema = run.keep_ema(vqgan, ckpt)
 
-    def state_dict():
+    def checkpoint_state():
         usage, perplexity = vqgan.quantize.usage()
         return dict(model=vqgan.state_dict(), discriminator=disc.state_dict(), opt_vq=opt_vq.state_dict(),
-                    opt_disc=opt_disc.state_dict(), scaler_vq=s.scalers[0].state_dict(),
-                    scaler_disc=s.scalers[1].state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
+                    opt_disc=opt_disc.state_dict(), scaler_vq=scaler_vq.state_dict(),
+                    scaler_disc=scaler_disc.state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
                     ema=ema.state_dict(vqgan) if ema else None)
-    run.state_dict = state_dict
 
     loader = run.loader(ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths), args.batch_size)
     fixed_batch = None
     vqgan.train()
     disc.train()
-    for batches in run.steps(loader):
+    for batches in run.steps(loader, checkpoint_state):
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
             fixed_batch = x[:8] if fixed_batch is None else fixed_batch
-            with no_sync(s.vqgan_ddp, s.disc_ddp, sync=i == len(batches) - 1):
-                metrics = train_step(s, x, run.step, args.grad_accum)
+            with no_sync(stage1.vqgan_wrapped, stage1.disc_wrapped, sync=i == len(batches) - 1):
+                metrics = train_step(stage1, x, run.step, args.grad_accum)
         if run.skip_update(metrics["loss"]):  # keep the last good weights
             opt_vq.zero_grad(set_to_none=True)
             opt_disc.zero_grad(set_to_none=True)
             continue
-        optimizer_step(opt_vq, s.scalers[0])
+        optimizer_step(opt_vq, scaler_vq)
         if ema:
             ema.update(vqgan)
         if loss_config.gan_active(run.step):
-            optimizer_step(opt_disc, s.scalers[1])
+            optimizer_step(opt_disc, scaler_disc)
         if run.is_main:  # only rank 0 logs; on the device, so no wait
             metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
         run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
@@ -164,15 +131,13 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 1 of VQGAN: train the VQ autoencoder.",
-                                formatter_class=HelpFormatter)
+    p = ScriptParser("Stage 1 of VQGAN: train the VQ autoencoder.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
     a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
-    a("--learning-rate", type=float, default=None, help="default: 4.5e-6 x global batch size (taming's scaling)")
-    a("--beta1", type=float, default=0.5, help="Adam beta1")
-    a("--beta2", type=float, default=0.9, help="Adam beta2")
+    a("--beta1", type=float, default=ADAM_BETAS[0], help="Adam beta1")
+    a("--beta2", type=float, default=ADAM_BETAS[1], help="Adam beta2")
     a("--ch", type=int, default=128, help="base channel count of encoder and decoder")
     a("--ch-mult", type=int, nargs="+", default=[1, 1, 2, 2, 4], help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="ResNet blocks per level (the decoder has one more)")
@@ -186,7 +151,7 @@ def build_parser():
     a("--codebook-l2-norm", action="store_true", help="cosine-similarity lookup with l2-normalised codes")
     a("--restart-dead-codes", action="store_true", help="re-seed unused codes from current encoder outputs")
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
-    a("--quantizer", choices=["vq", "ema", "fsq", "lfq"], default="vq",
+    a("--quantizer", choices=QUANTIZERS, default="vq",
       help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (docs/quantizers.md)")
     a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
     a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")
@@ -203,12 +168,14 @@ def build_parser():
     a("--perceptual-loss-factor", type=float, default=1.0, help="weight of LPIPS (0: VGG is never built)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
-           "for ~5%% more time; default: on the CPU, off on CUDA")
+           "for ~5%% more time, where memory is scarce and time plentiful; default: on the CPU, off on CUDA")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-      help="channels_last memory format for the convolutions; default: on the CPU, off on CUDA (see bench.py)")
-    add_run_flags(p, "vqgan")
+      help="channels_last memory format for the convolutions: ~12%% of a CPU step (oneDNN). On CUDA, GroupNorm turns "
+           "it back into the standard layout (PyTorch issue 111824), twice per norm, so it stays off there until "
+           "bench.py --channels-last shows a gain on a GPU; default: on the CPU, off on CUDA")
+    add_run_flags(p)
     return p
 
 
 if __name__ == "__main__":
-    run_script(main, build_parser(), checkpoint_name="vqgan")
+    run_script(main, build_parser())

@@ -1,5 +1,5 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError, check_positive, config_from_dict
 from mingpt import GPT, GPTConfig, sample_next, static_cache
 from vqgan import VQGAN
 
@@ -35,27 +36,24 @@ class TransformerConfig:
     attn_pdrop: float = 0.0
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        if self.image_size is not None and self.image_size <= 0:
-            raise ValueError(f"--image-size must be positive, got {self.image_size}.")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"--n-embd {self.n_embd} must divide by --n-head {self.n_head}.")
+        """Refuse impossible values once, naming the field (GPTConfig checks the GPT's sizes)."""
+        if self.image_size is not None:
+            check_positive(self, "image_size")
         if not 0.0 < self.pkeep <= 1.0:
-            raise ValueError(f"--pkeep must be in (0, 1], got {self.pkeep}.")
+            raise ConfigError("pkeep", f"must be in (0, 1], got {self.pkeep}.")
         if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"--class-dropout must be in [0, 1), got {self.class_dropout}.")
+            raise ConfigError("class_dropout", f"must be in [0, 1), got {self.class_dropout}.")
         if self.class_dropout and not self.num_classes:
-            raise ValueError("--class-dropout needs a class-conditional model (--conditional).")
+            raise ConfigError("class_dropout", "needs a class-conditional model (`num_classes` > 0).")
 
-    @classmethod
-    def from_dict(cls, d):
-        """Build from a checkpoint's `config` dict; unknown keys are an error that names them."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"The checkpoint's transformer config has fields this code does not know: {unknown}.")
-        return cls(**d)
+    @staticmethod
+    def flag_values(args):
+        """cli.config_from_flags: the fields whose flag has another name or default (each other field has its own)."""
+        class_dropout = args.class_dropout
+        if class_dropout is None:  # a null class for classifier-free guidance when class-conditional
+            class_dropout = 0.1 if args.conditional else 0.0
+        return dict(embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout,
+                    class_dropout=class_dropout)
 
 
 def window_origin(i, j, canvas_hw, window_hw):
@@ -107,13 +105,13 @@ class VQGANTransformer(nn.Module):
         f = vqgan.config.downsample_factor
         self.image_size = config.image_size or vqgan.config.image_size
         if self.image_size % f:
-            raise ValueError(f"--image-size {self.image_size} must divide by the stage-1 downsampling factor {f}.")
+            raise ConfigError("image_size", f"{self.image_size} must divide by the stage-1 downsampling factor {f}.")
         self.latent_hw = (self.image_size // f, self.image_size // f)  # the token grid (h, w)
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
         if config.block_size < self.num_tokens:
-            raise ValueError(f"--block-size {config.block_size} is smaller than the {self.num_tokens} tokens of a "
-                             f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the start token "
-                             f"and all indices but the last).")
+            raise ConfigError("block_size", f"{config.block_size} is smaller than the {self.num_tokens} tokens of a "
+                                            f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the "
+                                            f"start token and all indices but the last).")
         self.pkeep, self.num_classes = config.pkeep, config.num_classes
         self.null_token = self.num_codebook_vectors + config.num_classes if config.class_dropout > 0 else None
         num_start_tokens = max(1, config.num_classes) + (self.null_token is not None)
@@ -132,7 +130,7 @@ class VQGANTransformer(nn.Module):
             raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
                                   f"pass its new place with --vqgan-checkpoint.")
         model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust, ema=ema),
-                    TransformerConfig.from_dict(ckpt["config"]))
+                    config_from_dict(TransformerConfig, ckpt["config"]))
         model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         model.classes = ckpt.get("classes")
         return model.eval()
@@ -228,11 +226,6 @@ class VQGANTransformer(nn.Module):
                 logits = uncond + cfg_scale * (cond - uncond)
             grid[:, i, j] = sample_next(logits, temperature, top_k, top_p)[:, 0]
         return grid
-
-    @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=None, top_p=None, labels=None):
-        """n new images (n, 3, H, W) in [-1, 1]."""
-        return self.indices_to_image(self.sample_indices(n, temperature, top_k, top_p, labels))
 
     @torch.no_grad()
     def log_images(self, x, labels=None, temperature=1.0, top_k=None, top_p=None):

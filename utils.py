@@ -1,5 +1,4 @@
-"""Small shared helpers of the scripts: flags, the output folder, image grids, loss plots and the metrics log."""
-import argparse
+"""Small shared helpers of the scripts' outputs: the output folder, image grids, loss plots and the metrics log."""
 import json
 import math
 import os
@@ -12,7 +11,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import load_checkpoint
 from data import DataError
 
 
@@ -148,111 +146,3 @@ class MetricsLog:
         partial = self.path.with_name(self.path.name + '.tmp')
         partial.write_text(''.join(json.dumps(record) + '\n' for record in self.records))
         os.replace(partial, self.path)
-
-
-# ---- command lines ----
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where it is None and the help text says what happens instead."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def add_run_flags(parser, name):
-    """Flags of the training loop, the same in both scripts."""
-    a = parser.add_argument
-    a("--epochs", type=int, default=100, help="passes over the data set (unless --max-steps is given)")
-    a("--max-steps", type=int, default=None,
-      help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
-    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-      help="default: bf16 on CUDA if supported, else fp32")
-    a("--compile", action="store_true", help="wrap the models in torch.compile")
-    a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
-    a("--out-dir", default=".", help="where results/ and checkpoints/ go")
-    a("--resume", action="store_true", help=f"continue from <out-dir>/checkpoints/{name}_last.pt")
-    a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
-    a("--seed", type=int, default=0, help="random seed (offset by rank)")
-    a("--num-workers", type=int, default=4, help="data-loading worker processes per GPU")
-    a("--save-every", type=int, default=1000, help="steps between checkpoints")
-    a("--sample-every", type=int, default=500, help="steps between sample grids (and validation in stage 2)")
-    a("--log-every", type=int, default=10,
-      help="steps between reads of the logged values (each read waits for the GPU); they are averaged over them")
-    a("--max-nonfinite-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
-    a("--dist-timeout", type=float, default=30.0,
-      help="minutes a rank may wait in a collective under torchrun before the job stops with an error")
-    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
-    a("--config", default=None,
-      help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
-    a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")
-    a("--ema-decay", type=float, default=None,
-      help="keep an exponential moving average of the weights with this decay (e.g. 0.999), saved as the "
-           "checkpoint's `ema` and used by sampling and evaluation (default: none, as in the paper)")
-
-
-# Flags that may change when a run resumes. Every other flag comes back from the run's checkpoint.
-MUTABLE_FLAGS = {"epochs", "max_steps", "learning_rate", "save_every", "sample_every", "log_every", "num_workers",
-                 "device", "out_dir", "resume", "trust_checkpoint", "threads", "dist_timeout", "max_nonfinite_steps",
-                 "compile", "precision", "recompute", "channels_last", "no_tensorboard", "config", "val_batches",
-                 "sample_top_k"}
-NOT_FROM_CONFIG_FILES = {"config", "out_dir", "resume"}  # a run started from another's config.json is a new run
-
-
-def explicit_flags(parser, argv=None):
-    """{dest: value} of the flags written on the command line, without the defaults."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action in parser._actions:
-            action.default = defaults[action.dest]
-
-
-def read_config(path):
-    """The flags of a run's config.json as a dict."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"Cannot read the config file {path} ({error}).") from None
-    if not isinstance(values, dict):
-        raise DataError(f"The config file {path} does not hold a dict of flags.")
-    return values
-
-
-def parse_flags(parser, argv=None, checkpoint_name=None):
-    """The flags of a script run: its defaults, then a --config file (a run's config.json), then the command line.
-
-    With --resume and `<out-dir>/checkpoints/<checkpoint_name>_last.pt`, the run's own flags come back from the
-    checkpoint: the command line may change only MUTABLE_FLAGS, and another value of any other flag is refused.
-    """
-    args, given = parser.parse_args(argv), explicit_flags(parser, argv)
-    if getattr(args, "config", None):
-        values = read_config(args.config)
-        unknown = sorted(set(values) - set(vars(args)))
-        if unknown:
-            raise DataError(f"The config file {args.config} has flags this script does not know: {unknown}.")
-        for name, value in values.items():
-            if name not in given and name not in NOT_FROM_CONFIG_FILES:
-                setattr(args, name, value)
-    path = Path(args.out_dir) / "checkpoints" / f"{checkpoint_name}_last.pt" if checkpoint_name else None
-    if path is not None and getattr(args, "resume", False) and path.exists():
-        saved = load_checkpoint(path, trust=args.trust_checkpoint, mmap=True).get("args", {})
-        changed = sorted(f"--{name.replace('_', '-')}" for name in set(saved) & set(given) - MUTABLE_FLAGS
-                         if given[name] != saved[name])
-        if changed:
-            raise ValueError(f"--resume continues the run of {path} with its own {', '.join(changed)}; start a new "
-                             f"run with another --out-dir to change them.")
-        for name, value in saved.items():
-            if name not in given and name != "resume" and hasattr(args, name):
-                setattr(args, name, value)
-    return args
-
-
-def check_positive(args, *names):
-    """Reject a zero or negative value of each named flag, naming the flag."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")

@@ -1,15 +1,19 @@
 """VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder; config, adaptive GAN weight, loading."""
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from checkpoint import load_checkpoint, read_taming
 from codebook import Codebook, EMACodebook
+from config import ConfigError, check_positive, config_from_dict
 from decoder import Decoder
 from encoder import Encoder
 from scalar_quantizers import FSQ, LFQ
+
+
+QUANTIZERS = ("vq", "ema", "fsq", "lfq")  # vq: the paper's; see codebook.py and scalar_quantizers.py
 
 
 @dataclass
@@ -40,78 +44,64 @@ class VQGANConfig:
     lfq_diversity_weight: float = 1.0
 
     def __post_init__(self):
-        """Refuse impossible values once, naming the flag."""
+        """Refuse impossible values once, naming the field."""
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         self.fsq_levels, self.lfq_bits = tuple(self.fsq_levels or ()), self.lfq_bits or 0
         self.num_codebook_vectors = self.check_quantizer()
-        for name in ("image_size", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors", "z_channels",
-                     "restart_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        check_positive(self, "image_size", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors", "z_channels",
+                       "restart_every")
         if self.codebook_dim < 0:
-            raise ValueError(f"--codebook-dim must be 0 (use --latent-dim) or positive, got {self.codebook_dim}.")
+            raise ConfigError("codebook_dim", f"must be 0 (the `latent_dim`) or positive, got {self.codebook_dim}.")
         if any(m <= 0 for m in self.ch_mult):
-            raise ValueError(f"--ch-mult values must be positive, got {list(self.ch_mult)}.")
+            raise ConfigError("ch_mult", f"values must be positive, got {list(self.ch_mult)}.")
         f = self.downsample_factor
         if self.image_size % f:
-            raise ValueError(f"--image-size {self.image_size} must divide by the downsampling factor {f} "
-                             f"(2 ** (len(--ch-mult) - 1)).")
+            raise ConfigError("image_size", f"{self.image_size} must divide by the downsampling factor {f} "
+                                            f"(2 ** (len(`ch_mult`) - 1)).")
         resolutions = {self.image_size // 2 ** i for i in range(len(self.ch_mult))}
         missing = sorted(set(self.attn_resolutions) - resolutions)
         if missing:
-            raise ValueError(f"--attn-resolutions {missing} never occur; the feature maps are {sorted(resolutions)} "
-                             f"wide.")
+            raise ConfigError("attn_resolutions", f"{missing} never occur; the feature maps are "
+                                                  f"{sorted(resolutions)} wide.")
         if any(self.ch * m % 32 for m in self.ch_mult):
-            raise ValueError("--ch times every --ch-mult value must divide by 32 (GroupNorm uses 32 groups).")
+            raise ConfigError("ch", "times every `ch_mult` value must divide by 32 (GroupNorm uses 32 groups).")
 
     def check_quantizer(self):
-        """The codebook size the quantizer flags make; a ValueError naming the flags when they do not fit."""
+        """The codebook size the quantizer fields make; a ConfigError naming the fields when they do not fit."""
         q, n = self.quantizer, self.num_codebook_vectors
-        if q not in ("vq", "ema", "fsq", "lfq"):
-            raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {q!r}.")
+        if q not in QUANTIZERS:
+            raise ConfigError("quantizer", f"must be one of {', '.join(QUANTIZERS)}, got {q!r}.")
         if self.fsq_levels and q != "fsq":
-            raise ValueError(f"--fsq-levels only applies to --quantizer fsq, not {q}.")
+            raise ConfigError("fsq_levels", f"only applies to `quantizer` fsq, not {q}.")
         if self.lfq_bits and q != "lfq":
-            raise ValueError(f"--lfq-bits only applies to --quantizer lfq, not {q}.")
+            raise ConfigError("lfq_bits", f"only applies to `quantizer` lfq, not {q}.")
         if q in ("vq", "ema"):
             if not 0 < self.codebook_ema_decay < 1:
-                raise ValueError(f"--codebook-ema-decay must lie between 0 and 1, got {self.codebook_ema_decay}.")
-            n = 1024 if n is None else n
-            if n <= 0:
-                raise ValueError(f"--num-codebook-vectors must be positive, got {n}.")
-            return n
-        learned = [flag for flag, on in (("--codebook-dim", self.codebook_dim), ("--codebook-l2-norm",
-                   self.codebook_l2_norm), ("--restart-dead-codes", self.restart_dead_codes),
-                   ("--rotation-trick", self.rotation_trick), ("--kmeans-init", self.kmeans_init)) if on]
+                raise ConfigError("codebook_ema_decay", f"must lie between 0 and 1, got {self.codebook_ema_decay}.")
+            return 1024 if n is None else n
+        learned = [name for name in ("codebook_dim", "codebook_l2_norm", "restart_dead_codes", "rotation_trick",
+                                     "kmeans_init") if getattr(self, name)]
         if learned:
-            raise ValueError(f"{learned[0]} is for a learned codebook (--quantizer vq or ema); {q} has none.")
+            raise ConfigError(learned[0], f"is for a learned codebook (`quantizer` vq or ema); {q} has none.")
         if q == "fsq":
             if not self.fsq_levels or min(self.fsq_levels) < 2:
-                raise ValueError(f"--quantizer fsq needs --fsq-levels, each at least 2 (e.g. 8 8 8 for 512 codes), "
-                                 f"got {list(self.fsq_levels)}.")
-            size, given = math.prod(self.fsq_levels), f"--fsq-levels {' '.join(map(str, self.fsq_levels))}"
+                raise ConfigError("fsq_levels", f"must be given for `quantizer` fsq, each at least 2 (e.g. 8 8 8 for "
+                                                f"512 codes), got {list(self.fsq_levels)}.")
+            size, given = math.prod(self.fsq_levels), f"`fsq_levels` {' '.join(map(str, self.fsq_levels))}"
         else:
             if not 1 <= self.lfq_bits <= 16:
-                raise ValueError(f"--quantizer lfq needs --lfq-bits between 1 and 16 (2^bits codes, all of which its "
-                                 f"entropy loss scores), got {self.lfq_bits}.")
-            size, given = 2 ** self.lfq_bits, f"--lfq-bits {self.lfq_bits}"
+                raise ConfigError("lfq_bits", f"must be between 1 and 16 for `quantizer` lfq (2^bits codes, all of "
+                                              f"which its entropy loss scores), got {self.lfq_bits}.")
+            size, given = 2 ** self.lfq_bits, f"`lfq_bits` {self.lfq_bits}"
         if n is not None and n != size:
-            raise ValueError(f"--num-codebook-vectors {n} does not match {given}, which make {size} codes; "
-                             f"leave it out.")
+            raise ConfigError("num_codebook_vectors", f"{n} does not match {given}, which make {size} codes; "
+                                                      f"leave it out.")
         return size
 
     @property
     def downsample_factor(self):
         return 2 ** (len(self.ch_mult) - 1)
 
-    @classmethod
-    def from_dict(cls, d):
-        """Build from a checkpoint's `config` dict; unknown keys are an error that names them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"The checkpoint's VQGAN config has fields this code does not know: {unknown}.")
-        return cls(**d)
 
 
 def build_quantizer(c):
@@ -127,7 +117,7 @@ def build_quantizer(c):
     if c.quantizer == "lfq":
         return LFQ(bits=c.lfq_bits, latent_dim=c.latent_dim, beta=c.beta, entropy_weight=c.lfq_entropy_weight,
                    diversity_weight=c.lfq_diversity_weight)
-    raise ValueError(f"--quantizer must be one of vq, ema, fsq, lfq, got {c.quantizer!r}.")
+    raise ConfigError("quantizer", f"must be one of {', '.join(QUANTIZERS)}, got {c.quantizer!r}.")
 
 
 class VQGAN(nn.Module):
@@ -194,7 +184,7 @@ class VQGAN(nn.Module):
         """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode; with the
         EMA weights when the run kept them (--ema-decay), unless ema=False."""
         ckpt = load_checkpoint(path, trust=trust)
-        model = cls(VQGANConfig.from_dict(ckpt["config"]))
+        model = cls(config_from_dict(VQGANConfig, ckpt["config"]))
         model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
         return model.eval()
 
@@ -214,6 +204,3 @@ class VQGAN(nn.Module):
         keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
         model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})
         return model.eval()
-
-    def config_dict(self):
-        return asdict(self.config)

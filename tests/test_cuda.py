@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from codebook import Codebook
-from helpers import TINY
 from discriminator import Discriminator, DiscriminatorConfig
+from helpers import TINY
 from loss import LossConfig, Stage1, train_step
 from mingpt import GPT, GPTConfig, sample_next
 from runtime import autocast, pick_device

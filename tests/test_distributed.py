@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 
 import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
-from helpers import STAGE2_FLAGS, TINY
-from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
+from cli import BASE_LEARNING_RATE
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
+from helpers import STAGE2_FLAGS, TINY
+from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from loss import hinge_d_loss
 from runtime import Dist, no_sync, wrap_model
 from vqgan import VQGAN, VQGANConfig
@@ -89,7 +90,7 @@ def test_two_processes_train_like_one(tmp_path):
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 3 and ckpt["opt_vq"]["state"][0]["step"] == 3
     global_batch = 2 * 2 * 2  # --batch-size x ranks x --grad-accum
-    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == training_vqgan.BASE_LEARNING_RATE * global_batch
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == BASE_LEARNING_RATE * global_batch
     logs = list((out / "results").glob("*metrics.jsonl"))
     assert len(logs) == 1
     steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines()]
@@ -171,7 +172,7 @@ def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):
     training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
     ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
     assert ckpt["step"] == 1
-    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == training_vqgan.BASE_LEARNING_RATE * 2 * 2
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == BASE_LEARNING_RATE * 2 * 2
     assert ckpt["opt_vq"]["state"][0]["step"] == 1  # two micro-batches, one Adam step
 
 

@@ -6,9 +6,9 @@ import torch
 
 import training_transformer
 from checkpoint import load_checkpoint, save_checkpoint
-from helpers import STAGE2_FLAGS, TINY
 from demo_flowers import make_demo_flowers
 from ema import EMA
+from helpers import STAGE2_FLAGS, TINY
 from transformer import VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -35,7 +35,7 @@ def test_the_update_by_hand():
     with ema.applied(model):
         torch.testing.assert_close(model.weight, state["weight"])
     assert torch.equal(model.weight, torch.zeros(1, 2))  # its own weights are back
-    with pytest.raises(ValueError, match="--ema-decay"):
+    with pytest.raises(ValueError, match="EMA decay must be between 0 and 1"):
         EMA(model, 1.0)
 
 

@@ -11,10 +11,10 @@ import torch
 import eval_transformer
 import eval_vqgan
 from checkpoint import save_checkpoint
-from helpers import TINY, TINY_GPT
+from cli import run_script
 from data import ImageFolder
 from demo_flowers import make_demo_flowers
-from training_run import run_script
+from helpers import TINY, TINY_GPT
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 

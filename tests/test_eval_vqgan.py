@@ -10,9 +10,9 @@ import torch
 import eval_vqgan
 from checkpoint import CheckpointError, save_checkpoint
 from codebook import codebook_usage
-from helpers import TINY
 from data import ImageFolder
 from demo_flowers import make_demo_flowers
+from helpers import TINY
 from vqgan import VQGAN, VQGANConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "taming_tiny"

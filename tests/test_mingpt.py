@@ -115,7 +115,7 @@ def test_vocab_limit_never_samples_special_tokens():
 
 
 def test_n_embd_must_divide_by_n_head():
-    with pytest.raises(ValueError, match="--n-head"):
+    with pytest.raises(ValueError, match="n_embd 32 must divide by n_head 3"):
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=32)
 
 

@@ -1,24 +1,22 @@
-"""Mixed precision: what the issue keeps in fp32 stays there under autocast (the codebook's distances, the LPIPS
+"""Mixed precision: what must stay in fp32 stays there under autocast (the codebook's distances, the LPIPS
 normalisation, lambda), and fp16's gradient scaling gives back the fp32 gradients.
 
 fp16 is a CUDA option in the scripts; torch's CPU autocast and GradScaler do the same arithmetic, so these run here.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import training_run
 import training_vqgan
 from checkpoint import load_checkpoint
-from demo_flowers import make_demo_flowers
-from loss import LossConfig, Stage1, train_step
 from codebook import Codebook
+from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
-from lpips import LPIPS
-from vqgan import VQGAN, VQGANConfig
 from helpers import TINY, TINY_FLAGS
-
+from loss import LossConfig, Stage1, stage1_optimizers, train_step
+from lpips import LPIPS
+from runtime import optimizer_step
+from vqgan import VQGAN, VQGANConfig
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -102,15 +100,15 @@ def test_fp16_overflow_lowers_the_scale_instead_of_counting_as_divergence():
     vqgan, disc, _, x, args = tiny_models()
     x = x[:1]  # one image overflows as well, in a third of the time
     lpips, args.perceptual_loss_factor = None, 0.0  # the overflow is the discriminator's; VGG in fp16 is slow here
-    opts = training_vqgan.build_optimizers(vqgan, disc, 1e-4, SimpleNamespace(beta1=0.5, beta2=0.9))
+    opts = stage1_optimizers(vqgan, disc, 1e-4)
     scaler_vq, scaler_disc = scalers(True)
     updated = []
     while not any(updated) and len(updated) < 8:
         before = vqgan.decoder.conv_out.weight.detach().clone()
         metrics = train_step(Stage1(vqgan, disc, lpips, args, "fp16", (scaler_vq, scaler_disc)), x, step=0)
         assert all(torch.isfinite(v) for v in metrics.values()), metrics
-        training_vqgan.optimizer_step(opts[0], scaler_vq)
-        training_vqgan.optimizer_step(opts[1], scaler_disc)
+        optimizer_step(opts[0], scaler_vq)
+        optimizer_step(opts[1], scaler_disc)
         updated.append(not torch.equal(vqgan.decoder.conv_out.weight, before))
     assert updated[0] is False  # overflowed at 2^16: skipped
     assert updated[-1] is True and scaler_vq.get_scale() == 2.0 ** (17 - len(updated))  # halved at each skip

@@ -10,6 +10,7 @@ import torch
 import eval_vqgan
 from checkpoint import save_checkpoint
 from codebook import Codebook, EMACodebook, rotate_onto
+from config import config_from_dict
 from scalar_quantizers import FSQ, LFQ
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig, build_quantizer
@@ -227,26 +228,26 @@ def test_old_configs_load():
     for key in ("quantizer", "rotation_trick", "kmeans_init", "codebook_ema_decay", "fsq_levels", "lfq_bits",
                 "lfq_entropy_weight", "lfq_diversity_weight"):
         del old[key]
-    config = VQGANConfig.from_dict(old)
+    config = config_from_dict(VQGANConfig, old)
     assert config.quantizer == "vq" and config.num_codebook_vectors == 64
 
 
-@pytest.mark.parametrize("flags, words", [
-    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), codebook_l2_norm=True), "--codebook-l2-norm"),
-    (dict(quantizer="lfq", lfq_bits=9, rotation_trick=True), "--rotation-trick"),
-    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), num_codebook_vectors=1024), "--num-codebook-vectors 1024"),
-    (dict(quantizer="lfq", lfq_bits=9, num_codebook_vectors=1000), "--lfq-bits 9"),
-    (dict(quantizer="fsq"), "--fsq-levels"),
-    (dict(quantizer="fsq", fsq_levels=(8, 1)), "--fsq-levels"),
-    (dict(quantizer="lfq", lfq_bits=20), "--lfq-bits"),
-    (dict(quantizer="vq", fsq_levels=(8, 8)), "--fsq-levels"),
-    (dict(quantizer="ema", lfq_bits=4), "--lfq-bits"),
-    (dict(quantizer="ema", codebook_ema_decay=1.0), "--codebook-ema-decay"),
-    (dict(quantizer="pq"), "--quantizer"),
+@pytest.mark.parametrize("fields, words", [
+    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), codebook_l2_norm=True), "codebook_l2_norm"),
+    (dict(quantizer="lfq", lfq_bits=9, rotation_trick=True), "rotation_trick"),
+    (dict(quantizer="fsq", fsq_levels=(8, 8, 8), num_codebook_vectors=1024), "num_codebook_vectors 1024"),
+    (dict(quantizer="lfq", lfq_bits=9, num_codebook_vectors=1000), "lfq_bits 9"),
+    (dict(quantizer="fsq"), "fsq_levels"),
+    (dict(quantizer="fsq", fsq_levels=(8, 1)), "fsq_levels"),
+    (dict(quantizer="lfq", lfq_bits=20), "lfq_bits"),
+    (dict(quantizer="vq", fsq_levels=(8, 8)), "fsq_levels"),
+    (dict(quantizer="ema", lfq_bits=4), "lfq_bits"),
+    (dict(quantizer="ema", codebook_ema_decay=1.0), "codebook_ema_decay"),
+    (dict(quantizer="pq"), "quantizer"),
 ])
-def test_flag_combinations_that_make_no_sense_are_one_sentence(flags, words):
+def test_field_combinations_that_make_no_sense_are_one_sentence_naming_the_fields(fields, words):
     with pytest.raises(ValueError) as err:
-        VQGANConfig(**flags)
+        VQGANConfig(**fields)
     message = str(err.value)
     assert words in message and message.endswith(".") and ". " not in message.replace("e.g. ", "")
 

@@ -12,10 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
+from cli import parse_flags, run_script
 from demo_flowers import make_demo_flowers
-from training_run import run_script
-from utils import parse_flags
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
 from vqgan import VQGAN, VQGANConfig
 
 # a run with non-default model, loss and data flags, which a resume must not need again
@@ -26,7 +25,7 @@ FIRST = ["--codebook-dim", "8", "--beta", "0.5", "--disc-start", "1", "--max-ste
 def first_run(flowers, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = parse_flags(training_vqgan.build_parser(), [*TINY_FLAGS, *FIRST, "--dataset-path", str(flowers),
-                                                       "--out-dir", str(out)], "vqgan")
+                                                       "--out-dir", str(out)])
     training_vqgan.main(args)
     return out, args
 
@@ -34,7 +33,7 @@ def first_run(flowers, tmp_path_factory):
 def test_resume_with_no_model_flags_continues_the_same_run(first_run, tmp_path):
     out, first = first_run
     resumed = parse_flags(training_vqgan.build_parser(), ["--out-dir", str(out), "--resume", "--max-steps", "3",
-                                                          "--learning-rate", "1e-3"], "vqgan")
+                                                          "--learning-rate", "1e-3"])
     assert (resumed.beta, resumed.codebook_dim, resumed.ch, resumed.dataset_path) == (0.5, 8, 32, first.dataset_path)
     assert resumed.max_steps == 3 and resumed.learning_rate == 1e-3  # what may change mid-run does
     assert resumed.sample_every == 2 and resumed.log_every == 1  # and what is not given again stays the run's
@@ -48,7 +47,7 @@ def test_a_changed_model_flag_is_refused_naming_it(first_run):
     out, _ = first_run
     with pytest.raises(ValueError, match="--resume continues the run of .* with its own --beta, --ch; start a new"):
         parse_flags(training_vqgan.build_parser(), ["--out-dir", str(out), "--resume", "--ch", "64", "--beta", "0.1",
-                                                    "--codebook-dim", "8"], "vqgan")  # the same value may be given
+                                                    "--codebook-dim", "8"])  # the same value may be given
 
 
 def test_config_json_round_trips(first_run, tmp_path):
@@ -86,7 +85,7 @@ def test_missing_vgg_weights_is_one_line(flowers, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["training_vqgan.py", *TINY_FLAGS, "--perceptual-loss-factor", "1",
                                       "--dataset-path", str(flowers), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_:
-        run_script(training_vqgan.main, training_vqgan.build_parser(), "vqgan")
+        run_script(training_vqgan.main, training_vqgan.build_parser())
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: LPIPS needs")
     assert "--perceptual-loss-factor 0" in lines[0]
@@ -95,7 +94,7 @@ def test_missing_vgg_weights_is_one_line(flowers, tmp_path, monkeypatch, capsys)
 def test_a_missing_stage1_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["training_transformer.py", "--checkpoint-path", str(tmp_path / "none.pt")])
     with pytest.raises(SystemExit) as exit_:
-        run_script(training_transformer.main, training_transformer.build_parser(), "transformer")
+        run_script(training_transformer.main, training_transformer.build_parser())
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and lines == [f"error: No stage-1 checkpoint at {tmp_path / 'none.pt'}: train one "
                                                f"with `python training_vqgan.py` or pass --checkpoint-path."]

@@ -1,20 +1,23 @@
 """The stage-1 training step and script: same gradients as the plain formulation, isolation of the GAN step, resume."""
+import functools
 import json
+import re
 import signal
 
 import pytest
 import torch
 
+import demo_flowers
 import training_vqgan
-from loss import LossConfig, Stage1, hinge_d_loss, train_step
+from checkpoint import CheckpointError, load_checkpoint
+from data import DataError, ImageFolder, find_images
 from demo_flowers import make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
+from helpers import TINY, TINY_FLAGS, script_error
+from loss import LossConfig, Stage1, hinge_d_loss, train_step
 from lpips import LPIPS
-from runtime import make_scaler
-from checkpoint import CheckpointError, load_checkpoint
+from runtime import make_scaler, on_cpu_default
 from vqgan import VQGAN, VQGANConfig
-from helpers import TINY, TINY_FLAGS
-
 
 
 def plain_step_gradients(x, vqgan, disc, lpips, args):
@@ -112,21 +115,38 @@ def test_end_to_end_run_then_resume(tmp_path):
     ("--batch-size", "0", "--batch-size must be positive"),
     ("--image-size", "16", "--image-size 16 is too small for the PatchGAN discriminator"),
 ])
-def test_impossible_flags_are_rejected(tmp_path, flag, value, message):
+def test_impossible_flags_are_rejected(tmp_path, capsys, flag, value, message):
     flags = TINY_FLAGS + ["--dataset-path", str(tmp_path), "--out-dir", str(tmp_path)]
     i = flags.index(flag) if flag in flags else None
     if i is None:
         flags += [flag, value]
     else:
         flags[i + 1] = value
-    with pytest.raises(ValueError, match=message):
-        training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    assert re.search(message, script_error(training_vqgan, flags, capsys))
+
+
+def test_the_default_data_path_gets_the_demo_set_in_the_script_not_in_a_loader(tmp_path, monkeypatch, capsys):
+    """A new user's `python training_vqgan.py`: the demo flowers are drawn at data/flowers, saying so, once; loading
+    a folder never writes one."""
+    monkeypatch.chdir(tmp_path)
+    small = functools.partial(make_demo_flowers, num_images=8, size=40)  # the default 300 of 256 px take seconds
+    monkeypatch.setattr(demo_flowers, "make_demo_flowers", small)
+    flags = TINY_FLAGS + ["--max-steps", "1", "--no-tensorboard"]  # and no --dataset-path
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(training_vqgan.DATASET_PATH, 32)
+    assert not (tmp_path / "data").exists()
+    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    assert "Writing the demo data set of drawn flowers to data/flowers/" in capsys.readouterr().out
+    assert len(find_images(tmp_path / "data" / "flowers")) == 8
+    assert load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")["step"] == 1
+    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
+    assert "Writing the demo" not in capsys.readouterr().out  # drawn once
 
 
 def test_recompute_is_on_for_the_cpu_only_unless_asked():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training_vqgan.recompute_default(None, cpu) is True
-    assert training_vqgan.recompute_default(None, cuda) is False
-    assert training_vqgan.recompute_default(False, cpu) is False
-    assert training_vqgan.recompute_default(True, cuda) is True
+    assert on_cpu_default(None, cpu) is True
+    assert on_cpu_default(None, cuda) is False
+    assert on_cpu_default(False, cpu) is False
+    assert on_cpu_default(True, cuda) is True
     assert training_vqgan.build_parser().parse_args(["--no-recompute"]).recompute is False

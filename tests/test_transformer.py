@@ -10,8 +10,8 @@ import sample_transformer
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT
 from demo_flowers import make_demo_flowers
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT, script_error
 from transformer import TransformerConfig, VQGANTransformer, corrupt
 from vqgan import VQGAN, VQGANConfig
 
@@ -68,7 +68,7 @@ def test_latent_grid_and_block_size_come_from_stage_1():
     model = tiny_model()
     assert model.latent_hw == (8, 8) and model.num_tokens == 64
     assert tiny_model(image_size=16).num_tokens == 16
-    with pytest.raises(ValueError, match="--block-size 32"):
+    with pytest.raises(ValueError, match="block_size 32 is smaller"):
         VQGANTransformer(VQGAN(TINY_VQGAN), TransformerConfig(n_layer=1, n_head=1, n_embd=8, block_size=32))
 
 
@@ -163,14 +163,13 @@ def test_conditional_and_precomputed_tokens(tmp_path):
     (["--pkeep", "0"], "--pkeep must be in"),
     (["--image-size", "30"], "--image-size 30 must divide by the stage-1 downsampling factor 4"),
 ])
-def test_impossible_stage2_flags_are_rejected(tmp_path, extra, message):
+def test_impossible_stage2_flags_are_rejected(tmp_path, capsys, extra, message):
     stage1 = tmp_path / "vqgan.pt"
     save_checkpoint(dict(model=VQGAN(TINY_VQGAN).state_dict(), config=asdict(TINY_VQGAN), step=0), stage1)
     data = make_demo_flowers(tmp_path / "flowers", num_images=4, size=32)
     flags = STAGE2_FLAGS + ["--dataset-path", str(data), "--checkpoint-path", str(stage1), "--out-dir",
                             str(tmp_path / "out"), "--max-steps", "1"] + extra
-    with pytest.raises(ValueError, match=message):
-        training_transformer.main(training_transformer.build_parser().parse_args(flags))
+    assert message in script_error(training_transformer, flags, capsys)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

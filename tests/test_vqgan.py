@@ -6,11 +6,10 @@ import torch.nn.functional as F
 from codebook import Codebook, codebook_usage
 from decoder import Decoder
 from discriminator import Discriminator, DiscriminatorConfig
-from loss import adaptive_weight, hinge_d_loss
 from encoder import Encoder
-from vqgan import VQGAN, VQGANConfig
 from helpers import TINY
-
+from loss import adaptive_weight, hinge_d_loss
+from vqgan import VQGAN, VQGANConfig
 
 
 @pytest.mark.parametrize("ch_mult, attn, size, hw", [
