@@ -29,8 +29,8 @@ from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
 from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
 from mingpt import GPT, GPTConfig
-from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
-                     resolve_precision, reuse_freed_memory)
+from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory, use_device)
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -129,7 +129,7 @@ def bench_sampling(args, device, precision):
     if args.quantize == "int8":
         gpt.quantize_int8()
     if args.compile:
-        gpt.compile_decode()  # as sample_transformer.py --compile: a static-shape step, CUDA graphs on CUDA
+        gpt.compile_decode(PRECISIONS[precision])  # as sample_transformer.py --compile: CUDA graphs on CUDA
     n = args.sample_batch_size
     start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
 
@@ -202,7 +202,7 @@ def run_section(name, args):
     """Run one section in this process and add its peak memory and the machine's load to its result."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(torch.device(args.device))  # on CUDA with cudnn.benchmark, as in training
     if not args.system_malloc:
         reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)
