@@ -15,16 +15,23 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from runtime import usable_cores
 
-# albumentations asks PyPI for a newer version on import; training nodes are often offline.
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
-import albumentations as A  # noqa: E402
-
-
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 class DataError(Exception):
     """A problem with the user's data; scripts print the message and exit without a traceback."""
+
+
+def albumentations():
+    """The albumentations module, imported on first use: only image folders need it, so that sampling, bench.py
+    and gpu_check.py's package check run where it is missing, and a missing install is one sentence."""
+    os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # it asks PyPI for a newer version; nodes are often offline
+    try:
+        import albumentations
+    except ImportError as error:
+        raise DataError(f"Image folders need the albumentations package ({error}): pip install -r requirements.txt, "
+                        f"or on a machine without a package registry the wheel folder of docs/gpu.md.") from None
+    return albumentations
 
 
 def find_images(root):
@@ -77,6 +84,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.paths = find_images(self.root) if paths is None else [Path(p) for p in paths]
         self.train, self.with_labels, self.image_size = train, with_labels, image_size
+        A = albumentations()
         crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
         flip = [A.HorizontalFlip(p=0.5)] if train else []
         # SmallestMaxSize also enlarges images smaller than the crop, so every crop is full-size.

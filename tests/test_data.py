@@ -1,4 +1,5 @@
 """Tests for data.py: finding and decoding images, the dataset, batching, loaders, the demo set."""
+import sys
 import warnings
 
 import numpy as np
@@ -268,3 +269,13 @@ def test_workers_draw_different_crops(tmp_path):
     runtime.seed_everything(0)
     assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
     assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))
+
+
+def test_missing_albumentations_is_one_sentence_when_an_image_folder_needs_it(tmp_path, monkeypatch):
+    """data.py imports albumentations only for image folders: a node without it fails there in one sentence."""
+    write_image(tmp_path / 'a.png')
+    monkeypatch.setitem(sys.modules, 'albumentations', None)  # `import albumentations` now raises ImportError
+    with pytest.raises(DataError, match='Image folders need the albumentations package .*docs/gpu.md'):
+        data.ImageFolder(tmp_path, 16)
+    monkeypatch.undo()
+    assert len(data.ImageFolder(tmp_path, 16)) == 1
