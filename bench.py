@@ -27,7 +27,8 @@ from config import check_positive
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
+from measure import (LoadProbe, bf16_peak_flops, count_flops_of_shapes, peak_memory, synchronize, throughput,
+                     time_steps)
 from mingpt import GPT, GPTConfig
 from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
                      resolve_precision, reuse_freed_memory, use_device)
@@ -193,6 +194,43 @@ def bench_window(args, device, precision):
                                        "tokens_per_s": n * tokens / seconds}
     return {"batch_size": n, "window_tokens": grid * grid, "canvases": canvases,
             "step_s": sum(c["generate_s"] for c in canvases.values())}
+
+
+# ---- FLOPs of a config without running it (gpu_check.py's estimates) ----
+
+def config_flops(vqgan_config, gpt, perceptual=True):
+    """FLOPs per item, counted with the sections' formulas on fake tensors (nothing computed, seconds for the paper
+    config): a stage-1 training step per image (GAN on; LPIPS unless perceptual=False), the encode and the decode of
+    an image, a stage-2 training step per token and a forward per token (a sampled token with the cache costs about
+    that) of the GPT of `gpt` sizes over the config's grid."""
+    size, grid = vqgan_config.image_size, vqgan_config.image_size // vqgan_config.downsample_factor
+    gpt_config = GPTConfig(vocab_size=vqgan_config.num_codebook_vectors + 1, block_size=grid * grid, **gpt)
+    tokens = grid * grid
+
+    def stage1():
+        lpips = LPIPS(vgg_weights=None) if perceptual else None
+        train_step(Stage1(VQGAN(vqgan_config), Discriminator(), lpips, LossConfig(disc_start=0)),
+                   torch.zeros(1, 3, size, size), 0)
+
+    @torch.no_grad()
+    def encode():
+        VQGAN(vqgan_config).encode(torch.zeros(1, 3, size, size))
+
+    @torch.no_grad()
+    def decode():
+        VQGAN(vqgan_config).decode_indices(torch.zeros(1, grid, grid, dtype=torch.long))
+
+    def stage2():
+        x = torch.zeros(1, tokens, dtype=torch.long)
+        GPT(gpt_config)(x, x)[1].backward()
+
+    @torch.no_grad()
+    def forward():
+        GPT(gpt_config)(torch.zeros(1, tokens, dtype=torch.long))
+
+    return {"stage1_per_image": count_flops_of_shapes(stage1), "encode_per_image": count_flops_of_shapes(encode),
+            "decode_per_image": count_flops_of_shapes(decode), "stage2_per_token": count_flops_of_shapes(stage2) / tokens,
+            "forward_per_token": count_flops_of_shapes(forward) / tokens}
 
 
 BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window}
