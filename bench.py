@@ -2,7 +2,7 @@
 sliding-window sampling per token on canvases of 1x1, 2x2 and 4x4 training sizes.
 
     python bench.py                                          # the paper's config on the default device
-    python bench.py --quick                                  # a tiny config: a minute on a CPU
+    python bench.py --quick                                  # the tiny models of presets.py: seconds on a CPU
     python bench.py --device cpu --batch-size 2 --steps 3 --warmup 1 --threads 2
 
 Each section runs in a fresh process, so that its peak memory (the CUDA allocator's peak, or the process's peak RSS
@@ -30,6 +30,7 @@ from lpips import LPIPS
 from measure import (LoadProbe, bf16_peak_flops, count_flops_of_shapes, peak_memory, synchronize, throughput,
                      time_steps)
 from mingpt import GPT, GPTConfig
+from presets import TINY_GPT, TINY_VQGAN
 from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
                      resolve_precision, reuse_freed_memory, use_device)
 from transformer import TransformerConfig, VQGANTransformer
@@ -38,14 +39,12 @@ from vqgan import VQGAN, VQGANConfig
 CONFIGS = {
     # the paper's: 256x256 images, f=16 (a 16x16 grid of 256 tokens), 1024 codes; taming's 24-layer ImageNet GPT
     "paper": dict(vqgan=dict(), gpt=dict(n_layer=24, n_head=16, n_embd=1024)),
-    # a tiny one for a quick look: 64x64 images, f=8 (8x8 = 64 tokens), 256 codes, a 4-layer GPT
-    "quick": dict(vqgan=dict(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
-                             z_channels=64, latent_dim=64, num_codebook_vectors=256),
-                  gpt=dict(n_layer=4, n_head=4, n_embd=256)),
+    # for a quick look, the tiny models of presets.py: 32x32 images, f=4 (8x8 = 64 tokens), 64 codes, a 2-layer GPT
+    "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT),
 }
-# The issue's estimates for the paper config: FLOPs of one training step per 256x256 image (encoder 138 G and
-# decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
-ISSUE_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
+# Estimates by hand for the paper config, beside the counted FLOPs: one training step per 256x256 image (encoder 138 G
+# and decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
+ESTIMATED_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
 DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
     "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
     "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
@@ -63,8 +62,8 @@ def models_config(args):
 
 def build_gpt(config, grid, args, device):
     """The stage-2 GPT: codes plus one start token, a block of one image's tokens (start token + all but the last)."""
-    gpt = GPT(GPTConfig(vocab_size=config.num_codebook_vectors + 1, block_size=grid * grid,
-                        **CONFIGS[args.config]["gpt"]))
+    gpt = GPT(GPTConfig(**{**CONFIGS[args.config]["gpt"], "block_size": grid * grid},
+                        vocab_size=config.num_codebook_vectors + 1))
     return gpt.to(device)
 
 
@@ -168,7 +167,8 @@ def bench_window(args, device, precision):
     window's prefix, so the cost per token is bounded by one window, whatever the canvas.
     """
     config, grid = models_config(args)
-    model = VQGANTransformer(VQGAN(config), TransformerConfig(block_size=grid * grid, **CONFIGS[args.config]["gpt"]))
+    gpt = {**CONFIGS[args.config]["gpt"], "block_size": grid * grid}
+    model = VQGANTransformer(VQGAN(config), TransformerConfig(**gpt))
     model = model.to(device).eval()
     if args.quantize == "int8":
         model.gpt.quantize_int8()
@@ -204,7 +204,7 @@ def config_flops(vqgan_config, gpt, perceptual=True):
     an image, a stage-2 training step per token and a forward per token (a sampled token with the cache costs about
     that) of the GPT of `gpt` sizes over the config's grid."""
     size, grid = vqgan_config.image_size, vqgan_config.image_size // vqgan_config.downsample_factor
-    gpt_config = GPTConfig(vocab_size=vqgan_config.num_codebook_vectors + 1, block_size=grid * grid, **gpt)
+    gpt_config = GPTConfig(**{**gpt, "block_size": grid * grid}, vocab_size=vqgan_config.num_codebook_vectors + 1)
     tokens = grid * grid
 
     def stage1():
@@ -330,7 +330,7 @@ def main(args):
                "channels_last": on_cpu_default(args.channels_last, device),
                "system_malloc": args.system_malloc, "torch": torch.__version__,
                "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
-               "issue_flops": ISSUE_FLOPS.get(args.config),
+               "estimated_flops": ESTIMATED_FLOPS.get(args.config),
                "notes": ["Stage 1 uses LPIPS with random VGG16 weights: the same FLOPs as the ImageNet ones.",
                          "Stage 1 and 2 train on one fixed random batch: data loading is not measured.",
                          "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
@@ -363,7 +363,8 @@ def build_parser():
     p = ScriptParser("Benchmark stage-1 and stage-2 training and sampling.")
     a = p.add_argument
     a("--config", choices=sorted(CONFIGS), default="paper", help="model sizes to measure")
-    a("--quick", action="store_const", dest="config", const="quick", help="the tiny config (same as --config quick)")
+    a("--quick", action="store_const", dest="config", const="quick",
+      help="the tiny models of presets.py (same as --config quick)")
     a("--device", default=None, help="cuda, cuda:1, cpu ...; default: CUDA when available")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
       help="default: bf16 on CUDA if supported, else fp32")

@@ -66,22 +66,28 @@ def add_run_flags(parser):
       help="stop after this many optimizer steps, counted across resumes (overrides --epochs)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-      help="default: bf16 on CUDA if supported, else fp32")
-    a("--compile", action="store_true", help="wrap the models in torch.compile")
+      help="autocast dtype; fp16 is CUDA only, with a gradient scaler per optimizer (default: bf16 on CUDA if "
+           "supported, else fp32)")
+    a("--compile", action="store_true", help="wrap the models in torch.compile (checkpoints hold the plain weights)")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     a("--out-dir", default=".", help="where results/ and checkpoints/ go")
     a("--resume", action="store_true", help=f"continue from {checkpoint_path('<out-dir>', parser.run_name)}")
-    a("--trust-checkpoint", action="store_true", help="allow loading checkpoints that need full unpickling")
+    a("--trust-checkpoint", action="store_true",
+      help="allow loading checkpoints that need full unpickling (only files you trust)")
     a("--seed", type=int, default=0, help="random seed (offset by rank)")
-    a("--num-workers", type=int, default=4, help="data-loading worker processes per GPU")
+    a("--num-workers", type=int, default=4, help="data-loading worker processes per process")
     a("--save-every", type=int, default=1000, help="steps between checkpoints")
     a("--sample-every", type=int, default=500, help="steps between sample grids (and validation in stage 2)")
     a("--log-every", type=int, default=10,
       help="steps between reads of the logged values (each read waits for the GPU); they are averaged over them")
-    a("--max-nonfinite-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    a("--max-nonfinite-steps", type=int, default=20,
+      help="a non-finite loss skips its update; this many in a row stop the run (fp16's overflowed gradients are the "
+           "scaler's: it skips the step and lowers its scale)")
     a("--dist-timeout", type=float, default=30.0,
-      help="minutes a rank may wait in a collective under torchrun before the job stops with an error")
-    a("--threads", type=int, default=None, help="CPU threads of torch's operators (default: torch's, all cores)")
+      help="minutes a rank may wait in a collective under torchrun before the job stops with an error (NCCL's "
+           "default: 10)")
+    a("--threads", type=int, default=None,
+      help="CPU threads of torch's operators; set it when other jobs share the machine (default: torch's, all cores)")
     a("--config", default=None,
       help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
     a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")

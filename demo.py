@@ -22,6 +22,7 @@ import training_transformer
 import training_vqgan
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
+from presets import TINY_GPT, TINY_VQGAN, as_flags
 
 HELDOUT_SEED = 1  # the held-out flowers are drawn from another seed than the training flowers (seed 0)
 
@@ -53,14 +54,11 @@ DEMO = DemoSettings(
                "--learning-rate", "1e-3", "--dropout", "0.1"],
     gpt_steps=1500, num_samples=32, top_k=30, evals=5, enlarge=3)
 
-TINY = DemoSettings(
-    image_size=16, train_images=16, heldout_images=4,
-    vqgan_flags=["--ch", "32", "--ch-mult", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
-                 "--z-channels", "8", "--latent-dim", "8", "--num-codebook-vectors", "16", "--batch-size", "4",
-                 "--disc-start", "100"],
+TINY = DemoSettings(  # the tiny models of presets.py
+    image_size=TINY_VQGAN["image_size"], train_images=16, heldout_images=4,
+    vqgan_flags=[*as_flags(TINY_VQGAN, leave_out=["image_size"]), "--batch-size", "4", "--disc-start", "100"],
     vqgan_lr=[(4, 1e-3), (6, 3e-4)],
-    gpt_flags=["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "64", "--batch-size", "4",
-               "--learning-rate", "1e-3"],  # f=2: an 8x8 token grid
+    gpt_flags=[*as_flags(TINY_GPT), "--batch-size", "4", "--learning-rate", "1e-3"],
     gpt_steps=4, num_samples=4, top_k=8, evals=1, enlarge=2)
 
 

@@ -342,14 +342,16 @@ def build_parser():
                      "precision/recall) and its validation loss.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
-    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--reference", required=True,
       help="folder of reference images (searched recursively), or a reference_*.pt features file written before")
-    a("--num-samples", type=int, default=1000, help="images to generate (published FIDs use 50000)")
+    a("--num-samples", type=int, default=1000, help="images to generate, at least 4 (published FIDs use 50000)")
     a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
     a("--temperature", type=float, default=1.0, help="softmax temperature")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")

@@ -228,7 +228,8 @@ def build_parser():
     p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
-    a("--taming-config", default=None, help="taming-transformers' model.yaml for a taming checkpoint")
+    a("--taming-config", default=None,
+      help="taming-transformers' model.yaml for a taming checkpoint (default: ours, no yaml)")
     a("--dataset-path", required=True, help="folder of images, searched recursively")
     a("--image-size", type=int, default=None, help="center-crop size; default: the model's training size")
     a("--batch-size", type=int, default=16, help="images per batch")

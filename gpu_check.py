@@ -29,6 +29,7 @@ import torch
 from bench import CONFIGS, DEFAULT_SIZES, config_flops, markdown_table
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
+from presets import TINY_GPT, TINY_VQGAN, as_flags
 from vqgan import VQGANConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -44,13 +45,13 @@ COSTS = {
                 start_s=6.0, compile_s=40.0, torchrun_s=6.0, launch_s=20e-6),
 }
 LAUNCHES_PER_LAYER, LAUNCHES_PER_TOKEN = 20, 10  # an eager GPT layer for one token; the sampling of the token
-# The steps' models: bench.py's quick config on a GPU (the paths, not the speed: bench.py measures the paper config),
-# the tests' tiny config in the CPU form.
+# The steps' models. On a GPU: big enough for real kernels (64x64 images, f=8, 256 codes; a 4-layer GPT 256 wide),
+# small enough to compile in seconds (bench.py measures the paper config). The CPU form: presets.py's tiny ones.
 SIZES = {
-    "full": dict(vqgan=CONFIGS["quick"]["vqgan"], gpt=CONFIGS["quick"]["gpt"], batch_size=8, bench="paper"),
-    "quick": dict(vqgan=dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                             z_channels=32, latent_dim=16, num_codebook_vectors=64),
-                  gpt=dict(n_layer=2, n_head=2, n_embd=32), batch_size=2, bench="quick"),
+    "full": dict(vqgan=dict(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
+                            z_channels=64, latent_dim=64, num_codebook_vectors=256),
+                 gpt=dict(n_layer=4, n_head=4, n_embd=256), batch_size=8, bench="paper"),
+    "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT, batch_size=2, bench="quick"),
 }
 RESERVE_S, STOP_GRACE_S = 10.0, 5.0  # kept before the deadline: to stop a step that ran out of time, and the table
 SAMPLES, SAMPLE_BATCH = 10, 6  # two batches, the last one smaller (the compiled sampler pads it)
@@ -90,12 +91,6 @@ class Step:
 
 
 # ---- the plan ----
-
-def as_flags(values):
-    """{'ch_mult': (1, 2), 'n_layer': 4} -> ['--ch-mult', '1', '2', '--n-layer', '4']."""
-    return [item for name, value in values.items()
-            for item in [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]]
-
 
 def per_token_launches(n_layer, compiled, device_type):
     """Kernels launched per sampled token: every layer's eager ones, or on CUDA one graph replay."""

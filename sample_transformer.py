@@ -15,6 +15,7 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
 from data import DataError
@@ -162,21 +163,26 @@ def main(args):
 def build_parser():
     p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
-    a("--checkpoint-path", default="checkpoints/transformer_last.pt", help="a stage-2 checkpoint")
-    a("--vqgan-checkpoint", default=None, help="the stage-1 checkpoint, if it moved since stage-2 training")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")), help="a stage-2 checkpoint")
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--num-samples", type=int, default=16, help="images to generate")
     a("--batch-size", type=int, default=16, help="images sampled in parallel")
     a("--temperature", type=float, default=1.0, help="softmax temperature (lower: safer, less varied)")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only (1: greedy)")
-    a("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of codes with this mass")
+    a("--top-k", type=int, default=None,
+      help="sample among the k most likely codes only (1: greedy; default: all codes)")
+    a("--top-p", type=float, default=None,
+      help="nucleus sampling: the smallest set of codes with this mass (default: off)")
     a("--class-id", type=int, default=None, help="the class to sample, for a model trained with --conditional")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="canvas in pixels, multiples of f, at least the training size (default); larger ones are sampled with "
            "a sliding window of the training size")
     a("--input-image", default=None, help="an image to complete, resized and centre-cropped to --size")
-    a("--mask", default=None, help="a PNG of the canvas size: the tokens under its white pixels are regenerated")
+    a("--mask", default=None, help="with --input-image: a PNG of the canvas size; every token whose f x f cell holds "
+      "a white pixel (grey level 128 or more) is regenerated")
     a("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), default=None,
-      help="pixels added around the input image (multiples of f), all regenerated: the canvas is --size plus these")
+      help="with --input-image: pixels added around it (multiples of f), all regenerated; the canvas is --size plus "
+           "these")
     a("--cfg-scale", type=float, default=None,
       help="classifier-free guidance: sample from uncond + S x (cond - uncond); needs a model trained with "
            "--class-dropout; 1 is plain conditional sampling")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, checkpoint_path
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from config import check_positive
 from data import ImageFolder, build_loader, cached_tokens, collate_images, find_images, split_paths, token_cache_path
@@ -184,8 +184,9 @@ def main(args):
 def build_parser():
     p = ScriptParser("Stage 2 of VQGAN: train a GPT on the stage-1 codebook indices.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
-    a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional)")
-    a("--checkpoint-path", default="checkpoints/vqgan_last.pt", help="the stage-1 checkpoint")
+    a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional); "
+      "the default one gets the demo flowers on first use")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")), help="the stage-1 checkpoint")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")
@@ -193,7 +194,8 @@ def build_parser():
     a("--batch-size", type=int, default=8, help="sequences per process per micro-step")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the Linear weights")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value")
-    a("--pkeep", type=float, default=1.0, help="probability of keeping each input index (else a random code)")
+    a("--pkeep", type=float, default=1.0,
+      help="probability of keeping each input index, else a random code replaces it (the targets stay clean)")
     a("--n-layer", type=int, default=24, help="transformer blocks")
     a("--n-head", type=int, default=16, help="attention heads")
     a("--n-embd", type=int, default=1024, help="embedding width")
@@ -201,9 +203,12 @@ def build_parser():
     a("--dropout", type=float, default=0.0, help="embedding, residual and attention dropout")
     a("--conditional", action="store_true", help="one start token per class (the sub-folders of the data set)")
     a("--class-dropout", type=float, default=None, help="with --conditional: how often a learned null class "
-      "replaces the class token, for sample_transformer.py --cfg-scale (default 0.1; 0: no null class)")
-    a("--precompute-tokens", action="store_true", help="encode the data set once (and its flips) and train from that")
-    a("--sample-top-k", type=int, default=None, help="top-k of the samples drawn during training")
+      "replaces the class token, for sample_transformer.py --cfg-scale (default: 0.1 with --conditional, else 0; 0: "
+      "no null class, the vocabulary of older checkpoints)")
+    a("--precompute-tokens", action="store_true",
+      help="encode the data set once (each image and its flip) into a cache beside the stage-1 checkpoint, and train "
+           "from that")
+    a("--sample-top-k", type=int, default=None, help="top-k of the samples drawn during training (default: all codes)")
     add_run_flags(p)
     return p
 

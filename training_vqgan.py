@@ -133,39 +133,57 @@ def main(args):
 def build_parser():
     p = ScriptParser("Stage 1 of VQGAN: train the VQ autoencoder.", RUN_NAME, MUTABLE_FLAGS)
     a = p.add_argument
-    a("--dataset-path", default=DATASET_PATH, help="folder of images, searched recursively")
-    a("--image-size", type=int, default=256, help="training crop size (sides must divide by 2^(len(ch-mult)-1))")
+    a("--dataset-path", default=DATASET_PATH,
+      help="folder of images, searched recursively; the default one gets the demo flowers on first use")
+    a("--image-size", type=int, default=256,
+      help="training crop size; must divide by 2^(len(--ch-mult) - 1), and be 32 or more while the GAN runs")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
     a("--beta1", type=float, default=ADAM_BETAS[0], help="Adam beta1")
     a("--beta2", type=float, default=ADAM_BETAS[1], help="Adam beta2")
     a("--ch", type=int, default=128, help="base channel count of encoder and decoder")
-    a("--ch-mult", type=int, nargs="+", default=[1, 1, 2, 2, 4], help="channel multiplier per resolution level")
+    a("--ch-mult", type=int, nargs="+", default=[1, 1, 2, 2, 4],
+      help="channel multiplier per resolution level; its length sets the downsampling factor 2^(length - 1)")
     a("--num-res-blocks", type=int, default=2, help="ResNet blocks per level (the decoder has one more)")
-    a("--attn-resolutions", type=int, nargs="*", default=[16], help="feature-map widths that get self-attention")
+    a("--attn-resolutions", type=int, nargs="*", default=[16],
+      help="feature-map widths that get self-attention (none: the flag with no value)")
     a("--z-channels", type=int, default=256, help="channels of the encoder output")
     a("--latent-dim", type=int, default=256, help="dimension of the codebook vectors")
     a("--num-codebook-vectors", type=int, default=None,
-      help="codebook size; default: 1024 for vq and ema, the product of --fsq-levels or 2^--lfq-bits")
+      help="codebook size; default: 1024 for vq and ema; fsq and lfq derive it (the product of --fsq-levels, "
+           "2^--lfq-bits) and refuse another value")
     a("--beta", type=float, default=0.25, help="weight of the commitment term ||z - sg[z_q]||^2")
-    a("--codebook-dim", type=int, default=0, help="look codes up in this many dimensions (0: --latent-dim)")
-    a("--codebook-l2-norm", action="store_true", help="cosine-similarity lookup with l2-normalised codes")
-    a("--restart-dead-codes", action="store_true", help="re-seed unused codes from current encoder outputs")
+    a("--codebook-dim", type=int, default=0,
+      help="look codes up in this many dimensions, through linear projections (0: in --latent-dim, the paper's)")
+    a("--codebook-l2-norm", action="store_true",
+      help="cosine-similarity lookup: codes and inputs l2-normalised")
+    a("--restart-dead-codes", action="store_true",
+      help="at each check, re-seed the dead codes (under 3%% of the uniform share of the hits since the last check) "
+           "with encoder outputs drawn from the current batch; under torchrun the hits are summed over ranks")
     a("--restart-every", type=int, default=100, help="steps between dead-code checks")
     a("--quantizer", choices=QUANTIZERS, default="vq",
-      help="vq: the paper's; ema: codes as moving averages; fsq: finite scalar; lfq: lookup-free (docs/quantizers.md)")
-    a("--rotation-trick", action="store_true", help="vq/ema: gradients through the rotation onto the code")
-    a("--kmeans-init", action="store_true", help="vq/ema: codes from k-means of the first batch's encoder outputs")
-    a("--codebook-ema-decay", type=float, default=0.99, help="ema: decay of the codes' moving averages")
-    a("--fsq-levels", type=int, nargs="+", default=None, help="fsq: values per dimension, e.g. 8 8 8 for 512 codes")
-    a("--lfq-bits", type=int, default=None, help="lfq: dimensions quantized to their sign, 2^bits codes")
+      help="vq: the paper's learned codebook; ema: each code the moving average of the encoder outputs it is "
+           "picked for; fsq: finite scalar quantization (--fsq-levels); lfq: lookup-free, signs as bits (--lfq-bits); "
+           "see docs/quantizers.md")
+    a("--rotation-trick", action="store_true",
+      help="vq/ema: the encoder's gradient goes through the rotation and rescaling onto its code, not a straight copy")
+    a("--kmeans-init", action="store_true",
+      help="vq/ema: at the first step the codes become k-means centres of the first batch's encoder outputs (all "
+           "ranks' batches)")
+    a("--codebook-ema-decay", type=float, default=0.99,
+      help="ema: decay of the codes' moving averages (the weights' average is --ema-decay)")
+    a("--fsq-levels", type=int, nargs="+", default=None,
+      help="fsq (needs it): values per dimension, e.g. 8 8 8 for 512 codes")
+    a("--lfq-bits", type=int, default=None,
+      help="lfq (needs it): dimensions quantized to their sign, 2^bits codes (1 to 16)")
     a("--lfq-entropy-weight", type=float, default=0.1, help="lfq: weight of the entropy loss")
     a("--lfq-diversity-weight", type=float, default=1.0,
       help="lfq: weight of the codebook entropy inside the entropy loss")
-    a("--disc-start", type=int, default=10000, help="step at which the GAN loss and discriminator start")
+    a("--disc-start", type=int, default=10000, help="step at which the GAN loss and the discriminator's updates start")
     a("--disc-factor", type=float, default=1.0, help="weight of the GAN losses once started")
     a("--disc-weight", type=float, default=0.8, help="multiplies the adaptive weight lambda")
     a("--rec-loss-factor", type=float, default=1.0, help="weight of the L1 reconstruction loss")
-    a("--perceptual-loss-factor", type=float, default=1.0, help="weight of LPIPS (0: VGG is never built)")
+    a("--perceptual-loss-factor", type=float, default=1.0,
+      help="weight of LPIPS (0: VGG16 is never built, so no ImageNet weights are needed)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
            "for ~5%% more time, where memory is scarce and time plentiful; default: on the CPU, off on CUDA")

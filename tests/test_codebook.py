@@ -265,6 +265,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in (0, 1)]
 
 
+@pytest.mark.xdist_group("two_ranks")
 def test_restarts_agree_across_ranks(two_ranks):
     r0, r1 = two_ranks
     torch.testing.assert_close(r0["hits"], r1["hits"], rtol=0, atol=0)
@@ -275,6 +276,7 @@ def test_restarts_agree_across_ranks(two_ranks):
     assert (r0["codes"] != initial).any(dim=1).sum() > 0  # codes were restarted
 
 
+@pytest.mark.xdist_group("two_ranks")
 def test_ema_statistics_agree_across_ranks(two_ranks):
     r0, r1 = two_ranks
     keys = ("embedding.weight", "cluster_size", "embed_avg")

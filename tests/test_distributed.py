@@ -8,10 +8,10 @@ import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE
 from demo_flowers import make_demo_flowers
@@ -72,30 +72,44 @@ def torchrun(tmp_path, script, *flags):
     return [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def test_two_processes_train_like_one(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) with --grad-accum 2: exit 0, one log and one checkpoint by rank 0, lr from
-    the global batch, and the same parameters on both ranks at the end.
-
-    Each rank draws other images (its shard of the sampler, its own augmentation seed), so the ranks' weights can
-    only agree bit for bit if DDP averaged the gradients of every step, accumulated without all-reduce on the first
-    micro-step (no_sync); the discriminator takes part from step 1. Only parameters are compared: BatchNorm running
-    statistics are per rank (DDP does not broadcast buffers).
-    """
+@pytest.fixture(scope="module")
+def stage1_job(tmp_path_factory):
+    """One `torchrun --nproc_per_node 2` (gloo) run of training_vqgan.py with --grad-accum 2 for 3 steps, the
+    discriminator on from step 1: (out dir, its checkpoint, rank 0's and rank 1's wrapped modules' weights)."""
+    tmp_path = tmp_path_factory.mktemp("stage1_job")
     data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
     out = tmp_path / "run"
     rank0, rank1 = torchrun(tmp_path, "training_vqgan.py", *TINY_FLAGS, "--dataset-path", data, "--grad-accum", 2,
                             "--max-steps", 3, "--out-dir", out)
+    return out, load_checkpoint(out / "checkpoints" / "vqgan_last.pt"), rank0, rank1
 
+
+@pytest.mark.xdist_group("stage1_job")
+def test_rank0_alone_saves_and_logs_every_step(stage1_job):
+    out, ckpt, _, _ = stage1_job
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["vqgan_last.pt"]
-    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
-    assert ckpt["step"] == 3 and ckpt["opt_vq"]["state"][0]["step"] == 3
-    global_batch = 2 * 2 * 2  # --batch-size x ranks x --grad-accum
-    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == BASE_LEARNING_RATE * global_batch
+    assert ckpt["step"] == 3 and ckpt["opt_vq"]["state"][0]["step"] == 3  # two micro-batches, one Adam step each
     logs = list((out / "results").glob("*metrics.jsonl"))
     assert len(logs) == 1
-    steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines()]
-    assert steps == [1, 2, 3]  # rank 0 alone logs
+    assert [json.loads(line)["step"] for line in logs[0].read_text().splitlines()] == [1, 2, 3]
 
+
+@pytest.mark.xdist_group("stage1_job")
+def test_the_learning_rate_scales_with_the_global_batch(stage1_job):
+    """lr = 4.5e-6 x --batch-size x processes x --grad-accum."""
+    _, ckpt, _, _ = stage1_job
+    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == ckpt["opt_disc"]["param_groups"][0]["lr"] == \
+        BASE_LEARNING_RATE * 2 * 2 * 2
+
+
+@pytest.mark.xdist_group("stage1_job")
+def test_two_processes_train_like_one(stage1_job):
+    """Each rank draws other images (its shard of the sampler, its own augmentation seed), so the ranks' weights can
+    only agree bit for bit if DDP averaged the gradients of every step, accumulated without all-reduce on the first
+    micro-step (no_sync); the discriminator takes part from step 1. Only parameters are compared: BatchNorm running
+    statistics are per rank (DDP does not broadcast buffers).
+    """
+    _, ckpt, rank0, rank1 = stage1_job
     assert len(rank0) == len(rank1) == 2  # the VQGAN and the discriminator
     for saved, module0, module1 in zip((ckpt["model"], ckpt["discriminator"]), rank0, rank1):
         assert module0.keys() == module1.keys() and module0
@@ -162,18 +176,6 @@ def test_ddp_keeps_each_ranks_batchnorm_statistics_between_the_two_forwards(tmp_
     for record in ranks:
         assert len(record["seen"]) == 2 and torch.equal(record["seen"][1], record["after_first"])
     assert not torch.equal(ranks[0]["after_first"], ranks[1]["after_first"])  # the ranks' statistics differ
-
-
-def test_grad_accum_scales_the_learning_rate_by_the_global_batch(tmp_path):
-    """One process, --grad-accum 2: lr = 4.5e-6 x (batch x accumulation steps)."""
-    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=40)
-    out = tmp_path / "run"
-    flags = TINY_FLAGS + ["--dataset-path", str(data), "--out-dir", str(out), "--grad-accum", "2", "--max-steps", "1"]
-    training_vqgan.main(training_vqgan.build_parser().parse_args(flags))
-    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
-    assert ckpt["step"] == 1
-    assert ckpt["opt_vq"]["param_groups"][0]["lr"] == BASE_LEARNING_RATE * 2 * 2
-    assert ckpt["opt_vq"]["state"][0]["step"] == 1  # two micro-batches, one Adam step
 
 
 def test_no_sync_reaches_ddp_inside_torch_compile(tmp_path):

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import eval_vqgan
+import training_vqgan
 from checkpoint import save_checkpoint
+from cli import config_from_flags
 from codebook import Codebook, EMACodebook, rotate_onto
 from config import config_from_dict
+from helpers import script_error
 from scalar_quantizers import FSQ, LFQ
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig, build_quantizer
@@ -250,6 +253,17 @@ def test_field_combinations_that_make_no_sense_are_one_sentence_naming_the_field
         VQGANConfig(**fields)
     message = str(err.value)
     assert words in message and message.endswith(".") and ". " not in message.replace("e.g. ", "")
+
+
+def test_the_quantizer_flags_make_the_config_and_its_errors_are_worded_by_flag(capsys):
+    """training_vqgan.py's flags become the config's fields by name, and a ConfigError reaches the command line
+    naming the flags, those in the middle of the sentence too."""
+    flags = ["--quantizer", "fsq", "--fsq-levels", "8", "5", "5", "5"]
+    config = config_from_flags(VQGANConfig, training_vqgan.build_parser().parse_args(flags))
+    assert (config.quantizer, config.fsq_levels, config.num_codebook_vectors) == ("fsq", (8, 5, 5, 5), 1000)
+    flags = ["--quantizer", "fsq", "--fsq-levels", 8, 8, 8, "--num-codebook-vectors", 1024]
+    error = script_error(training_vqgan, flags, capsys)
+    assert error == "--num-codebook-vectors 1024 does not match --fsq-levels 8 8 8, which make 512 codes; leave it out."
 
 
 def test_fsq_and_lfq_sizes_are_derived_and_an_explicit_match_is_accepted():

@@ -1,4 +1,4 @@
-"""Issue 6 end to end: the stage-1 script over bad files, clean failures, SIGKILL then --resume, a kill while saving,
+"""The stage-1 script end to end under trouble: bad files, clean failures, SIGKILL then --resume, a kill while saving,
 SIGINT/SIGTERM, a checkpoint carrying code, non-finite losses, config mismatches and weights-only loading.
 
 Most script runs are children of one multiprocessing fork server that imported training_vqgan once: each child runs
@@ -36,7 +36,6 @@ from vqgan import VQGAN
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_vqgan.py"
-# The tiny model of tests/test_training_vqgan.py: 32x32 crops, 3 levels, no VGG.
 BATCHES_PER_EPOCH = 3  # 12 demo images, batches of 4
 
 

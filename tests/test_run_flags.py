@@ -30,6 +30,7 @@ def first_run(flowers, tmp_path_factory):
     return out, args
 
 
+@pytest.mark.xdist_group("first_run")
 def test_resume_with_no_model_flags_continues_the_same_run(first_run, tmp_path):
     out, first = first_run
     resumed = parse_flags(training_vqgan.build_parser(), ["--out-dir", str(out), "--resume", "--max-steps", "3",
@@ -43,6 +44,7 @@ def test_resume_with_no_model_flags_continues_the_same_run(first_run, tmp_path):
     assert ckpt["opt_vq"]["param_groups"][0]["lr"] == 1e-3
 
 
+@pytest.mark.xdist_group("first_run")
 def test_a_changed_model_flag_is_refused_naming_it(first_run):
     out, _ = first_run
     with pytest.raises(ValueError, match="--resume continues the run of .* with its own --beta, --ch; start a new"):
@@ -50,6 +52,7 @@ def test_a_changed_model_flag_is_refused_naming_it(first_run):
                                                     "--codebook-dim", "8"])  # the same value may be given
 
 
+@pytest.mark.xdist_group("first_run")
 def test_config_json_round_trips(first_run, tmp_path):
     out, first = first_run
     saved = json.loads((out / "config.json").read_text())  # the last start's flags (the resume's, if it ran first)
@@ -64,6 +67,7 @@ def test_config_json_round_trips(first_run, tmp_path):
         parse_flags(training_vqgan.build_parser(), ["--config", str(tmp_path / "bad.json")])
 
 
+@pytest.mark.xdist_group("first_run")
 def test_tensorboard_has_every_logged_scalar_and_the_grids(first_run):
     out, _ = first_run
     events = EventAccumulator(str(out / "tensorboard")).Reload()
