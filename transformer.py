@@ -83,7 +83,8 @@ class WindowCache:
         tokens = pad_rows(tokens, self.rows)
         if origin == self.origin and T == self.length + 1 and self.gpt.decode_fn is not None:
             position = torch.full((), self.length, dtype=torch.long, device=tokens.device)  # static shapes
-            logits = self.gpt.decode_fn(tokens[:, -1:], self.kv, position)[:, None]  # (B, 1, V)
+            # a fresh (B, 1) tensor: the slice's strides (T, 1) would change with T, and each change recompile
+            logits = self.gpt.decode_fn(tokens[:, -1:].contiguous(), self.kv, position)[:, None]  # (B, 1, V)
         elif origin == self.origin and T == self.length + 1:
             logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
         else:

@@ -214,3 +214,22 @@ def test_canvas_sampling_through_the_static_decode_step_is_unchanged():
     assert model.gpt.decode_cache is cache and model.gpt.decode_rows == 2
     model.gpt.decode_fn = None
     assert torch.equal(greedy, model.sample_canvas(1, (10, 12), top_k=1))
+
+
+def test_compiled_canvas_sampling_compiles_once_for_every_batch_and_window():
+    """sample_transformer.py --compile: the sliding-window sampler's compiled step is compiled once, for a batch of 2
+    and a padded batch of 1 on a canvas whose window moves (its token input was a strided slice of the window, whose
+    strides changed at every position: each one recompiled until dynamo gave up at 8)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_model().eval()
+    model.gpt.decode_fn = torch.compile(model.gpt.decode_step, backend=counting_backend, dynamic=False)
+    model.sample_canvas(2, (10, 12), top_k=1)
+    model.sample_canvas(1, (10, 12), top_k=1)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
