@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import torch
 from bench import CONFIGS, DEFAULT_SIZES, config_flops, markdown_table
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
+from packages import download_wheels, install_wheels, missing_compiler, missing_packages
 from presets import TINY_GPT, TINY_VQGAN, as_flags
 from vqgan import VQGANConfig
 
@@ -61,16 +61,9 @@ SAMPLES, SAMPLE_BATCH = 10, 6  # two batches, the last one smaller (the compiled
 # bench.py's sampling section, compiled, once per sampling objective: its bench.py flags, and how many token
 # positions one sampled image runs through the GPT (issue 25: a second objective adds its line).
 SAMPLING_OBJECTIVES = {"autoregressive": ([], lambda tokens: tokens)}
+RECOMPILE_LIMIT = "hit config.recompile_limit"  # dynamo's warning when it gives up compiling a function
+FAILURES = ("FAILED", "TIMED OUT", "RECOMPILED")  # results that make the exit code 1
 RESERVE_S, STOP_GRACE_S = 10.0, 5.0  # kept before the deadline: to stop a step that ran out of time, and the table
-# The packages the steps import; lpips: the linear heads of bench.py's stage-1 LPIPS.
-PACKAGES = ("torchvision", "numpy", "PIL", "yaml", "tqdm", "matplotlib", "tensorboard", "albumentations", "lpips")
-TEST_PACKAGES = ("pytest", "xdist")  # the CUDA tests; pytest.ini's -n needs xdist
-# What an offline node with torch and torchvision still lacks: albumentations and lpips with their dependencies
-# (each wheel's Requires-Dist), at the versions the suite runs with.
-WHEELS = ("albumentations==2.0.8", "albucore==0.0.24", "pydantic==2.13.4", "pydantic-core==2.46.4",
-          "annotated-types==0.7.0", "typing-inspection==0.4.2", "typing-extensions==4.16.0", "stringzilla==5.3.2",
-          "simsimd==6.5.16", "lpips==0.1.4")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
 @dataclass
@@ -216,58 +209,6 @@ def print_plan(steps, costs, before_s, budget_s, deadline_s):
           f"Limits: 3x a step's estimate + 30 s, and no step starts after {deadline_s:.0f} s.", flush=True)
 
 
-# ---- before any step: wheels, packages, a compiler ----
-
-def download_wheels(folder, python_version):
-    """On a connected machine: pip download of WHEELS for an offline node's Python (manylinux x86_64)."""
-    platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-               python_version, "--implementation", "cp", *platforms, "-d", str(folder), *WHEELS]
-    print(" ".join(command), flush=True)
-    if subprocess.run(command).returncode:
-        raise ValueError(f"pip download failed (above); {folder} may be incomplete.")
-    wheels = list(Path(folder).glob("*.whl"))
-    print(f"{len(wheels)} wheels, {sum(p.stat().st_size for p in wheels) / 2**20:.1f} MiB in {folder}. On the "
-          f"offline node: python gpu_check.py --wheels {folder}")
-
-
-def install_wheels(folder, site):
-    """pip install --no-index of every wheel in `folder` into `site`, which this process and its steps import from."""
-    wheels = sorted(str(p) for p in Path(folder).glob("*.whl"))
-    if not wheels:
-        raise ValueError(f"No wheels in {folder}: prepare them on a connected machine with `python gpu_check.py "
-                         f"--download-wheels {folder}`.")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site), *wheels]
-    if subprocess.run(command).returncode:
-        raise ValueError(f"Installing the wheels of {folder} failed (above).")
-    sys.path.insert(0, str(site))
-
-
-def missing_packages(names):
-    """'name (why)' of each package that does not import; lpips must also carry its linear heads' file."""
-    missing = []
-    for name in names:
-        try:
-            if name == "lpips":
-                from lpips import heads_path  # this project's lpips.py: finds the package's file without importing it
-                heads_path()
-            else:
-                __import__(name)
-        except Exception as error:  # not installed, a dependency missing, the heads' file missing ...
-            missing.append(f"{name} ({error})")
-    return missing
-
-
-def missing_compiler():
-    """Why torch.compile could not build kernels here (it needs a C compiler and Python's headers), or None."""
-    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if compiler is None or shutil.which(compiler) is None:
-        return "no C compiler"
-    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
-        return "no Python.h"
-    return None
-
-
 # ---- running ----
 
 def link_inputs(step, run_dir, by_name):
@@ -308,6 +249,8 @@ def run_step(step, run_dir, env, timeout_s, by_name):
             stop_group(proc)
             step.result = f"TIMED OUT after {timeout_s:.0f} s"
     step.seconds = time.perf_counter() - start
+    if step.result == "ok" and RECOMPILE_LIMIT in (folder / "log.txt").read_text(errors="replace"):
+        step.result = "RECOMPILED past dynamo's limit, then ran uncompiled (log.txt)"  # ok, but not what was meant
 
 
 def stop_group(proc):
@@ -365,7 +308,7 @@ def main(args):
         run_dir.mkdir(parents=True)
         if args.wheels:
             install_wheels(args.wheels, run_dir / "site")
-        missing = missing_packages(PACKAGES + (() if args.skip_tests else TEST_PACKAGES))
+        missing = missing_packages(skip_tests=args.skip_tests)
         if missing:
             raise ValueError(f"Missing packages: {', '.join(missing)}. Install them (pip install -r "
                              f"requirements.txt) or, without a package registry, from a wheel folder (docs/gpu.md).")
@@ -403,7 +346,7 @@ def main(args):
         run_step(step, run_dir, env, min(step.limit_s, left), by_name)
         took = f" in {step.seconds:.0f} s (estimate {step.estimate_s:.0f} s)" if step.seconds else ""
         print(f"   {step.result}{took}", flush=True)
-        if step.result.startswith(("FAILED", "TIMED OUT")):  # the end of its log, where the error is
+        if step.result.startswith(FAILURES):  # the end of its log, where the error is
             print("\n".join((run_dir / step.folder / "log.txt").read_text(errors="replace").splitlines()[-15:]))
     device_name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU"
     header = (f"gpu_check.py on {device_name} ({gpus} x {args.device}), torch {torch.__version__}, "
@@ -444,4 +387,4 @@ def build_parser():
 
 if __name__ == "__main__":
     outcome = run_script(main, build_parser())
-    sys.exit(1 if any(s.result.startswith(("FAILED", "TIMED OUT")) for s in outcome) else 0)
+    sys.exit(1 if any(s.result.startswith(FAILURES) for s in outcome) else 0)

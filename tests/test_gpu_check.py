@@ -11,6 +11,7 @@ import pytest
 
 import bench
 import gpu_check
+import packages
 import sample_transformer
 import training_transformer
 import training_vqgan
@@ -111,17 +112,21 @@ def test_failed_timed_out_and_skipped_steps_are_rows_of_the_table(tmp_path, monk
     steps = [gpu_check.Step("fails", [python, "-c", "import sys; print('the error'); sys.exit(3)"]),
              gpu_check.Step("hangs", [python, "-c", child]),
              gpu_check.Step("needs fails", [python, "-c", ""], needs={"x": ("fails", "x")}),
-             gpu_check.Step("compiles", [python, "-c", ""], compiles=1)]
+             gpu_check.Step("compiles", [python, "-c", ""], compiles=1),
+             gpu_check.Step("recompiles", [python, "-c", "print('W torch._dynamo hit config.recompile_limit (8)')"])]
     for i, step in enumerate(steps):
         step.folder = f"{i:02d}"
     by_name = {s.name: s for s in steps}
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert packages.missing_compiler() == "no C compiler"
     monkeypatch.setattr(gpu_check, "missing_compiler", lambda: "no C compiler")
     start = time.perf_counter()
     for step in steps:
         gpu_check.run_step(step, tmp_path, dict(os.environ), 3.0, by_name)
     assert time.perf_counter() - start < 30  # the hung step was stopped at its limit
     assert [s.result for s in steps] == ["FAILED (exit 3)", "TIMED OUT after 3 s", "skipped: needs fails",
-                                         "skipped: no compiler (no C compiler)"]
+                                         "skipped: no compiler (no C compiler)",
+                                         "RECOMPILED past dynamo's limit, then ran uncompiled (log.txt)"]
     assert "the error" in (tmp_path / "00" / "log.txt").read_text()
     grandchild = int((tmp_path / "01" / "grandchild").read_text())
     time.sleep(0.5)
@@ -146,17 +151,17 @@ def test_missing_packages_are_named_in_one_line_before_any_step(tmp_path, monkey
 
 def test_wheels_are_downloaded_for_the_node_and_installed_without_an_index(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(gpu_check.subprocess, "run", lambda command: commands.append(command) or
+    monkeypatch.setattr(packages.subprocess, "run", lambda command: commands.append(command) or
                         type("Done", (), {"returncode": 0}))
-    gpu_check.download_wheels(tmp_path / "whl", "3.12")
+    packages.download_wheels(tmp_path / "whl", "3.12")
     download = commands[-1]
     assert download[1:4] == ["-m", "pip", "download"] and "--no-deps" in download and "--only-binary=:all:" in download
-    assert download[download.index("--python-version") + 1] == "3.12" and download[-len(gpu_check.WHEELS):] == \
-        list(gpu_check.WHEELS)
-    assert [download[i + 1] for i, c in enumerate(download) if c == "--platform"] == list(gpu_check.PLATFORMS)
+    assert download[download.index("--python-version") + 1] == "3.12" and download[-len(packages.WHEELS):] == \
+        list(packages.WHEELS)
+    assert [download[i + 1] for i, c in enumerate(download) if c == "--platform"] == list(packages.PLATFORMS)
     (tmp_path / "whl" / "a-1-py3-none-any.whl").parent.mkdir(exist_ok=True)
     (tmp_path / "whl" / "a-1-py3-none-any.whl").write_bytes(b"")
-    gpu_check.install_wheels(tmp_path / "whl", tmp_path / "site")
+    packages.install_wheels(tmp_path / "whl", tmp_path / "site")
     assert commands[-1][1:] == ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
                                 str(tmp_path / "site"), str(tmp_path / "whl" / "a-1-py3-none-any.whl")]
     sys.path.remove(str(tmp_path / "site"))
@@ -175,4 +180,4 @@ def test_the_wheels_are_every_dependency_the_node_lacks_at_the_installed_version
         for requirement in dist.requires or []:
             if "extra ==" not in requirement and "python_version <" not in requirement:
                 todo.append(re.split(r"[ ;<>=!~(\[]", requirement, maxsplit=1)[0])
-    assert sorted(f"{n}=={v}" for n, v in wanted.items()) == sorted(gpu_check.WHEELS)
+    assert sorted(f"{n}=={v}" for n, v in wanted.items()) == sorted(packages.WHEELS)
