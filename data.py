@@ -6,6 +6,7 @@ import random
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,6 +21,13 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 class DataError(Exception):
     """A problem with the user's data; scripts print the message and exit without a traceback."""
+
+    def __init__(self, message):
+        # Raised in a DataLoader worker, it comes back to the main process rebuilt from the worker's traceback as
+        # text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep the original line.
+        if message.startswith('Caught DataError') and 'DataError: ' in message:
+            message = message.rstrip().rsplit('DataError: ', 1)[1]
+        super().__init__(message)
 
 
 def albumentations():
@@ -74,21 +82,80 @@ def load_rgb(path, min_side=None):
     return image.convert('RGB')
 
 
+LABEL_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16B', 'I;16L')  # one-channel modes whose values are class indices
+
+
+def read_map(path, kind, num_labels=0):
+    """One file as a numpy array: (H, W, 3) uint8 for rgb; (H, W, 1) float32 in [-1, 1] for gray, each map min-max
+    scaled as taming's depth loader does (a constant map is all -1); (H, W) int64 class indices for segmentation.
+
+    Gray maps keep every bit of a 16-bit PNG. A label map is a one-channel PNG whose pixel values are the classes
+    (mode L, P: the palette index, or 16-bit); a class >= num_labels is a DataError naming the file.
+    """
+    if kind == 'rgb':
+        return np.array(load_rgb(path))
+    with Image.open(path) as image:
+        image.load()  # decode now, so a truncated file fails here
+    if kind == 'gray':
+        if not image.mode.startswith(('I', 'F', 'L')) or image.mode == 'LA':
+            image = image.convert('L')  # e.g. edges saved as RGB: their luma
+        values = np.asarray(image, dtype=np.float64)
+        values = (values - values.min()) / max(1e-8, values.max() - values.min())
+        return (2 * values - 1).astype(np.float32)[..., None]
+    if kind != 'segmentation':
+        raise ValueError(f"kind must be rgb, gray or segmentation, got {kind!r}.")
+    if image.format == 'JPEG':
+        raise DataError(f"The label map '{path}' is a JPEG, whose lossy compression changes class indices at region "
+                        f"edges; save label maps as PNG.")
+    if image.mode not in LABEL_MODES:
+        raise DataError(f"The label map '{path}' is a {image.mode} image; a label map has one channel whose values "
+                        f"are the class indices (PNG mode L, P or 16-bit).")
+    labels = np.asarray(image).astype(np.int64)
+    if labels.size and (labels.max() >= num_labels or labels.min() < 0):
+        bad = labels.max() if labels.max() >= num_labels else labels.min()
+        raise DataError(f"The label map '{path}' holds class {bad}, outside 0 to {num_labels - 1} "
+                        f"(--num-labels {num_labels}).")
+    return labels
+
+
+def map_to_tensor(array, kind, num_labels=0):
+    """An array of read_map (after its transform) -> float tensor (C, H, W): [-1, 1] for rgb and gray; one-hot over
+    num_labels channels for segmentation."""
+    if kind == 'segmentation':
+        labels = torch.from_numpy(np.ascontiguousarray(array).astype(np.int64)).reshape(array.shape[:2])
+        return torch.nn.functional.one_hot(labels, num_labels).permute(2, 0, 1).float()
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).float()
+    tensor = (tensor[..., None] if tensor.ndim == 2 else tensor).permute(2, 0, 1)  # (C, H, W)
+    return tensor / 127.5 - 1 if kind == 'rgb' else tensor  # gray maps are in [-1, 1] already
+
+
+def build_transform(image_size, train=True, kind='rgb'):
+    """Resize the shorter side to image_size (enlarging too, so every crop is full-size), crop (random for training,
+    central for evaluation), flip half of the training items. Label maps are resized by nearest neighbour only, so
+    each pixel keeps a class of the file, and nothing changes their values."""
+    A = albumentations()
+    crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
+    flip = [A.HorizontalFlip(p=0.5)] if train else []
+    resize = A.SmallestMaxSize(max_size=image_size, interpolation=cv2.INTER_NEAREST) if kind == 'segmentation' else \
+        A.SmallestMaxSize(max_size=image_size)
+    return A.Compose([resize, crop, *flip])
+
+
 _warned_paths = set()  # unreadable files already reported by this process
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Images under a folder as (3, H, W) tensors in [-1, 1], optionally labelled by their top-level sub-folder."""
+    """Images under a folder as (C, H, W) tensors (map_to_tensor), optionally labelled by their top-level sub-folder.
 
-    def __init__(self, root, image_size, train=True, with_labels=False, paths=None):
+    kind: rgb (3 channels in [-1, 1]), gray (1 channel in [-1, 1]) or segmentation (label maps, one-hot over
+    num_labels channels)."""
+
+    def __init__(self, root, image_size, train=True, with_labels=False, paths=None, kind='rgb', num_labels=0):
         self.root = Path(root)
         self.paths = find_images(self.root) if paths is None else [Path(p) for p in paths]
         self.train, self.with_labels, self.image_size = train, with_labels, image_size
-        A = albumentations()
-        crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
-        flip = [A.HorizontalFlip(p=0.5)] if train else []
-        # SmallestMaxSize also enlarges images smaller than the crop, so every crop is full-size.
-        self.transform = A.Compose([A.SmallestMaxSize(max_size=image_size), crop, *flip])
+        self.kind, self.num_labels = kind, num_labels
+        self.transform = build_transform(image_size, train, kind)
         self.classes, self.labels = [], []
         if with_labels:  # classes come from the whole folder, not `paths`, so a train and a val split agree
             tops = [p.relative_to(self.root).parts for p in find_images(self.root)]
@@ -102,13 +169,22 @@ class ImageFolder(torch.utils.data.Dataset):
                     raise DataError(f"The image '{path}' is not inside a class sub-folder of '{self.root}'.")
                 self.labels.append(index[parts[0]])
 
+    def read(self, path):
+        """The file as an array for the transform (read_map's; label maps as small unsigned ints, which cv2 takes)."""
+        if self.kind == 'rgb':
+            return np.array(load_rgb(path, self.image_size if self.train else None))  # exact decode for eval
+        array = read_map(path, self.kind, self.num_labels)
+        return array.astype(np.uint8 if self.num_labels <= 256 else np.uint16) if self.kind == 'segmentation' else array
+
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         path = self.paths[index]
         try:
-            image = np.array(load_rgb(path, self.image_size if self.train else None))  # exact decode for eval
+            array = self.read(path)
+        except DataError:  # readable but wrong (a class out of range): the user must fix it, not skip it
+            raise
         except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
             if path not in _warned_paths:  # once per file, however many epochs ask for it
                 _warned_paths.add(path)
@@ -119,8 +195,8 @@ class ImageFolder(torch.utils.data.Dataset):
             # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
             # Torch's generator is seeded per worker by DataLoader, so each item's seed is drawn from it.
             self.transform.set_random_seed(int(torch.randint(2**31, ()).item()))
-        image = self.transform(image=image)['image']  # (H, W, 3) uint8
-        item = {'image': torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1}
+        array = self.transform(image=array)['image']  # (H, W, C) or, for label maps, (H, W)
+        item = {'image': map_to_tensor(array, self.kind, self.num_labels)}
         if self.with_labels:
             item['label'] = self.labels[index]
         return item

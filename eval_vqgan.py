@@ -4,7 +4,9 @@
     python eval_vqgan.py --checkpoint-path last.ckpt --taming-config model.yaml --dataset-path data/val
 
 Every image is resized (shorter side) and center-cropped to --image-size, encoded, quantized and decoded. Writes the
-metrics as JSON, a grid of originals over their reconstructions beside it, and prints a small table.
+metrics as JSON, a grid of originals over their reconstructions beside it, and prints a small table. The model's
+--image-kind decides the metrics: gray maps get PSNR and SSIM on their one channel (LPIPS and rFID judge RGB images);
+label maps (segmentation) get pixel accuracy and mean IoU of the argmax of the logits, and a grid in label colours.
 """
 import importlib.util
 import json
@@ -22,7 +24,7 @@ from config import check_positive
 from data import DataError, ImageFolder, build_loader
 from lpips import LPIPS, VGG16_WEIGHTS, lpips_available, vgg16_path
 from runtime import pick_device, set_threads
-from utils import save_image_grid, to_image_range
+from utils import for_display, save_image_grid, to_image_range
 from vqgan import VQGAN
 
 # TensorFlow's FID Inception weights as torch-fidelity ships them; its loader would download them on first use.
@@ -71,6 +73,28 @@ def ssim(x, y, size=11, sigma=1.5):
     return ssim_map.flatten(1).mean(1).float()
 
 
+# ---- label maps ----
+
+def confusion_matrix(target, pred, num_labels):
+    """(num_labels, num_labels) int64 counts of pixels of class i (target, rows) predicted as class j (columns)."""
+    pairs = target.flatten().long() * num_labels + pred.flatten().long()
+    return torch.bincount(pairs, minlength=num_labels ** 2).reshape(num_labels, num_labels)
+
+
+def segmentation_scores(confusion):
+    """Pixel accuracy, mean IoU over the classes present in the targets, and those classes' IoU {class: IoU}.
+
+    IoU of class c = |target c and predicted c| / |target c or predicted c|, over all pixels of the data set. A class
+    absent from the targets is left out of the mean (predicting it still lowers the IoU of the class it covers)."""
+    confusion = confusion.double()
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = (confusion.sum(1) > 0).nonzero().flatten().tolist()
+    iou = {c: (hits[c] / union[c]).item() for c in present}
+    accuracy = (hits.sum() / confusion.sum()).item()
+    return accuracy, sum(iou.values()) / len(iou), iou
+
+
 # ---- rFID: Fréchet distance between Inception features of originals and reconstructions ----
 
 def inception_weights_path():
@@ -113,7 +137,7 @@ def frechet_distance(features_a, features_b):
 def load_model(args):
     """Our stage-1 checkpoint, or a taming-transformers one when --taming-config is given; in eval mode."""
     if args.taming_config:
-        return VQGAN.from_taming(args.checkpoint_path, args.taming_config)
+        return VQGAN.from_taming(args.checkpoint_path, args.taming_config, stage=args.taming_stage)
     try:
         return VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint, ema=not args.no_ema)
     except KeyError as err:  # no 'config' or 'model' entry
@@ -135,34 +159,42 @@ def main(args):
     f = model.config.downsample_factor
     if image_size % f:
         raise ValueError(f"--image-size {image_size} must divide by the model's downsampling factor {f}.")
-    dataset = ImageFolder(args.dataset_path, image_size, train=False)
+    kind, num_labels = model.config.image_kind, model.config.num_labels
+    dataset = ImageFolder(args.dataset_path, image_size, train=False, kind=kind, num_labels=num_labels)
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers)
 
     notes = []
-    lpips = None
-    if lpips_available():
-        lpips = LPIPS().to(device)
+    lpips = inception = None
+    if kind != "rgb":
+        notes.append(f"lpips and rfid are null: their networks judge RGB images, not {kind} maps.")
     else:
-        vgg = vgg16_path()
-        notes.append(f"lpips is null: LPIPS needs torchvision's ImageNet VGG16 weights: put {os.path.basename(vgg)} "
-                     f"(from {VGG16_WEIGHTS.url}) in {os.path.dirname(vgg)}/.")
-    inception, note = load_inception(device)
-    if note:
-        notes.append(note)
+        if lpips_available():
+            lpips = LPIPS().to(device)
+        else:
+            vgg = vgg16_path()
+            notes.append(f"lpips is null: LPIPS needs torchvision's ImageNet VGG16 weights: put "
+                         f"{os.path.basename(vgg)} (from {VGG16_WEIGHTS.url}) in {os.path.dirname(vgg)}/.")
+        inception, note = load_inception(device)
+        if note:
+            notes.append(note)
 
     sums = dict(psnr=0.0, ssim=0.0, lpips=0.0)
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)  # segmentation: (target, predicted) counts
     all_indices, feats_real, feats_rec, grid_real, grid_rec = [], [], [], [], []
     num_images, skipped = 0, 0
     for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
         if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
             continue
         skipped += batch["skipped"]
-        x = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
+        x = batch["image"].to(device)  # (B, C, H, W): in [-1, 1], or one-hot label maps
         x_rec, indices, _ = model(x)
-        x_rec = x_rec.float().clamp(-1, 1)
-        real, rec = to_image_range(x), to_image_range(x_rec)
-        sums["psnr"] += psnr(real, rec).sum().item()
-        sums["ssim"] += ssim(real, rec).sum().item()
+        if kind == "segmentation":  # logits: the predicted class is their argmax
+            confusion += confusion_matrix(x.argmax(1), x_rec.argmax(1), num_labels).cpu()
+        else:
+            x_rec = x_rec.float().clamp(-1, 1)
+            real, rec = to_image_range(x), to_image_range(x_rec)
+            sums["psnr"] += psnr(real, rec).sum().item()
+            sums["ssim"] += ssim(real, rec).sum().item()
         if lpips is not None:
             sums["lpips"] += lpips(x, x_rec).sum().item()
         if inception is not None:
@@ -170,8 +202,8 @@ def main(args):
             feats_rec.append(inception_features(inception, rec))
         all_indices.append(indices.flatten().cpu())
         if sum(len(g) for g in grid_real) < args.num_grid:
-            grid_real.append(x.cpu())
-            grid_rec.append(x_rec.cpu())
+            grid_real.append(for_display(x, kind).cpu())
+            grid_rec.append(for_display(x_rec, kind).cpu())
         num_images += len(x)
     if num_images == 0:
         raise DataError(f"None of the images in {args.dataset_path} could be read.")
@@ -187,7 +219,15 @@ def main(args):
                 notes.append(f"rfid on {num_images} images is biased upwards; compare only values on the same set.")
     if skipped:
         notes.append(f"{skipped} unreadable image file(s) were skipped (named in the warnings).")
-    metrics = dict(psnr=sums["psnr"] / num_images, ssim=sums["ssim"] / num_images,
+    scores = dict(psnr=None, ssim=None)  # label maps: pixel accuracy and mean IoU instead
+    if kind == "segmentation":
+        accuracy, mean_iou, iou = segmentation_scores(confusion)
+        scores.update(pixel_accuracy=accuracy, mean_iou=mean_iou, iou_per_class={str(c): v for c, v in iou.items()})
+        notes.append(f"psnr and ssim are null for label maps; mean_iou averages the {len(iou)} classes present in the "
+                     f"data ({', '.join(map(str, iou))}) of {num_labels}.")
+    else:
+        scores.update(psnr=sums["psnr"] / num_images, ssim=sums["ssim"] / num_images)
+    metrics = dict(image_kind=kind, **scores,
                    lpips=sums["lpips"] / num_images if lpips is not None else None,
                    codebook_usage=usage, perplexity=perplexity, rfid=rfid, num_images=num_images,
                    image_size=image_size, num_codes=model.config.num_codebook_vectors,
@@ -210,16 +250,19 @@ def main(args):
 
 def print_table(metrics):
     """The metrics as two aligned columns; null values print as n/a."""
-    rows = [("images", f"{metrics['num_images']}"),
-            ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
-            ("SSIM", f"{metrics['ssim']:.4f}"),
-            ("LPIPS", "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"),
+    def value(key, form):
+        return "n/a" if metrics.get(key) is None else format(metrics[key], form)
+
+    if metrics["image_kind"] == "segmentation":
+        scores = [("pixel accuracy", value("pixel_accuracy", ".4f")), ("mean IoU", value("mean_iou", ".4f"))]
+    else:
+        scores = [("PSNR (dB)", value("psnr", ".2f")), ("SSIM", value("ssim", ".4f"))]
+    rows = [("images", f"{metrics['num_images']}"), *scores, ("LPIPS", value("lpips", ".4f")),
             ("codebook usage", f"{metrics['codebook_usage']:.3f} of {metrics['num_codes']} codes"),
-            ("perplexity", f"{metrics['perplexity']:.1f}"),
-            ("rFID", "n/a" if metrics["rfid"] is None else f"{metrics['rfid']:.2f}")]
+            ("perplexity", f"{metrics['perplexity']:.1f}"), ("rFID", value("rfid", ".2f"))]
     width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
 
 
 # ---- command line ----
@@ -230,6 +273,8 @@ def build_parser():
     a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
     a("--taming-config", default=None,
       help="taming-transformers' model.yaml for a taming checkpoint (default: ours, no yaml)")
+    a("--taming-stage", choices=["first_stage", "cond_stage"], default=None,
+      help="which VQ model of a taming Net2NetTransformer checkpoint to evaluate (needed for those only)")
     a("--dataset-path", required=True, help="folder of images, searched recursively")
     a("--image-size", type=int, default=None, help="center-crop size; default: the model's training size")
     a("--batch-size", type=int, default=16, help="images per batch")

@@ -8,7 +8,13 @@ The loss, written plainly (tests/test_training_vqgan.py computes exactly this wi
     L_gen  = nll + disc_factor * lam * g_loss + q_loss                       q_loss: the quantizer's own loss
     L_disc = disc_factor * hinge(D(x), D(sg[x_rec]))
 
-disc_factor is 0 before --disc-start (taming's adopt_weight). Where a new loss goes:
+disc_factor is 0 before --disc-start (taming's adopt_weight). Label maps (--image-kind segmentation: one-hot in,
+per-label logits out) follow taming's VQSegmentationModel with BCELossWithQuant: no LPIPS, no GAN, and
+
+    nll    = rec_loss_factor * mean BCE-with-logits(x_rec, x)                over every label, pixel and image
+    L_gen  = nll + q_loss                                                    (taming's codebook_weight is 1.0)
+
+Where a new loss goes:
 - a loss on the reconstruction: add it to `reconstruction_losses` (it then also enters lam's numerator, as
   taming's nll does);
 - a loss on the latents or the codes: add it where `aux` is formed in `train_step`.
@@ -18,7 +24,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from config import ConfigError
 from runtime import autocast, fused_adam, make_scaler
 
 ADAM_BETAS = (0.5, 0.9)  # taming's betas of both optimizers
@@ -28,10 +36,25 @@ ADAM_BETAS = (0.5, 0.9)  # taming's betas of both optimizers
 class LossConfig:
     """Weights of the stage-1 loss terms and the step at which the GAN starts (the paper's defaults)."""
     rec_loss_factor: float = 1.0
-    perceptual_loss_factor: float = 1.0
+    perceptual_loss_factor: Optional[float] = None  # None: 1.0 for rgb, 0 for gray and segmentation
     disc_start: int = 10000
-    disc_factor: float = 1.0
+    disc_factor: Optional[float] = None  # None: 1.0, and 0 for segmentation
     disc_weight: float = 0.8
+    image_kind: str = "rgb"  # segmentation: binary cross-entropy with logits instead of L1
+
+    def __post_init__(self):
+        """Defaults by image kind: LPIPS judges RGB images; label maps train without a GAN (taming's
+        VQSegmentationModel). A value given against them is refused."""
+        if self.perceptual_loss_factor is None:
+            self.perceptual_loss_factor = 1.0 if self.image_kind == "rgb" else 0.0
+        if self.disc_factor is None:
+            self.disc_factor = 0.0 if self.image_kind == "segmentation" else 1.0
+        if self.image_kind != "rgb" and self.perceptual_loss_factor > 0:
+            raise ConfigError("perceptual_loss_factor", f"must be 0 for `image_kind` {self.image_kind}: LPIPS's VGG "
+                                                        f"judges RGB images.")
+        if self.image_kind == "segmentation" and self.disc_factor > 0:
+            raise ConfigError("disc_factor", "must be 0 for `image_kind` segmentation, which trains without a GAN, as "
+                                             "taming's VQSegmentationModel does (leave it out or pass 0).")
 
     def gan_active(self, step):
         """taming's adopt_weight: the GAN terms (and the discriminator's updates) from --disc-start on."""
@@ -57,8 +80,12 @@ def adaptive_weight(nll_grad, g_grad, disc_weight=0.8):
 
 
 def reconstruction_losses(x, x_rec, lpips, config: LossConfig):
-    """nll: L1 (and LPIPS) between the input and the reconstruction, taming's `nll_loss`; and the LPIPS term."""
-    rec_loss = config.rec_loss_factor * (x - x_rec).abs().mean()
+    """nll: L1 (and LPIPS) between the input and the reconstruction, taming's `nll_loss`, or for label maps the
+    binary cross-entropy of the logits x_rec against the one-hot x (BCELossWithQuant's); and the LPIPS term."""
+    if config.image_kind == "segmentation":
+        rec_loss = config.rec_loss_factor * F.binary_cross_entropy_with_logits(x_rec.float(), x.float())
+    else:
+        rec_loss = config.rec_loss_factor * (x - x_rec).abs().mean()
     if lpips is None:
         return rec_loss, torch.zeros((), device=x.device)
     p_loss = lpips(x, x_rec).mean()
@@ -132,7 +159,10 @@ def train_step(stage1: Stage1, x, step, grad_accum=1):
             d_loss = cfg.disc_factor * hinge_d_loss(logits_real.float(), logits_fake.float())
         scaler_disc.scale(d_loss / grad_accum).backward()
 
-    l1 = (x - x_rec.detach()).abs().mean()
+    if cfg.image_kind == "segmentation":  # the unweighted reconstruction term, as logged by taming
+        rec_metric = dict(bce=F.binary_cross_entropy_with_logits(x_rec.detach().float(), x.float()))
+    else:
+        rec_metric = dict(l1=(x - x_rec.detach()).abs().mean())
     total = nll.detach() + lam * cfg.disc_factor * g_loss.detach() + aux.detach()
-    return dict(loss=total, l1=l1, lpips=p_loss.detach(), q_loss=q_loss.detach(), g_loss=g_loss.detach(),
+    return dict(loss=total, **rec_metric, lpips=p_loss.detach(), q_loss=q_loss.detach(), g_loss=g_loss.detach(),
                 lam=lam, d_loss=d_loss.detach())

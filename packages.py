@@ -8,7 +8,8 @@ import sysconfig
 from pathlib import Path
 
 # The packages the steps import; lpips: the linear heads of bench.py's stage-1 LPIPS.
-PACKAGES = ("torchvision", "numpy", "PIL", "yaml", "tqdm", "matplotlib", "tensorboard", "albumentations", "lpips")
+PACKAGES = ("torchvision", "numpy", "cv2", "PIL", "yaml", "tqdm", "matplotlib", "tensorboard", "albumentations",
+            "lpips")
 TEST_PACKAGES = ("pytest", "xdist")  # the CUDA tests; pytest.ini's -n needs xdist
 # What an offline node with torch and torchvision still lacks: albumentations and lpips with their dependencies
 # (each wheel's Requires-Dist), at the versions the suite runs with.

@@ -116,7 +116,7 @@ class TrainingRun:
         while self.step < self.max_steps:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.batch_in_epoch == 0, 0
-            for batch in loader:
+            for batch in self.closing_bar_on_error(loader):
                 self.batch_in_epoch += 1
                 skipped_in_epoch += self.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
                 self.skipped_files = max(self.skipped_files, skipped_in_epoch)  # every pass meets the same bad files
@@ -136,6 +136,14 @@ class TrainingRun:
                 raise DataError(f"A whole epoch gave no usable batch: are the images in "
                                 f"{self.args.dataset_path} readable?")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def closing_bar_on_error(self, batches):
+        """Yield from `batches`; an error they raise (a bad label map, ...) is printed on a line below the bar."""
+        try:
+            yield from batches
+        except Exception:
+            self.bar.close()
+            raise
 
     def skip_update(self, loss):
         """True (on every rank alike) when the step's loss is not finite on some rank: skip its update.

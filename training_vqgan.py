@@ -3,6 +3,11 @@
     python training_vqgan.py                              # the demo flowers, or edit DATASET_PATH below
     python training_vqgan.py --dataset-path /my/images
     torchrun --nproc_per_node 4 training_vqgan.py ...     # 4 GPUs
+    python training_vqgan.py --image-kind segmentation --num-labels 182 --dataset-path /my/label_maps
+    python training_vqgan.py --image-kind gray --dataset-path /my/depth_maps
+
+Condition tokenizers (docs/conditional.md): gray maps train with L1 and the GAN, without LPIPS; label maps as taming's
+VQSegmentationModel: one-hot in, logits out, binary cross-entropy and the codebook loss only.
 """
 import argparse
 from contextlib import nullcontext
@@ -12,13 +17,13 @@ import torch
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from data import ImageFolder, find_images
 from demo_flowers import write_default_demo_set
-from discriminator import Discriminator
+from discriminator import Discriminator, DiscriminatorConfig
 from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
 from runtime import barrier, keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
-from utils import save_plots
-from vqgan import QUANTIZERS, VQGAN, VQGANConfig
+from utils import for_display, save_plots
+from vqgan import IMAGE_KINDS, QUANTIZERS, VQGAN, VQGANConfig
 
 # ---- the one line to edit: your folder of images (sub-folders are searched too) ----
 DATASET_PATH = "data/flowers"  # the scripts draw a small demo set of flowers here on first use
@@ -29,27 +34,29 @@ MUTABLE_FLAGS = {"recompute", "channels_last"}  # what a --resume may change bes
 
 # ---- helpers ----
 
-def check_args(args):
+def check_args(args, loss_config):
     """What neither config nor the run checks: an image size the discriminator can judge while the GAN is on."""
-    gan_starts = args.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
+    gan_starts = loss_config.disc_factor > 0 and (args.max_steps is None or args.disc_start < args.max_steps)
     if gan_starts and args.image_size < 32:  # 3 stride-2 and 2 stride-1 4x4 convs: 16 pixels end at 0x0
         raise ValueError(f"--image-size {args.image_size} is too small for the PatchGAN discriminator (32 or more); "
                          f"pass a larger size or --disc-factor 0.")
 
 
 # The panels of results/vqgan_losses.png: (title, logged values, log scale).
-PLOTS = [("losses", ["loss", "l1", "lpips", "q_loss"], True), ("GAN", ["g_loss", "d_loss"], False),
+PLOTS = [("losses", ["loss", "l1", "bce", "lpips", "q_loss"], True), ("GAN", ["g_loss", "d_loss"], False),
          ("adaptive weight λ", ["lam"], False), ("codebook usage (last 100 steps)", ["usage"], False),
          ("code perplexity", ["perplexity"], False), ("learning rate", ["lr"], True)]
 
 
 def show_progress(run, vqgan, ema, x):
-    """Rank 0: inputs over their reconstructions (by the EMA weights if kept), code usage and the loss plots."""
+    """Rank 0: inputs over their reconstructions (by the EMA weights if kept; label maps in colour), code usage and
+    the loss plots."""
     with torch.no_grad(), ema.applied(vqgan) if ema else nullcontext():
         vqgan.eval()
         recs = vqgan(x)[0]
         vqgan.train()
-    run.save_grid(torch.cat([x, recs]).float(), "reconstructions", nrow=len(x))
+    kind = vqgan.config.image_kind
+    run.save_grid(torch.cat([for_display(x, kind), for_display(recs, kind)]).float(), "reconstructions", nrow=len(x))
     if run.tensorboard is not None:
         run.tensorboard.add_histogram("codebook hits per code (last 100 steps)", vqgan.quantize.window_counts.sum(0),
                                       run.step)
@@ -61,7 +68,7 @@ def show_progress(run, vqgan, ema, x):
 @keeps_signal_handlers
 def main(args):
     config, loss_config = config_from_flags(VQGANConfig, args), config_from_flags(LossConfig, args)  # checked
-    check_args(args)
+    check_args(args, loss_config)
     run = TrainingRun(args, RUN_NAME)
     device = run.device
     if run.is_main and args.dataset_path == DATASET_PATH:
@@ -71,9 +78,10 @@ def main(args):
 
     fmt = memory_format(on_cpu_default(args.channels_last, device))
     vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device))
-    vqgan, disc = vqgan.to(device, memory_format=fmt), Discriminator().to(device, memory_format=fmt)
+    disc = Discriminator(DiscriminatorConfig(in_channels=config.in_channels))  # never trained for label maps
+    vqgan, disc = vqgan.to(device, memory_format=fmt), disc.to(device, memory_format=fmt)
     lpips = None
-    if args.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
+    if loss_config.perceptual_loss_factor > 0:  # with factor 0 VGG is never built (no weights needed)
         lpips = LPIPS().to(device, memory_format=fmt)
     lr = learning_rate(args, run.dist.world_size)
     opt_vq, opt_disc = stage1_optimizers(vqgan, disc, lr, betas=(args.beta1, args.beta2))
@@ -101,7 +109,9 @@ def main(args):
                     scaler_disc=scaler_disc.state_dict(), codebook_usage=usage, codebook_perplexity=perplexity,
                     ema=ema.state_dict(vqgan) if ema else None)
 
-    loader = run.loader(ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths), args.batch_size)
+    dataset = ImageFolder(args.dataset_path, args.image_size, train=True, paths=paths, kind=config.image_kind,
+                          num_labels=config.num_labels)
+    loader = run.loader(dataset, args.batch_size)
     fixed_batch = None
     vqgan.train()
     disc.train()
@@ -122,7 +132,7 @@ def main(args):
             optimizer_step(opt_disc, scaler_disc)
         if run.is_main:  # only rank 0 logs; on the device, so no wait
             metrics["usage"], metrics["perplexity"] = vqgan.quantize.usage(as_tensors=True)
-        run.end_step(metrics, bar_keys=("loss", "l1", "d_loss", "usage"), lr=lr)
+        run.end_step(metrics, bar_keys=("loss", "l1", "bce", "d_loss", "usage"), lr=lr)
         if run.is_main and run.due(args.sample_every):
             show_progress(run, vqgan, ema, fixed_batch)
     return run.finish()
@@ -135,6 +145,11 @@ def build_parser():
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH,
       help="folder of images, searched recursively; the default one gets the demo flowers on first use")
+    a("--image-kind", choices=IMAGE_KINDS, default="rgb",
+      help="rgb: photos; gray: one-channel maps (depth, edges; 8- or 16-bit PNGs, each min-max scaled to [-1, 1]); "
+           "segmentation: PNG label maps (pixel = class index), one-hot in, logits out (docs/conditional.md)")
+    a("--num-labels", type=int, default=0, help="segmentation: the number of classes (a pixel value >= it is an "
+                                                "error naming the file)")
     a("--image-size", type=int, default=256,
       help="training crop size; must divide by 2^(len(--ch-mult) - 1), and be 32 or more while the GAN runs")
     a("--batch-size", type=int, default=6, help="images per process per micro-step")
@@ -179,11 +194,14 @@ def build_parser():
     a("--lfq-diversity-weight", type=float, default=1.0,
       help="lfq: weight of the codebook entropy inside the entropy loss")
     a("--disc-start", type=int, default=10000, help="step at which the GAN loss and the discriminator's updates start")
-    a("--disc-factor", type=float, default=1.0, help="weight of the GAN losses once started")
+    a("--disc-factor", type=float, default=None,
+      help="weight of the GAN losses once started; default: 1.0, and 0 for segmentation (no GAN, as taming)")
     a("--disc-weight", type=float, default=0.8, help="multiplies the adaptive weight lambda")
-    a("--rec-loss-factor", type=float, default=1.0, help="weight of the L1 reconstruction loss")
-    a("--perceptual-loss-factor", type=float, default=1.0,
-      help="weight of LPIPS (0: VGG16 is never built, so no ImageNet weights are needed)")
+    a("--rec-loss-factor", type=float, default=1.0,
+      help="weight of the reconstruction loss (L1; binary cross-entropy for segmentation)")
+    a("--perceptual-loss-factor", type=float, default=None,
+      help="weight of LPIPS (0: VGG16 is never built, so no ImageNet weights are needed); default: 1.0 for rgb, 0 for "
+           "gray and segmentation (VGG judges RGB images; a positive value is refused for them)")
     a("--recompute", action=argparse.BooleanOptionalAction, default=None,
       help="recompute GroupNorm + swish in the backward instead of keeping them: a third less activation memory "
            "for ~5%% more time, where memory is scarce and time plentiful; default: on the CPU, off on CUDA")

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 import torchvision
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -34,6 +35,30 @@ def check_writable(folder):
 def to_image_range(x):
     """Map a tensor from [-1, 1] to [0, 1], clamped."""
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def label_palette(num_labels=256):
+    """(num_labels, 3) uint8 colours of classes, the same for every data set (the PASCAL VOC colour map): class 0
+    black, and bit k of the index sets bit 7 - k // 3 of red, green or blue (k % 3), so neighbours differ clearly."""
+    index = np.arange(num_labels)
+    palette = np.zeros((num_labels, 3), dtype=np.int64)
+    for k in range(24):
+        palette[:, k % 3] |= ((index >> k) & 1) << (7 - k // 3)
+    return palette.astype(np.uint8)
+
+
+def colour_labels(labels):
+    """Class indices (B, H, W) -> (B, 3, H, W) in [-1, 1], each class in its label_palette colour."""
+    palette = torch.from_numpy(label_palette(int(labels.max()) + 1)).to(labels.device)
+    return palette[labels.long()].permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def for_display(x, kind):
+    """Model inputs or outputs (B, C, H, W) as RGB images in [-1, 1] for a grid: label maps (one-hot or logits) in
+    the colours of their argmax, gray maps in gray."""
+    if kind == "segmentation":
+        return colour_labels(x.argmax(1))
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def save_image_grid(images, path, nrow=8, row_labels=None):

@@ -12,7 +12,7 @@ from decoder import Decoder
 from encoder import Encoder
 from scalar_quantizers import FSQ, LFQ
 
-
+IMAGE_KINDS = ("rgb", "gray", "segmentation")  # what stage 1 tokenizes: photos, depth/edge maps, label maps
 QUANTIZERS = ("vq", "ema", "fsq", "lfq")  # vq: the paper's; see codebook.py and scalar_quantizers.py
 
 
@@ -20,7 +20,9 @@ QUANTIZERS = ("vq", "ema", "fsq", "lfq")  # vq: the paper's; see codebook.py and
 class VQGANConfig:
     """Paper defaults for 256x256 images: f=16 (16x16 latents), 1024 codes of dimension 256."""
     image_size: int = 256  # the training resolution; decides at which levels attention sits
-    in_channels: int = 3
+    image_kind: str = "rgb"  # rgb; gray (one channel: depth, edges); segmentation (one-hot label maps in, logits out)
+    num_labels: int = 0  # segmentation: the number of classes, which is also the number of channels
+    in_channels: int = None  # None: follows image_kind (3, 1 or num_labels); a value given must agree
     ch: int = 128
     ch_mult: tuple = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
@@ -48,6 +50,7 @@ class VQGANConfig:
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         self.fsq_levels, self.lfq_bits = tuple(self.fsq_levels or ()), self.lfq_bits or 0
         self.num_codebook_vectors = self.check_quantizer()
+        self.in_channels = self.check_image_kind()
         check_positive(self, "image_size", "ch", "num_res_blocks", "latent_dim", "num_codebook_vectors", "z_channels",
                        "restart_every")
         if self.codebook_dim < 0:
@@ -65,6 +68,23 @@ class VQGANConfig:
                                                   f"{sorted(resolutions)} wide.")
         if any(self.ch * m % 32 for m in self.ch_mult):
             raise ConfigError("ch", "times every `ch_mult` value must divide by 32 (GroupNorm uses 32 groups).")
+
+    def check_image_kind(self):
+        """The channel count `image_kind` implies; a ConfigError naming the fields when they do not fit."""
+        kind, n = self.image_kind, self.num_labels or 0
+        self.num_labels = n
+        if kind not in IMAGE_KINDS:
+            raise ConfigError("image_kind", f"must be one of {', '.join(IMAGE_KINDS)}, got {kind!r}.")
+        if kind == "segmentation" and n < 2:
+            raise ConfigError("num_labels", f"must be given for `image_kind` segmentation: the number of classes (2 "
+                                            f"or more), got {n}.")
+        if kind != "segmentation" and n:
+            raise ConfigError("num_labels", f"only applies to `image_kind` segmentation, not {kind}.")
+        channels = {"rgb": 3, "gray": 1, "segmentation": n}[kind]
+        if self.in_channels is not None and self.in_channels != channels:
+            raise ConfigError("in_channels", f"{self.in_channels} does not match `image_kind` {kind}, which has "
+                                             f"{channels} channel(s).")
+        return channels
 
     def check_quantizer(self):
         """The codebook size the quantizer fields make; a ConfigError naming the fields when they do not fit."""
@@ -134,18 +154,21 @@ class VQGAN(nn.Module):
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
 
     def encode(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), codebook loss."""
+        """x (B, C, H, W) -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), codebook loss.
+
+        C is in_channels: 3 or 1 channels in [-1, 1] (rgb, gray), or a one-hot label map (segmentation)."""
         f = self.config.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"Image sides must divide by the downsampling factor {f}; got {tuple(x.shape[-2:])}.")
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, z_q, return_features=False):
-        """z_q (B, latent_dim, h, w) -> x_rec (B, 3, h*f, w*f); optionally also the input of the last conv."""
+        """z_q (B, latent_dim, h, w) -> x_rec (B, C, h*f, w*f), logits for segmentation; optionally also the input of
+        the last conv."""
         return self.decoder(self.post_quant_conv(z_q), return_features=return_features)
 
     def decode_indices(self, indices):
-        """indices (B, h, w) -> x_rec (B, 3, h*f, w*f)."""
+        """indices (B, h, w) -> x_rec (B, C, h*f, w*f)."""
         return self.decode(self.quantize.lookup(indices))
 
     def forward(self, x, return_features=False):
@@ -189,17 +212,45 @@ class VQGAN(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_taming(cls, ckpt_path, config_path):
-        """Load a taming-transformers VQModel (`last.ckpt` + `model.yaml`, e.g. vqgan_imagenet_f16_16384), eval mode."""
+    def from_taming(cls, ckpt_path, config_path, stage=None):
+        """Load a taming-transformers VQ model (`last.ckpt` + `model.yaml`), in eval mode: a VQModel (e.g.
+        vqgan_imagenet_f16_16384; a one-channel one, such as the depth stage, loads as gray) or a VQSegmentationModel.
+        stage: "first_stage" or "cond_stage" picks that VQ model out of a Net2NetTransformer checkpoint."""
         state, params = read_taming(ckpt_path, config_path)
+        if stage is not None or "first_stage_config" in params:
+            if stage not in ("first_stage", "cond_stage"):
+                raise ValueError(f"{config_path} is a Net2NetTransformer: say which of its VQ models to load "
+                                 f"(first_stage or cond_stage).")
+            sub = params.get(f"{stage}_config")
+            if not isinstance(sub, dict) or "ddconfig" not in sub.get("params", {}):
+                what = sub.get("target") if isinstance(sub, dict) else sub
+                raise ValueError(f"The {stage} of {config_path} is {what}, not a VQ model.")
+            prefix = f"{stage}_model."
+            state, params = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, sub["params"]
+        return cls.from_taming_state(state, params)
+
+    @classmethod
+    def from_taming_state(cls, state, params):
+        """A VQGAN from a taming VQ model's state dict and the `params` of its config (ddconfig, n_embed, embed_dim,
+        and n_labels for a VQSegmentationModel), in eval mode."""
         dd = params["ddconfig"]
         if dd.get("double_z", False):
             raise ValueError("This taming config has double_z: true, which a VQGAN encoder never uses.")
-        config = VQGANConfig(image_size=dd["resolution"], in_channels=dd.get("in_channels", 3), ch=dd["ch"],
-                             ch_mult=dd["ch_mult"], num_res_blocks=dd["num_res_blocks"],
-                             attn_resolutions=dd["attn_resolutions"], z_channels=dd["z_channels"],
-                             dropout=dd.get("dropout", 0.0), latent_dim=params["embed_dim"],
-                             num_codebook_vectors=params["n_embed"])
+        in_channels = dd.get("in_channels", 3)
+        if dd.get("out_ch", in_channels) != in_channels:
+            raise ValueError(f"This taming model maps {in_channels} channels to {dd['out_ch']}; a VQGAN reconstructs "
+                             f"its input.")
+        if "n_labels" in params:  # only VQSegmentationModel takes it: one-hot label maps in, logits out
+            kind = dict(image_kind="segmentation", num_labels=params["n_labels"])
+        elif in_channels in (1, 3):
+            kind = dict(image_kind="gray" if in_channels == 1 else "rgb")
+        else:
+            raise ValueError(f"This taming VQModel has {in_channels} input channels and no n_labels: neither rgb, "
+                             f"gray nor segmentation.")
+        config = VQGANConfig(image_size=dd["resolution"], in_channels=in_channels, ch=dd["ch"], ch_mult=dd["ch_mult"],
+                             num_res_blocks=dd["num_res_blocks"], attn_resolutions=dd["attn_resolutions"],
+                             z_channels=dd["z_channels"], dropout=dd.get("dropout", 0.0),
+                             latent_dim=params["embed_dim"], num_codebook_vectors=params["n_embed"], **kind)
         model = cls(config)
         keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
         model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})

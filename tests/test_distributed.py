@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE
-from demo_flowers import make_demo_flowers
+from demo_flowers import FLOWER_LABELS, make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from helpers import STAGE2_FLAGS, TINY
 from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
@@ -116,6 +116,23 @@ def test_two_processes_train_like_one(stage1_job):
         for name in module0:
             assert torch.equal(module0[name], module1[name]), name
             assert torch.equal(saved[name], module1[name]), name  # what rank 0 saved is what rank 1 holds
+
+
+def test_segmentation_tokenizer_two_processes(tmp_path):
+    """training_vqgan.py --image-kind segmentation under torchrun (gloo): label maps one-hot in, the ranks end with
+    the saved weights, and no GAN ever stepped (its module wrapped but never used)."""
+    make_demo_flowers(tmp_path / "flowers", num_images=8, size=32, segmentation_dir=tmp_path / "labels")
+    out = tmp_path / "run"
+    rank0, rank1 = torchrun(tmp_path, "training_vqgan.py", *TINY_FLAGS, "--image-kind", "segmentation",
+                            "--num-labels", len(FLOWER_LABELS), "--dataset-path", tmp_path / "labels", "--max-steps", 2,
+                            "--sample-every", 2, "--out-dir", out)
+    ckpt = load_checkpoint(out / "checkpoints" / "vqgan_last.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["image_kind"] == "segmentation" and ckpt["opt_disc"]["state"] == {}
+    assert ckpt["model"]["encoder.conv_in.weight"].shape[1] == len(FLOWER_LABELS)
+    assert rank0[0].keys() == ckpt["model"].keys()
+    for name in rank0[0]:
+        assert torch.equal(rank0[0][name], rank1[0][name]) and torch.equal(ckpt["model"][name], rank1[0][name]), name
+    assert (out / "results" / "reconstructions_0000002.png").exists()
 
 
 def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
