@@ -344,6 +344,8 @@ def main(args):
             continue
         print(f"== {step.name}: {' '.join(step.command)}", flush=True)
         run_step(step, run_dir, env, min(step.limit_s, left), by_name)
+        if step.result.startswith("TIMED OUT") and left < step.limit_s:
+            step.result += " (the deadline)"
         took = f" in {step.seconds:.0f} s (estimate {step.estimate_s:.0f} s)" if step.seconds else ""
         print(f"   {step.result}{took}", flush=True)
         if step.result.startswith(FAILURES):  # the end of its log, where the error is
