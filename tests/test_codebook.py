@@ -292,6 +292,7 @@ def test_ema_statistics_agree_across_ranks(two_ranks):
     assert not torch.equal(r0["embedding.weight"], initial)
 
 
+@pytest.mark.xdist_group("two_ranks")
 def test_kmeans_init_gathers_ranks_of_unequal_row_counts(two_ranks):
     """Both ranks start from the codes of one process that saw rank 0's 6 rows and rank 1's 2 rows."""
     r0, r1 = two_ranks

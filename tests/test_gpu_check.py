@@ -59,6 +59,7 @@ def h200_plan():
     return gpu_check.main(args)
 
 
+@pytest.mark.xdist_group("h200_plan")
 def test_the_gpu_plan_fits_six_minutes_with_start_up_and_wheels(h200_plan, capsys):
     assert all(s.result == "not run" for s in h200_plan)  # nothing dropped at the default budget
     costs = gpu_check.COSTS["cuda"]
@@ -74,6 +75,7 @@ def test_the_gpu_plan_fits_six_minutes_with_start_up_and_wheels(h200_plan, capsy
         assert step.limit_s == pytest.approx(3 * step.estimate_s + 30)
 
 
+@pytest.mark.xdist_group("h200_plan")
 def test_budget_drops_steps_from_the_end_and_their_dependants(h200_plan):
     steps = [gpu_check.Step(**{k: v for k, v in vars(s).items() if k != "result"}) for s in h200_plan]
     kept = gpu_check.fit_budget(steps, 100, 25)
