@@ -248,6 +248,10 @@ def run_step(step, run_dir, env, timeout_s, by_name):
         except subprocess.TimeoutExpired:
             stop_group(proc)
             step.result = f"TIMED OUT after {timeout_s:.0f} s"
+        except BaseException:  # Ctrl-C reaches this script only (the step has a session of its own): stop the step
+            stop_group(proc)
+            step.result = "stopped: gpu_check.py was interrupted"
+            raise
     step.seconds = time.perf_counter() - start
     if step.result == "ok" and RECOMPILE_LIMIT in (folder / "log.txt").read_text(errors="replace"):
         step.result = "RECOMPILED past dynamo's limit, then ran uncompiled (log.txt)"  # ok, but not what was meant
@@ -336,9 +340,27 @@ def main(args):
     if device_type == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # two gloo processes share the cores
     print(f"Started {time.perf_counter() - clock:.0f} s ago (estimated {before_s:.0f} s).", flush=True)
-    by_name = {step.name: step for step in steps}
-    for step in to_run:
-        left = deadline_s - RESERVE_S - (time.perf_counter() - clock)
+    try:
+        run_plan(to_run, run_dir, env, {step.name: step for step in steps}, lambda: time.perf_counter() - clock,
+                 deadline_s)
+    finally:  # the table, whatever happened (an interrupted run too)
+        device_name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU"
+        header = (f"gpu_check.py on {device_name} ({gpus} x {args.device}), torch {torch.__version__}, "
+                  f"{datetime.now(timezone.utc):%Y-%m-%d}: {time.perf_counter() - clock:.0f} s in all, estimated "
+                  f"{before_s + sum(s.estimate_s for s in to_run):.0f} s")
+        table = report(steps, run_dir, header)
+        print(f"\n{table}\n\nWrote {run_dir}/gpu_check.md and gpu_check.json; each step's output is in its "
+              f"folder's log.txt.")
+        if args.report_dir:  # the table and the logs, not the checkpoints
+            shutil.copytree(run_dir, args.report_dir, dirs_exist_ok=True, ignore=lambda folder, names: [
+                n for n in names if not n.endswith((".md", ".json", ".txt")) and not (Path(folder) / n).is_dir()])
+    return steps
+
+
+def run_plan(steps, run_dir, env, by_name, elapsed, deadline_s):
+    """Run the steps in order, each within its limit and the deadline, saying how each went."""
+    for step in steps:
+        left = deadline_s - RESERVE_S - elapsed()
         if left <= 0:
             step.result = "not run: out of time"
             continue
@@ -350,17 +372,6 @@ def main(args):
         print(f"   {step.result}{took}", flush=True)
         if step.result.startswith(FAILURES):  # the end of its log, where the error is
             print("\n".join((run_dir / step.folder / "log.txt").read_text(errors="replace").splitlines()[-15:]))
-    device_name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU"
-    header = (f"gpu_check.py on {device_name} ({gpus} x {args.device}), torch {torch.__version__}, "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}: {time.perf_counter() - clock:.0f} s in all, estimated "
-              f"{before_s + sum(s.estimate_s for s in to_run):.0f} s")
-    table = report(steps, run_dir, header)
-    print(f"\n{table}\n\nWrote {run_dir}/gpu_check.md and gpu_check.json; each step's output is in its folder's "
-          f"log.txt.")
-    if args.report_dir:  # the table and the logs, not the checkpoints
-        shutil.copytree(run_dir, args.report_dir, dirs_exist_ok=True, ignore=lambda folder, names: [
-            n for n in names if not n.endswith((".md", ".json", ".txt")) and not (Path(folder) / n).is_dir()])
-    return steps
 
 
 def build_parser():

@@ -4,6 +4,7 @@ import importlib.metadata
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -183,3 +184,28 @@ def test_the_wheels_are_every_dependency_the_node_lacks_at_the_installed_version
             if "extra ==" not in requirement and "python_version <" not in requirement:
                 todo.append(re.split(r"[ ;<>=!~(\[]", requirement, maxsplit=1)[0])
     assert sorted(f"{n}=={v}" for n, v in wanted.items()) == sorted(packages.WHEELS)
+
+
+def test_an_interrupted_run_stops_its_step_and_still_writes_the_table(tmp_path, monkeypatch):
+    """Ctrl-C reaches gpu_check.py alone (each step runs in a session of its own): it stops the running step's
+    process group, and the table is written before the interrupt goes on."""
+    started = []
+
+    class CtrlC(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+        def wait(self, timeout=None):
+            if timeout not in (None, gpu_check.STOP_GRACE_S):  # the step's own wait: Ctrl-C comes in
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+
+    monkeypatch.setattr(gpu_check, "config_flops", lambda *args, **kwargs: UNIT_FLOPS)  # nothing to count here
+    monkeypatch.setattr(subprocess, "Popen", CtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(flags(["--quick", "--device", "cpu", "--skip-tests", "--skip-compile", "--skip-bench",
+                              "--work-dir", str(tmp_path)]))
+    assert len(started) == 1 and started[0].poll() is not None  # the step's process is gone
+    table = next(tmp_path.iterdir()).joinpath("gpu_check.md").read_text()
+    assert "| stage 1 | stopped: gpu_check.py was interrupted |" in table and "| stage 2 | not run |" in table
