@@ -351,9 +351,10 @@ def main(args):
         table = report(steps, run_dir, header)
         print(f"\n{table}\n\nWrote {run_dir}/gpu_check.md and gpu_check.json; each step's output is in its "
               f"folder's log.txt.")
-        if args.report_dir:  # the table and the logs, not the checkpoints
+        if args.report_dir:  # the tables and the logs: no checkpoint, image or installed wheel
             shutil.copytree(run_dir, args.report_dir, dirs_exist_ok=True, ignore=lambda folder, names: [
-                n for n in names if not n.endswith((".md", ".json", ".txt")) and not (Path(folder) / n).is_dir()])
+                n for n in names if n == "site" or not (n.endswith((".md", ".json", ".txt")) or
+                                                        (Path(folder) / n).is_dir())])
     return steps
 
 
