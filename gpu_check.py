@@ -333,7 +333,9 @@ def main(args):
     if args.dry_run:
         return steps
 
-    make_demo_flowers(run_dir / "flowers", num_images=64, size=size["vqgan"]["image_size"] + 16)
+    # at least one batch per rank under torchrun after the validation split, on every GPU of the node
+    make_demo_flowers(run_dir / "flowers", num_images=max(64, 2 * gpus * size["batch_size"]),
+                      size=size["vqgan"]["image_size"] + 16)
     paths = [str(run_dir / "site")] if args.wheels else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [*paths, str(ROOT), os.environ.get("PYTHONPATH")]
                                                       if p))
