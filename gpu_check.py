@@ -73,7 +73,7 @@ class Step:
     command: list
     torchrun: bool = False
     compiles: int = 0  # compile allowances: models compiled by torch.compile
-    flops: float = 0.0  # counted FLOPs of its work
+    flops: float = 0.0  # counted FLOPs of its work (of one rank under torchrun)
     launches: int = 0  # kernels launched one by one from Python
     other_s: float = 0.0  # what none of the above covers
     needs: dict = field(default_factory=dict)  # file name in its inputs/ -> (step, path in that step's folder)
@@ -128,10 +128,11 @@ def plan(args, run_dir, device_type, gpus, flops, bench_flops):
         Step("stage 1", stage1, **s1),
         Step("stage 2", stage2, **s2),
         Step("sampling", sample, **sampling(False)),
-        Step(ddp, [*torchrun, *stage1[1:], "--dist-timeout", "1"], torchrun=True, flops=s1["flops"] * gpus),
+        # the ranks work side by side: a step's time is one rank's FLOPs
+        Step(ddp, [*torchrun, *stage1[1:], "--dist-timeout", "1"], torchrun=True, **s1),
         Step(f"stage 2, torchrun x{gpus}, token cache", [*torchrun, *stage2[1:], "--precompute-tokens",
                                                         "--dist-timeout", "1"], torchrun=True,
-             **dict(s2, flops=s2["flops"] * gpus, needs={"vqgan_last.pt": (ddp, "checkpoints/vqgan_last.pt")})),
+             **dict(s2, needs={"vqgan_last.pt": (ddp, "checkpoints/vqgan_last.pt")})),
     ]
     if not args.skip_bench:
         steps_.append(bench_step(args, device_type, bench_flops))
