@@ -16,11 +16,6 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from runtime import broadcast_rows, gather_rows, usable_cores
 
-# albumentations asks PyPI for a newer version on import; training nodes are often offline.
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
-import albumentations as A  # noqa: E402
-
-
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
@@ -33,6 +28,18 @@ class DataError(Exception):
         if message.startswith('Caught DataError') and 'DataError: ' in message:
             message = message.rstrip().rsplit('DataError: ', 1)[1]
         super().__init__(message)
+
+
+def albumentations():
+    """The albumentations module, imported on first use: only image folders need it, so that sampling, bench.py
+    and gpu_check.py's package check run where it is missing, and a missing install is one sentence."""
+    os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # it asks PyPI for a newer version; nodes are often offline
+    try:
+        import albumentations
+    except ImportError as error:
+        raise DataError(f"Image folders need the albumentations package ({error}): pip install -r requirements.txt, "
+                        f"or on a machine without a package registry the wheel folder of docs/gpu.md.") from None
+    return albumentations
 
 
 def find_images(root):
@@ -126,6 +133,7 @@ def build_transform(image_size, train=True, kind='rgb'):
     """Resize the shorter side to image_size (enlarging too, so every crop is full-size), crop (random for training,
     central for evaluation), flip half of the training items. Label maps are resized by nearest neighbour only, so
     each pixel keeps a class of the file, and nothing changes their values."""
+    A = albumentations()
     crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
     flip = [A.HorizontalFlip(p=0.5)] if train else []
     resize = A.SmallestMaxSize(max_size=image_size, interpolation=cv2.INTER_NEAREST) if kind == 'segmentation' else \

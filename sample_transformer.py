@@ -19,7 +19,7 @@ from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
 from data import DataError
-from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from runtime import PRECISIONS, autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
 from utils import check_writable, save_image_grid, to_image_range
 
@@ -159,7 +159,7 @@ def main(args):
     if args.quantize == "int8":
         model.gpt.quantize_int8()
     if args.compile:
-        model.gpt.compile_decode()
+        model.gpt.compile_decode(PRECISIONS[precision])  # its Linear weights held in the sampling dtype
     out_dir = check_writable(args.out_dir)
     seed_everything(args.seed)
     f = model.vqgan.config.downsample_factor

@@ -53,6 +53,11 @@ def batch_indices(batch, transformer, run):
         return transformer.encode_to_indices(batch["image"].to(run.device, non_blocking=True))
 
 
+def batch_labels(batch, run):
+    """(B,) class labels of a batch on the device, or None; from the loader's pinned memory without a wait."""
+    return batch["label"].to(run.device, non_blocking=True) if "label" in batch else None
+
+
 # ---- checks and evaluation ----
 
 def check_args(args):
@@ -73,9 +78,8 @@ def evaluate(transformer, loader, run, max_batches):
             break
         if batch is None:
             continue
-        labels = batch["label"].to(run.device) if "label" in batch else None
         with autocast(run.precision, run.device):
-            _, loss = transformer(batch_indices(batch, transformer, run), labels)
+            _, loss = transformer(batch_indices(batch, transformer, run), batch_labels(batch, run))
         losses.append(loss.float())
     transformer.train()
     return torch.stack(losses).mean().item() if losses else None
@@ -98,9 +102,8 @@ def show_samples(run, transformer, images, top_k):
     """The grid of show_progress, in results/ and TensorBoard."""
     if images is not None:  # None: none of the first training images was readable
         x = images["image"].to(run.device)
-        labels = images["label"].to(run.device) if "label" in images else None
         with autocast(run.precision, run.device):
-            logs = transformer.log_images(x, labels=labels, top_k=top_k)
+            logs = transformer.log_images(x, labels=batch_labels(images, run), top_k=top_k)
         run.save_grid(torch.cat(list(logs.values())).float(), "transformer_samples", nrow=len(x),
                       row_labels=[name.replace("_", " ") for name in logs])
 
@@ -148,7 +151,8 @@ def main(args):
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
-    val_loader = build_loader(val_set, args.batch_size, train=False) if val_set is not None and run.is_main else None
+    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers) \
+        if val_set is not None and run.is_main else None  # rank 0 evaluates; workers decode while the GPU encodes
     shown = collate_images([ImageFolder(args.dataset_path, transformer.image_size, train=False,
                                         with_labels=args.conditional, paths=train_paths[:4])[i]
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
@@ -156,10 +160,9 @@ def main(args):
     for batches in run.steps(loader, checkpoint_state):
         losses = []  # each micro-batch's, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
-                    _, loss = model(batch_indices(batch, transformer, run), labels)
+                    _, loss = model(batch_indices(batch, transformer, run), batch_labels(batch, run))
                 scaler.scale(loss / args.grad_accum).backward()
             losses.append(loss)
         if run.skip_update(losses):  # keep the last good weights

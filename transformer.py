@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from checkpoint import CheckpointError, load_weights, read_checkpoint, write_model_folder
 from config import ConfigError, check_positive, config_from_dict
-from mingpt import GPT, GPTConfig, sample_next, static_cache
+from mingpt import GPT, GPTConfig, pad_rows, sample_next, static_cache
 from vqgan import VQGAN
 
 
@@ -70,16 +70,21 @@ class WindowCache:
     """The GPT's key/value cache of one window: the next token of the same window runs alone; any other token
     runs its window's prefix from the start token, so a token never costs more than one forward over a window."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, rows):
         self.gpt, self.origin, self.length = gpt, None, 0
-        self.kv = [{} for _ in gpt.blocks]  # allocated on first use; a new prefix overwrites it from position 0
+        if gpt.decode_fn is not None:  # the GPT's one static cache, for every batch: rows padded to its size
+            self.kv, self.rows = gpt.static_decode_cache(rows)
+        else:  # allocated on first use; a new prefix overwrites it from position 0
+            self.kv, self.rows = [{} for _ in gpt.blocks], rows
 
     def next_logits(self, tokens, origin):
         """Logits (B, V) after tokens (B, T): a start token, then the first T - 1 tokens of the window at origin."""
-        T = tokens.size(1)
+        n, T = tokens.shape
+        tokens = pad_rows(tokens, self.rows)
         if origin == self.origin and T == self.length + 1 and self.gpt.decode_fn is not None:
             position = torch.full((), self.length, dtype=torch.long, device=tokens.device)  # static shapes
-            logits = self.gpt.decode_fn(tokens[:, -1:], self.kv, position)[:, None]  # (B, 1, V)
+            # a fresh (B, 1) tensor: the slice's strides (T, 1) would change with T, and each change recompile
+            logits = self.gpt.decode_fn(tokens[:, -1:].contiguous(), self.kv, position)[:, None]  # (B, 1, V)
         elif origin == self.origin and T == self.length + 1:
             logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
         else:
@@ -87,7 +92,7 @@ class WindowCache:
             if self.gpt.decode_fn is not None:
                 static_cache(self.kv)
         self.origin, self.length = origin, T
-        return logits[:, -1]
+        return logits[:n, -1]
 
 
 class VQGANTransformer(nn.Module):
@@ -230,7 +235,7 @@ class VQGANTransformer(nn.Module):
         guided = cfg_scale is not None and cfg_scale != 1  # scale 1 is the conditional model itself
         if guided:
             starts = torch.cat([starts, self.null_tokens(n, device)])  # (2n, 1): conditional rows, then null ones
-        cache = WindowCache(self.gpt)
+        cache = WindowCache(self.gpt, len(starts))
         for i, j in regenerate.nonzero().tolist():  # raster order
             top, left = window_origin(i, j, (H, W), (h, w))
             p = (i - top) * w + j - left  # the token's place in its window's raster order

@@ -1,4 +1,5 @@
 """Tests for data.py: finding and decoding images, the dataset, batching, loaders, the demo set."""
+import sys
 import warnings
 
 import numpy as np
@@ -299,3 +300,13 @@ def whole_epoch_order(world_size):
         sampler.set_epoch(3)
     shards = [list(sampler) for sampler in samplers]
     return [shard[i] for i in range(len(shards[0])) for shard in shards]
+
+
+def test_missing_albumentations_is_one_sentence_when_an_image_folder_needs_it(tmp_path, monkeypatch):
+    """data.py imports albumentations only for image folders: a node without it fails there in one sentence."""
+    write_image(tmp_path / 'a.png')
+    monkeypatch.setitem(sys.modules, 'albumentations', None)  # `import albumentations` now raises ImportError
+    with pytest.raises(DataError, match='Image folders need the albumentations package .*docs/gpu.md'):
+        data.ImageFolder(tmp_path, 16)
+    monkeypatch.undo()
+    assert len(data.ImageFolder(tmp_path, 16)) == 1

@@ -130,7 +130,7 @@ def checkpoint_weights(step):
 def fork_server():
     """A multiprocessing context whose children fork from a server that has already imported training_vqgan."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "training_vqgan"])
+    context.set_forkserver_preload([__name__, "training_vqgan", "albumentations"])  # data.py imports it lazily
     with pytest.MonkeyPatch.context() as patch:  # the server's environment, read once when it starts
         patch.setenv("OMP_NUM_THREADS", "1")
         paths = [str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]  # for the preload
