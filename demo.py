@@ -124,11 +124,12 @@ def labels_dir(images):
 
 
 def finished(ckpt, steps, dataset):
-    """Whether ckpt is a finished run of `steps` steps on `dataset` (a run of the default demo to build on)."""
+    """Whether ckpt is a finished run of `steps` steps on `dataset` (a run of the default demo to build on). The
+    folder's name carries the data's settings, so a run copied or moved elsewhere with its folders counts too."""
     if not ckpt.is_file():
         return False
     saved = load_checkpoint(ckpt, mmap=True)
-    return saved["step"] == steps and Path(saved["args"]["dataset_path"]) == dataset
+    return saved["step"] == steps and Path(saved["args"]["dataset_path"]).name == dataset.name
 
 
 def read_pictures(paths, kind="rgb", num_labels=0):

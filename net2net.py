@@ -1,16 +1,18 @@
 """taming-transformers' Net2NetTransformer checkpoints (`last.ckpt` + `model.yaml`: first stage, conditioning stage
 and GPT in one state dict) as a VQGANTransformer, with every conditioning stage taming has."""
-from checkpoint import read_taming
+from checkpoint import read_checkpoint, read_taming
 from mingpt import taming_gpt_config, taming_gpt_weights
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN
 
 
-def from_taming(ckpt_path, config_path):
+def from_taming(ckpt_path, config_path, trust=False, user="net2net.from_taming"):
     """A taming-transformers Net2NetTransformer (`last.ckpt` + `model.yaml`), in eval mode, computing what taming
     computes: one embedding table for condition and image codes, no start token before a condition, the SOS
-    token (unconditional) or the class id (Labelator) as the first token; downsample_cond_size as a factor."""
-    state, params = read_taming(ckpt_path, config_path)
+    token (unconditional) or the class id (Labelator) as the first token; downsample_cond_size as a factor. Another
+    kind of checkpoint is an error naming it and `user`'s needs."""
+    ckpt = read_checkpoint(ckpt_path, trust).expect("taming-stage2", user=user)
+    state, params = read_taming(ckpt, config_path)
     if "transformer_config" not in params or "first_stage_config" not in params:
         raise ValueError(f"{config_path} is not a Net2NetTransformer config (it has no transformer_config and "
                          f"first_stage_config); a VQ model's config goes to eval_vqgan.py.")
@@ -48,5 +50,5 @@ def from_taming(ckpt_path, config_path):
                                cond_downsample=image_size // downsample if cond_vqgan and downsample > -1 else 1)
     model = VQGANTransformer(vqgan, config, cond_vqgan, taming=layout)
     model.gpt.load_state_dict(taming_gpt_weights(state))
-    model.classes = None
+    model.classes, model.uses_ema = None, False
     return model.eval()

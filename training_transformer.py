@@ -19,7 +19,7 @@ from data import (ImageFolder, PairedFolder, build_loader, cached_tokens, collat
 from demo_flowers import write_default_demo_set
 from runtime import autocast, barrier, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
-from transformer import TransformerConfig, VQGANTransformer, check_condition_tokenizer
+from transformer import TransformerConfig, VQGANTransformer
 from utils import save_plots
 from vqgan import VQGAN
 
@@ -45,7 +45,8 @@ def image_dataset(paths, args, transformer, train, root, cond_path):
 def make_dataset(paths, args, transformer, train, root, cond_path, split, run):
     """image_dataset, or with --precompute-tokens a token dataset read from (or written to) the cache.
 
-    With the cache, every rank must call this (each encodes its share of a missing cache).
+    With the cache, every rank must call this (each encodes its share of a missing cache); only rank 0 gets the
+    validation rows (it alone evaluates), the other ranks None.
     """
     images = image_dataset(paths, args, transformer, train and not args.precompute_tokens, root, cond_path)
     if getattr(images, "missing", None) and run.is_main:
@@ -56,7 +57,7 @@ def make_dataset(paths, args, transformer, train, root, cond_path, split, run):
     cond = None if transformer.cond_vqgan is None else (cond_checkpoint(args), images.cond_paths, args.cond_downsample)
     cache = token_cache_path(args.checkpoint_path, transformer.image_size, images.paths, split, cond)
     return cached_tokens(cache, images, lambda view: encode_batch(view, transformer, run), args.batch_size,
-                         args.num_workers)
+                         args.num_workers, every_rank=train)
 
 
 def encode_batch(batch, transformer, run):
@@ -73,12 +74,18 @@ def batch_codes(batch, transformer, run):
     if "indices" not in batch:
         batch = encode_batch(batch, transformer, run)
     cond = batch.get("cond_indices")
-    return batch["indices"].to(run.device, non_blocking=True), None if cond is None else cond.to(run.device)
+    cond = None if cond is None else cond.to(run.device, non_blocking=True)
+    return batch["indices"].to(run.device, non_blocking=True), cond
 
 
 def cond_checkpoint(args):
     """The stage-1 checkpoint that tokenizes the conditions: --cond-checkpoint, else the image's own."""
     return args.cond_checkpoint or args.checkpoint_path
+
+
+def batch_labels(batch, run):
+    """(B,) class labels of a batch on the device, or None; from the loader's pinned memory without a wait."""
+    return batch["label"].to(run.device, non_blocking=True) if "label" in batch else None
 
 
 # ---- checks and evaluation ----
@@ -87,7 +94,7 @@ def check_args(args):
     """What neither the config nor the run checks: the validation batches, the stage-1 checkpoints, the condition
     flags."""
     check_positive(args, "val_batches")
-    if not Path(args.checkpoint_path).is_file():
+    if not Path(args.checkpoint_path).exists():  # a file, or a model folder of export.py
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
     conditioned = [flag for flag in ("cond_checkpoint", "val_cond_path") if getattr(args, flag)]
@@ -95,7 +102,7 @@ def check_args(args):
         raise ValueError(f"--{conditioned[0].replace('_', '-')} goes with --cond-path, the folder of conditions.")
     if args.cond_path and args.val_path and not args.val_cond_path:
         raise ValueError("--val-path with --cond-path needs --val-cond-path, the conditions of the held-out images.")
-    if args.cond_checkpoint and not Path(args.cond_checkpoint).is_file():
+    if args.cond_checkpoint and not Path(args.cond_checkpoint).exists():  # a file, or a model folder
         raise CheckpointError(f"No condition tokenizer at --cond-checkpoint {args.cond_checkpoint}: train one with "
                               f"`python training_vqgan.py --image-kind ...`.")
 
@@ -110,10 +117,9 @@ def evaluate(transformer, loader, run, max_batches):
             break
         if batch is None:
             continue
-        labels = batch["label"].to(run.device) if "label" in batch else None
         indices, cond = batch_codes(batch, transformer, run)
         with autocast(run.precision, run.device):
-            _, loss = transformer(indices, labels, cond)
+            _, loss = transformer(indices, batch_labels(batch, run), cond)
         losses.append(loss.float())
     transformer.train()
     return torch.stack(losses).mean().item() if losses else None
@@ -136,10 +142,9 @@ def show_samples(run, transformer, images, top_k):
     """The grid of show_progress, in results/ and TensorBoard."""
     if images is not None:  # None: none of the first training images was readable
         x = images["image"].to(run.device)
-        labels = images["label"].to(run.device) if "label" in images else None
         cond = images["cond"].to(run.device) if "cond" in images else None
         with autocast(run.precision, run.device):
-            logs = transformer.log_images(x, labels=labels, top_k=top_k, cond=cond)
+            logs = transformer.log_images(x, labels=batch_labels(images, run), top_k=top_k, cond=cond)
         run.save_grid(torch.cat(list(logs.values())).float(), "transformer_samples", nrow=len(x),
                       row_labels=[name.replace("_", " ") for name in logs])
 
@@ -149,14 +154,15 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
+    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
+                                  user="training_transformer.py --checkpoint-path")  # the wrong kind fails here
+    cond_vqgan = None  # the image's own tokenizer reads the conditions unless --cond-checkpoint names another
+    if args.cond_path:
+        cond_vqgan = VQGAN.from_checkpoint(args.cond_checkpoint, trust=args.trust_checkpoint,
+                                           user="training_transformer.py --cond-checkpoint") \
+            if args.cond_checkpoint else vqgan
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
-    cond_vqgan = cond_kind = None
-    if args.cond_path:  # the image's own tokenizer unless --cond-checkpoint names another
-        cond_kind = check_condition_tokenizer(cond_checkpoint(args), trust=args.trust_checkpoint)
-        cond_vqgan = VQGAN.from_checkpoint(args.cond_checkpoint, trust=args.trust_checkpoint) \
-            if args.cond_checkpoint else vqgan
     if run.is_main and args.dataset_path == DATASET_PATH:
         write_default_demo_set(DATASET_PATH)
     barrier()  # the other ranks wait for the demo set
@@ -189,27 +195,29 @@ def main(args):
                     classes=classes, ema=ema.state_dict(gpt) if ema else None,
                     vqgan_checkpoint=str(Path(args.checkpoint_path).resolve()),
                     cond_checkpoint=str(Path(cond_checkpoint(args)).resolve()) if args.cond_path else None,
-                    cond_kind=cond_kind)
+                    cond_kind=transformer.cond_kind)
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, args.dataset_path, args.cond_path, "train",
                                      run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, args.val_path or args.dataset_path,
                            args.val_cond_path or args.cond_path, "val", run) if val_paths else None  # all ranks
-    val_loader = build_loader(val_set, args.batch_size, train=False) if val_set is not None and run.is_main else None
+    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers) \
+        if val_set is not None and run.is_main else None  # rank 0 evaluates; workers decode while the GPU encodes
     shown = None
     if run.is_main:  # the first training images, also with a cache
         fixed = image_dataset(train_paths[:8], args, transformer, False, args.dataset_path, args.cond_path)
         shown = collate_images([fixed[i] for i in range(min(4, len(fixed)))])
     transformer.train()
     for batches in run.steps(loader, checkpoint_state):
+        losses = []  # each micro-batch's, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            labels = batch["label"].to(device) if "label" in batch else None
             indices, cond = batch_codes(batch, transformer, run)
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
-                    _, loss = model(indices, labels, cond)
+                    _, loss = model(indices, batch_labels(batch, run), cond)
                 scaler.scale(loss / args.grad_accum).backward()
-        if run.skip_update(loss):  # keep the last good weights
+            losses.append(loss)
+        if run.skip_update(losses):  # keep the last good weights
             optimizer.zero_grad(set_to_none=True)
             continue
         scaler.unscale_(optimizer)
@@ -234,7 +242,8 @@ def build_parser():
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional); "
       "the default one gets the demo flowers on first use")
-    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")), help="the stage-1 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")),
+      help="the stage-1 checkpoint, or a stage-1 model folder of export.py")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")

@@ -1,5 +1,5 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_weights, read_checkpoint, write_model_folder
 from config import ConfigError, check_positive, config_from_dict
-from mingpt import GPT, GPTConfig, sample_next, static_cache
+from mingpt import GPT, GPTConfig, pad_rows, sample_next, static_cache
 from utils import for_display
 from vqgan import VQGAN
 
@@ -20,20 +20,6 @@ def corrupt(indices, pkeep, num_codebook_vectors):
         return indices
     keep = torch.bernoulli(torch.full(indices.shape, pkeep, device=indices.device)).bool()
     return torch.where(keep, indices, torch.randint_like(indices, num_codebook_vectors))
-
-
-def check_condition_tokenizer(path, kind=None, trust=False):
-    """The image_kind of a condition tokenizer's checkpoint; one sentence when it is not a stage-1 checkpoint or not of
-    `kind` (the kind the stage-2 model was trained on)."""
-    config = load_checkpoint(path, trust=trust, mmap=True).get("config")
-    if not isinstance(config, dict) or "ch_mult" not in config:
-        raise CheckpointError(f"{path} is not a stage-1 checkpoint (training_vqgan.py writes those), so it cannot "
-                              f"tokenize the condition.")
-    actual = config.get("image_kind", "rgb")
-    if kind is not None and actual != kind:
-        raise CheckpointError(f"The condition tokenizer {path} reads {actual} images, but this model was trained on "
-                              f"{kind} conditions.")
-    return actual
 
 
 @dataclass
@@ -107,16 +93,21 @@ class WindowCache:
     """The GPT's key/value cache of one window: the next token of the same window runs alone; any other token
     runs its window's prefix from the start token, so a token never costs more than one forward over a window."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, rows):
         self.gpt, self.origin, self.length = gpt, None, 0
-        self.kv = [{} for _ in gpt.blocks]  # allocated on first use; a new prefix overwrites it from position 0
+        if gpt.decode_fn is not None:  # the GPT's one static cache, for every batch: rows padded to its size
+            self.kv, self.rows = gpt.static_decode_cache(rows)
+        else:  # allocated on first use; a new prefix overwrites it from position 0
+            self.kv, self.rows = [{} for _ in gpt.blocks], rows
 
     def next_logits(self, tokens, origin):
         """Logits (B, V) after tokens (B, T): a start token, then the first T - 1 tokens of the window at origin."""
-        T = tokens.size(1)
+        n, T = tokens.shape
+        tokens = pad_rows(tokens, self.rows)
         if origin == self.origin and T == self.length + 1 and self.gpt.decode_fn is not None:
             position = torch.full((), self.length, dtype=torch.long, device=tokens.device)  # static shapes
-            logits = self.gpt.decode_fn(tokens[:, -1:], self.kv, position)[:, None]  # (B, 1, V)
+            # a fresh (B, 1) tensor: the slice's strides (T, 1) would change with T, and each change recompile
+            logits = self.gpt.decode_fn(tokens[:, -1:].contiguous(), self.kv, position)[:, None]  # (B, 1, V)
         elif origin == self.origin and T == self.length + 1:
             logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
         else:
@@ -124,7 +115,7 @@ class WindowCache:
             if self.gpt.decode_fn is not None:
                 static_cache(self.kv)
         self.origin, self.length = origin, T
-        return logits[:, -1]
+        return logits[:n, -1]
 
 
 class VQGANTransformer(nn.Module):
@@ -190,30 +181,55 @@ class VQGANTransformer(nn.Module):
                                  resid_pdrop=config.resid_pdrop, attn_pdrop=config.attn_pdrop))
 
     @classmethod
-    def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True, cond_path=None):
-        """Rebuild a trained stage-2 model (and its stage-1 VQGAN and condition tokenizer) from our checkpoint, in
-        eval mode; with the EMA weights of each when their runs kept them (--ema-decay), unless ema=False."""
-        ckpt = load_checkpoint(path, trust=trust)
-        vqgan_path = vqgan_path or ckpt["vqgan_checkpoint"]
-        if not Path(vqgan_path).is_file():
-            raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
+    def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True, user="VQGANTransformer.from_checkpoint",
+                        cond_path=None):
+        """Rebuild a trained stage-2 model, its stage-1 VQGAN and its condition tokenizer, in eval mode, from a
+        checkpoint of training_transformer.py or a model folder of export.py (a local folder or a Hub model id); with
+        the EMA weights of each when their runs kept them (--ema-decay), unless ema=False. Another kind of checkpoint
+        is an error naming it and `user`'s needs. vqgan_path, cond_path: where the tokenizers are now, if they
+        moved."""
+        ckpt = read_checkpoint(path, trust).expect("stage2", user=user)
+        stage1 = vqgan_path or ckpt.stage1_path()
+        if not Path(stage1).exists() and vqgan_path is None:
+            raise CheckpointError(f"The stage-1 checkpoint {stage1} that {ckpt.path} was trained on is missing; "
                                   f"pass its new place with --vqgan-checkpoint.")
-        vqgan = VQGAN.from_checkpoint(vqgan_path, trust=trust, ema=ema)
+        vqgan = VQGAN.from_checkpoint(stage1, trust=trust, ema=ema,
+                                      user="--vqgan-checkpoint" if vqgan_path else f"the stage-2 model {ckpt.path}")
         cond_vqgan = None
-        if ckpt.get("cond_checkpoint"):
-            if cond_path is None and ckpt["cond_checkpoint"] == ckpt["vqgan_checkpoint"]:
-                cond_path = vqgan_path  # the image's own tokenizer, wherever it is now
-            cond_path = cond_path or ckpt["cond_checkpoint"]
-            if not Path(cond_path).is_file():
-                raise CheckpointError(f"The condition tokenizer {cond_path} that {path} was trained with is "
+        if ckpt.cond_path() is not None:
+            if cond_path is None and ckpt.cond_path() == ckpt.stage1_path():
+                cond_path = stage1  # the image's own tokenizer, wherever it is now
+            cond_path = cond_path or ckpt.cond_path()
+            if not Path(cond_path).exists():
+                raise CheckpointError(f"The condition tokenizer {cond_path} that {ckpt.path} was trained with is "
                                       f"missing; pass its new place with --cond-checkpoint.")
-            check_condition_tokenizer(cond_path, ckpt["cond_kind"], trust)
-            same = Path(cond_path).resolve() == Path(vqgan_path).resolve()
-            cond_vqgan = vqgan if same else VQGAN.from_checkpoint(cond_path, trust=trust, ema=ema)
-        model = cls(vqgan, config_from_dict(TransformerConfig, ckpt["config"]), cond_vqgan)
-        model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
-        model.classes = ckpt.get("classes")
+            cond_vqgan = vqgan if Path(cond_path).resolve() == Path(stage1).resolve() else VQGAN.from_checkpoint(
+                cond_path, trust=trust, ema=ema, user="--cond-checkpoint")
+            kind = ckpt.info.get("cond_kind")
+            if cond_vqgan.config.image_kind != kind:
+                raise CheckpointError(f"The condition tokenizer {cond_path} reads {cond_vqgan.config.image_kind} "
+                                      f"images, but the stage-2 model {ckpt.path} was trained on {kind} conditions.")
+        model = cls(vqgan, config_from_dict(TransformerConfig, ckpt.config), cond_vqgan)
+        load_weights(model.gpt, ckpt.weights(ema), ckpt.path)
+        model.classes = ckpt.info.get("classes")
+        model.uses_ema = ckpt.uses_ema(ema)
         return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, ema=True):
+        """A stage-2 model folder of export.py, local or on the Hugging Face Hub (owner/name); as from_checkpoint."""
+        return cls.from_checkpoint(name_or_path, ema=ema, user="VQGANTransformer.from_pretrained")
+
+    def save_pretrained(self, folder, vqgan_info=None, cond_info=None, **info):
+        """Write a model folder that from_pretrained reads: config.json (with `info`) and model.safetensors of the
+        GPT, the stage-1 model's folder in the sub-folder vqgan/ (with `vqgan_info`) and a condition tokenizer of its
+        own in cond/ (with `cond_info`)."""
+        self.vqgan.save_pretrained(Path(folder) / "vqgan", **(vqgan_info or {}))
+        cond = None if self.cond_vqgan is None else "vqgan" if self.cond_vqgan is self.vqgan else "cond"
+        if cond == "cond":
+            self.cond_vqgan.save_pretrained(Path(folder) / "cond", **(cond_info or {}))
+        write_model_folder(folder, "vqgan-transformer", asdict(self.config), self.gpt.state_dict(), vqgan="vqgan",
+                           classes=getattr(self, "classes", None), cond=cond, cond_kind=self.cond_kind, **info)
 
     @property
     def cond_kind(self):
@@ -383,7 +399,7 @@ class VQGANTransformer(nn.Module):
         starts = self.start_tokens(n, labels, device)  # (n, 1)
         guided = cfg_scale is not None and cfg_scale != 1  # scale 1 is the conditional model itself
         hc, wc = self.cond_hw
-        cache, window = WindowCache(self.gpt), None
+        cache, window = WindowCache(self.gpt, 2 * n if guided else n), None
         for i, j in regenerate.nonzero().tolist():  # raster order
             top, left = window_origin(i, j, (H, W), (h, w))
             if window != (top, left):  # the prefix of a new window: the condition window slides with it

@@ -214,10 +214,11 @@ def test_checkpoint_brings_back_its_condition_tokenizer(tmp_path):
     torch.testing.assert_close(loaded(indices, cond=loaded.encode_condition(c))[0],
                                model(indices, cond=model.encode_condition(c))[0])
 
-    with pytest.raises(CheckpointError, match=r"The condition tokenizer .*vqgan.pt reads rgb images, but this model "
-                                              r"was trained on segmentation conditions"):
+    with pytest.raises(CheckpointError, match=r"The condition tokenizer .*vqgan.pt reads rgb images, but the stage-2 "
+                                              r"model .*transformer.pt was trained on segmentation conditions"):
         VQGANTransformer.from_checkpoint(paths["transformer"], cond_path=paths["vqgan"])
-    with pytest.raises(CheckpointError, match=r"transformer.pt is not a stage-1 checkpoint"):
+    with pytest.raises(CheckpointError, match=r"transformer.pt is a stage-2 \(transformer\) checkpoint, which .*; "
+                                              r"--cond-checkpoint needs a stage-1 checkpoint from training_vqgan.py"):
         VQGANTransformer.from_checkpoint(paths["transformer"], cond_path=paths["transformer"])
     paths["labels"].rename(tmp_path / "moved.pt")
     with pytest.raises(CheckpointError, match=r"The condition tokenizer .*labels.pt that .* was trained with is "

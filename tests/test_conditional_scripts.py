@@ -70,12 +70,12 @@ def test_training_records_the_condition_and_caches_its_tokens(run):
     assert set(caches) == {"train", "val"}
     train = caches["train"]
     assert train["indices"].shape == (2 * 10, 64) and train["cond_indices"].shape == (2 * 10, 16)  # with flips
-    # The rows are the centre crops' codes, batch by batch (--batch-size 4): 4 pairs, then their mirror images.
+    # The rows are the centre crops' codes, each pair followed by its mirror image.
     model = VQGANTransformer.from_checkpoint(ckpt)
     pairs = PairedFolder(root / "flowers", root / "labels", 32, train=False, cond_kind="segmentation", num_labels=3)
     assert pairs.missing == [find_images(root / "flowers")[-1]]  # the flower without a label map
     item = pairs[0]  # flower_0000, the first training pair
-    for row, flip in ((0, False), (4, True)):
+    for row, flip in ((0, False), (1, True)):
         cond, image = (x.flip(-1) if flip else x for x in (item["cond"][None], item["image"][None]))
         assert torch.equal(train["cond_indices"][row].long(), model.encode_condition(cond).flatten(1)[0])
         assert torch.equal(train["indices"][row].long(), model.encode_to_indices(image)[0])
@@ -124,8 +124,8 @@ def test_condition_errors_are_one_sentence(run, tmp_path):
         sample(ckpt, tmp_path / "out", "--cond-image", str(tmp_path / "bad.png"))
     with pytest.raises(ValueError, match=r"draws images for a condition \(segmentation\): pass one with --cond-image"):
         sample(ckpt, tmp_path / "out")
-    with pytest.raises(CheckpointError, match=r"vqgan.pt reads rgb images, but this model was trained on "
-                                              r"segmentation conditions"):
+    with pytest.raises(CheckpointError, match=r"vqgan.pt reads rgb images, but the stage-2 model .*transformer_last.pt "
+                                              r"was trained on segmentation conditions"):
         sample(ckpt, tmp_path / "out", "--cond-image", str(tmp_path / "odd.png"), "--cond-checkpoint",
                str(root / "vqgan.pt"))
     plain, config = tmp_path / "plain.pt", TransformerConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
@@ -198,7 +198,8 @@ def test_eval_pairs_samples_with_conditions_and_ground_truth(run, tmp_path, monk
 
 
 @pytest.mark.parametrize("flags, error, message", [
-    (["--cond-checkpoint", "{stage2}"], CheckpointError, r"transformer_last.pt is not a stage-1 checkpoint"),
+    (["--cond-checkpoint", "{stage2}"], CheckpointError, r"transformer_last.pt is a stage-2 \(transformer\) "
+     r"checkpoint, which .*; training_transformer.py --cond-checkpoint needs a stage-1 checkpoint"),
     (["--cond-path", "{empty}"], DataError, r"--cond-path: No image files"),
     (["--cond-path", "{elsewhere}"], DataError, r"holds a condition for none of the 11 images"),
     (["--cond-path", None], ValueError, r"--cond-checkpoint goes with --cond-path"),

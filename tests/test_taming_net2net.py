@@ -12,6 +12,7 @@ from PIL import Image
 
 import eval_transformer
 import sample_transformer
+from checkpoint import CheckpointError
 from data import PairedFolder
 from eval_transformer import RandomConvFeatures
 from mingpt import GPT
@@ -160,5 +161,7 @@ def test_unsupported_taming_configs_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="conditioning stage taming.modules.misc.Coord is not supported"):
         from_taming(*variant(tmp_path, cond_stage_config={"target": "taming.modules.misc.Coord"}))
     with pytest.raises(ValueError, match="is not a Net2NetTransformer config"):
-        from_taming(FIXTURES.parent / "taming_tiny" / "last.ckpt",
-                                     FIXTURES.parent / "taming_tiny" / "model.yaml")
+        from_taming(FIXTURES / "last.ckpt", FIXTURES.parent / "taming_tiny" / "model.yaml")
+    with pytest.raises(CheckpointError, match=r"last.ckpt is a taming-transformers VQGAN checkpoint, which .*; "
+                                              r"net2net.from_taming needs a taming-transformers Net2NetTransformer"):
+        from_taming(FIXTURES.parent / "taming_tiny" / "last.ckpt", FIXTURES.parent / "taming_tiny" / "model.yaml")
