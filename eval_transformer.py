@@ -459,12 +459,7 @@ def build_parser():
     a = p.add_argument
     a("--checkpoint-path", required=True,
       help="a stage-2 checkpoint (transformer_last.pt), or a stage-2 model folder of export.py (local or a Hub id)")
-    a("--vqgan-checkpoint", default=None,
-      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
-    a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training (default: "
-      "the path stored in the stage-2 checkpoint)")
-    a("--taming-config", default=None, help="the model.yaml of a taming-transformers Net2NetTransformer checkpoint "
-      "given as --checkpoint-path (its last.ckpt) (default: --checkpoint-path is one of ours)")
+    sample_transformer.add_model_flags(a)
     a("--cond-path", default=None, help="the reference images' conditions (same relative path and stem): a model "
       "with an image condition draws sample i for pair i in turn, and sample i is compared with pair i (PSNR; mean "
       "IoU with --segmenter) (default: none)")

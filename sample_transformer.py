@@ -253,11 +253,8 @@ def main(args):
     return images
 
 
-def build_parser():
-    p = ScriptParser("Sample images from a trained VQGAN transformer.")
-    a = p.add_argument
-    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
-      help="a stage-2 checkpoint, or a stage-2 model folder of export.py (a local folder or a Hub model id)")
+def add_model_flags(a):
+    """The flags of load_model beside --checkpoint-path (sample_transformer.py's and eval_transformer.py's)."""
     a("--vqgan-checkpoint", default=None,
       help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training (default: "
@@ -265,6 +262,14 @@ def build_parser():
     a("--taming-config", default=None, help="the model.yaml of a taming-transformers Net2NetTransformer checkpoint "
       "given as --checkpoint-path (its last.ckpt): unconditional, class (Labelator), segmentation, depth or RGB "
       "conditions (default: --checkpoint-path is one of ours)")
+
+
+def build_parser():
+    p = ScriptParser("Sample images from a trained VQGAN transformer.")
+    a = p.add_argument
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
+      help="a stage-2 checkpoint, or a stage-2 model folder of export.py (a local folder or a Hub model id)")
+    add_model_flags(a)
     a("--cond-image", default=None, help="for a model with an image condition: the condition to draw images for (a "
       "label map PNG, a depth map, an RGB image: the kind the model was trained on); the canvas is its size, and a "
       "larger one is sampled with the sliding window over condition and image together")
