@@ -138,6 +138,14 @@ def read_pictures(paths, kind="rgb", num_labels=0):
                       for path in paths])
 
 
+def with_flag(flags, name, value):
+    """The flag list with `name` set to `value` (in its place when present, else at the end)."""
+    if name not in flags:
+        return [*flags, name, str(value)]
+    i = flags.index(name)
+    return [*flags[:i + 1], str(value), *flags[i + 2:]]
+
+
 def enlarge(src, dst, factor):
     """A copy of the PNG at src, `factor` times larger with square pixels (the demo's images are small)."""
     with Image.open(src) as image:
@@ -270,9 +278,10 @@ def conditional_demo(args):
         run_step(training_transformer, [
             "--dataset-path", str(train_dir), "--cond-path", str(labels_dir(train_dir)), "--val-path",
             str(heldout_dir), "--val-cond-path", str(labels_dir(heldout_dir)), "--checkpoint-path", str(vqgan_ckpt),
-            "--cond-checkpoint", str(labels_ckpt), "--precompute-tokens", *s.gpt_flags, "--block-size",
-            str(c.block_size), "--max-steps", str(s.gpt_steps), "--sample-every", str(s.gpt_steps // s.evals),
-            "--save-every", str(s.gpt_steps), "--out-dir", str(cond_out), "--num-workers", "0", *device])
+            "--cond-checkpoint", str(labels_ckpt), "--precompute-tokens",
+            *with_flag(s.gpt_flags, "--block-size", c.block_size), "--max-steps", str(s.gpt_steps),
+            "--sample-every", str(s.gpt_steps // s.evals), "--save-every", str(s.gpt_steps), "--out-dir",
+            str(cond_out), "--num-workers", "0", *device])
     times["conditional stage 2"] = time.perf_counter() - start - sum(times.values())
 
     # 4. The ruler: a per-pixel classifier of (flower, label map) pairs, with its own held-out accuracy.
