@@ -113,6 +113,22 @@ def _become_script(argv, stdout_path, stderr_path):
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
+def _become_script_with_slow_steps(argv, stdout_path, stderr_path, marks):
+    """Body of a fork-server child: _become_script, each training step taking 5 s more; it writes
+    <marks>.start<step> as it begins and <marks>.end<step> as it ends."""
+    real_train_step = loss.train_step
+
+    def slow_train_step(stage1, x, step, *args, **kwargs):
+        Path(f"{marks}.start{step}").touch()
+        time.sleep(5)
+        result = real_train_step(stage1, x, step, *args, **kwargs)
+        Path(f"{marks}.end{step}").touch()
+        return result
+
+    loss.train_step = slow_train_step  # the script imports it from loss when it runs
+    _become_script(argv, stdout_path, stderr_path)
+
+
 def _save_forever(path, first_step):
     """Body of a fork-server child: save checkpoints of changing size to one path, back to back, until killed."""
     torch.set_num_threads(1)
@@ -142,14 +158,14 @@ def fork_server():
 
 
 class ScriptRun:
-    """One run of training_vqgan.py in a child of the fork server."""
+    """One run of training_vqgan.py in a child of the fork server (body: _become_script, or another with more args)."""
 
-    def __init__(self, fork_server, argv, log_prefix):
+    def __init__(self, fork_server, argv, log_prefix, body=_become_script, *body_args):
         self.stdout_path, self.stderr_path = Path(f"{log_prefix}.out"), Path(f"{log_prefix}.err")
         self.stdout_path.touch()
         self.stderr_path.touch()
-        self.proc = fork_server.Process(target=_become_script,
-                                        args=(list(map(str, argv)), str(self.stdout_path), str(self.stderr_path)))
+        self.proc = fork_server.Process(target=body, args=(list(map(str, argv)), str(self.stdout_path),
+                                                           str(self.stderr_path), *body_args))
         self.proc.start()
 
     def stdout(self):
@@ -186,8 +202,8 @@ def script(fork_server, tmp_path):
     """start(argv, name) runs the script in a child, logging to tmp_path/name.out and .err; none outlives the test."""
     runs = []
 
-    def start(argv, name):
-        runs.append(ScriptRun(fork_server, argv, tmp_path / name))
+    def start(argv, name, *body):
+        runs.append(ScriptRun(fork_server, argv, tmp_path / name, *body))
         return runs[-1]
 
     yield start
@@ -338,6 +354,27 @@ def test_sigkill_at_random_moments_then_resume_and_sigterm_sigint_save(script, f
     # Nothing else was lost on the way: a log with no gap or repeat, and the optimizer state went on throughout.
     assert logged_steps(out) == list(range(1, resumed_from + 1))
     assert load_checkpoint(ckpt_path)["opt_vq"]["state"][0]["step"] == resumed_from
+
+
+def test_ctrl_c_says_at_once_that_the_run_saves_after_the_step_and_a_second_stops_it_unsaved(script, flowers,
+                                                                                               tmp_path):
+    """Steps of 5 s: the first SIGINT's line comes while its step still runs; a second SIGINT ends the run at once,
+    before that step ends, saving nothing."""
+    out, marks = tmp_path / "run", tmp_path / "mark"
+    run = script(script_flags(flowers, out, "--max-steps", 100, "--save-every", 1000), "sigint",
+                 _become_script_with_slow_steps, str(marks))
+    run.wait_for(lambda: Path(f"{marks}.start0").exists(), "first step")
+    run.kill(signal.SIGINT)
+    said = "Ctrl-C (SIGINT) received: saving and stopping after the current step. Press Ctrl-C again to stop at " \
+           "once, without saving."
+    run.wait_for(lambda: said in run.stderr(), "line on the first Ctrl-C", timeout=4)
+    assert not Path(f"{marks}.end0").exists()  # said while the step still runs
+    run.kill(signal.SIGINT)
+    assert run.wait(timeout=4) == 130
+    assert not Path(f"{marks}.end0").exists() and not (out / "checkpoints").exists()  # at once, nothing saved
+    stderr = run.stderr()
+    assert "Traceback" not in stderr and stderr.count(said) == 1
+    assert "Stopped at once: a second SIGINT came before the save; nothing was saved." in stderr
 
 
 def test_a_kill_while_saving_leaves_the_old_or_the_new_checkpoint(fork_server, tmp_path):
