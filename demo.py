@@ -14,6 +14,7 @@ import json
 import shlex
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +44,21 @@ class DemoSettings:
     vqgan_flags: list      # training_vqgan.py's model and optimiser flags
     vqgan_lr: list         # (train until this step, at this learning rate), ...: a step decay, one run per phase
     gpt_flags: list        # training_transformer.py's model and optimiser flags
-    gpt_steps: int
+    gpt_lr: list           # as vqgan_lr
     num_samples: int
     top_k: int
     evals: int             # reconstruction grids (stage 1), validations and sample grids (stage 2) per stage
     enlarge: int           # the pictures are also written this many times larger (nearest neighbour) for viewing
-    seconds: dict          # the expected time of each stage on 2 CPU cores: data, evaluation and sampling in seconds,
-                           # the stages' per step (measured: docs/demo.md)
+    seconds: dict          # each stage's expected time on 2 CPU cores: in all for drawing, evaluation and sampling,
+                           # per step for the two training stages (measured: docs/demo.md)
+
+    @property
+    def vqgan_steps(self):
+        return self.vqgan_lr[-1][0]
+
+    @property
+    def gpt_steps(self):
+        return self.gpt_lr[-1][0]
 
 
 DEMO = DemoSettings(
@@ -57,19 +66,19 @@ DEMO = DemoSettings(
     vqgan_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions", "8",
                  "--latent-dim", "32", "--num-codebook-vectors", "512", "--codebook-dim", "8", "--codebook-l2-norm",
                  "--restart-dead-codes", "--batch-size", "16", "--disc-start", "100000"],
-    vqgan_lr=[(900, 6e-4), (1200, 2e-4)],
+    vqgan_lr=[(1200, 6e-4), (1500, 2e-4)],
     gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32",
-               "--learning-rate", "1e-3", "--dropout", "0.1"],
-    gpt_steps=1000, num_samples=32, top_k=30, evals=5, enlarge=3,
-    seconds={"data": 9, "stage 1": 0.244, "evaluation": 3, "stage 2": 0.152, "sampling": 4})
+               "--dropout", "0.1"],
+    gpt_lr=[(600, 2e-3), (800, 5e-4)], num_samples=32, top_k=30, evals=5, enlarge=3,
+    seconds={"drawing": 9, "stage 1": 0.244, "evaluation": 3, "stage 2": 0.152, "sampling": 4})
 
 TINY = DemoSettings(  # the tiny models of presets.py
     image_size=TINY_VQGAN["image_size"], train_images=16, heldout_images=4,
     vqgan_flags=[*as_flags(TINY_VQGAN, leave_out=["image_size"]), "--batch-size", "4", "--disc-start", "100"],
     vqgan_lr=[(4, 1e-3), (6, 3e-4)],
-    gpt_flags=[*as_flags(TINY_GPT), "--batch-size", "4", "--learning-rate", "1e-3"],
-    gpt_steps=4, num_samples=4, top_k=8, evals=1, enlarge=2,
-    seconds={"data": 1, "stage 1": 0.1, "evaluation": 2, "stage 2": 0.1, "sampling": 2})
+    gpt_flags=[*as_flags(TINY_GPT), "--batch-size", "4"],
+    gpt_lr=[(3, 1e-3), (4, 3e-4)], num_samples=4, top_k=8, evals=1, enlarge=2,
+    seconds={"drawing": 1, "stage 1": 0.1, "evaluation": 2, "stage 2": 0.1, "sampling": 2})
 
 
 # ---- helpers ----
@@ -91,6 +100,12 @@ def data_dirs(out, s):
 def stage_dirs(out):
     """Each stage's --out-dir: its checkpoints/, results/ and tensorboard/ stay together."""
     return out / "stage1", out / "stage2"
+
+
+def stage_checkpoints(out):
+    """Each stage's checkpoint."""
+    stage1, stage2 = stage_dirs(out)
+    return checkpoint_path(stage1, training_vqgan.RUN_NAME), checkpoint_path(stage2, training_transformer.RUN_NAME)
 
 
 def saved_step(ckpt):
@@ -139,30 +154,33 @@ def draw_flowers(s, out):
     """Flowers drawn at the training size, and held-out flowers drawn from another seed (existing files are kept)."""
     train_dir, heldout_dir = data_dirs(out, s)
     announce("Data", f"{s.train_images} training and {s.heldout_images} held-out flowers of {s.image_size}x"
-                     f"{s.image_size}", s.seconds["data"])
+                     f"{s.image_size}", s.seconds["drawing"])
     make_demo_flowers(train_dir, num_images=s.train_images, size=s.image_size, seed=0)
     make_demo_flowers(heldout_dir, num_images=s.heldout_images, size=s.image_size, seed=HELDOUT_SEED)
 
 
-def train_stage1(s, out, flags):
-    """The VQGAN on the training flowers (no LPIPS: no VGG16 weights are needed). training_vqgan.py keeps the learning
-    rate constant, so a lower one for the last steps is a --resume with another --learning-rate: the run continues
-    from the exact step, with the same optimizer state and data order. A stopped run is resumed the same way."""
-    stage_out, train_dir = stage_dirs(out)[0], data_dirs(out, s)[0]
-    ckpt, steps = checkpoint_path(stage_out, training_vqgan.RUN_NAME), s.vqgan_lr[-1][0]
-    done = saved_step(ckpt)
-    announce("Stage 1", f"the VQGAN, {steps_left(done, steps)}", (steps - done) * s.seconds["stage 1"] if done < steps
-             else None)
-    for until_step, lr in s.vqgan_lr:
+def train_in_phases(stage, what, script, ckpt, phases, seconds_per_step, flags, every):
+    """A training stage run phase by phase, (until this step, at this learning rate), ...: the training scripts keep
+    the learning rate constant, so a lower one for the last steps is a --resume with another --learning-rate, which
+    continues from the exact step with the same optimizer state and data order. A stopped run is resumed the same way,
+    and the phases it finished are skipped."""
+    steps, done = phases[-1][0], saved_step(ckpt)
+    announce(stage, f"{what}, {steps_left(done, steps)}", (steps - done) * seconds_per_step if done < steps else None)
+    for until_step, lr in phases:
         done = saved_step(ckpt)
-        if done >= until_step:
-            continue
-        run_step(training_vqgan, [
-            "--dataset-path", str(train_dir), "--image-size", str(s.image_size), *s.vqgan_flags,
-            "--perceptual-loss-factor", "0", "--learning-rate", str(lr), "--max-steps", str(until_step),
-            "--sample-every", str(steps // s.evals), "--save-every", str(steps // s.evals), "--out-dir", str(stage_out),
-            *LOADING, *flags, *(["--resume"] if done else [])])
+        if done < until_step:
+            run_step(script, [*flags, "--learning-rate", str(lr), "--max-steps", str(until_step), "--sample-every",
+                              str(every), "--save-every", str(every), *(["--resume"] if done else [])])
     return ckpt
+
+
+def train_stage1(s, out, flags):
+    """The VQGAN on the training flowers (no LPIPS: no VGG16 weights are needed)."""
+    return train_in_phases("Stage 1", "the VQGAN", training_vqgan, stage_checkpoints(out)[0], s.vqgan_lr,
+                           s.seconds["stage 1"], [
+                               "--dataset-path", str(data_dirs(out, s)[0]), "--image-size", str(s.image_size),
+                               *s.vqgan_flags, "--perceptual-loss-factor", "0", "--out-dir", str(stage_dirs(out)[0]),
+                               *LOADING, *flags], every=s.vqgan_steps // s.evals)
 
 
 def evaluate_stage1(s, out, flags, vqgan_ckpt):
@@ -179,19 +197,13 @@ def evaluate_stage1(s, out, flags, vqgan_ckpt):
 
 def train_stage2(s, out, flags, vqgan_ckpt):
     """A GPT on the codes of the training flowers (encoded once, with their flips), validated on the held-out
-    flowers' codes; a stopped run is resumed."""
-    stage_out, (train_dir, heldout_dir) = stage_dirs(out)[1], data_dirs(out, s)
-    ckpt = checkpoint_path(stage_out, training_transformer.RUN_NAME)
-    done = saved_step(ckpt)
-    announce("Stage 2", f"the GPT, {steps_left(done, s.gpt_steps)}", (s.gpt_steps - done) * s.seconds["stage 2"]
-             if done < s.gpt_steps else None)
-    if done < s.gpt_steps:
-        every = str(s.gpt_steps // s.evals)
-        run_step(training_transformer, [
-            "--dataset-path", str(train_dir), "--val-path", str(heldout_dir), "--checkpoint-path", str(vqgan_ckpt),
-            "--precompute-tokens", *s.gpt_flags, "--max-steps", str(s.gpt_steps), "--sample-every", every,
-            "--save-every", every, "--out-dir", str(stage_out), *LOADING, *flags, *(["--resume"] if done else [])])
-    return ckpt
+    flowers' codes."""
+    train_dir, heldout_dir = data_dirs(out, s)
+    return train_in_phases("Stage 2", "the GPT", training_transformer, stage_checkpoints(out)[1], s.gpt_lr,
+                           s.seconds["stage 2"], [
+                               "--dataset-path", str(train_dir), "--val-path", str(heldout_dir), "--checkpoint-path",
+                               str(vqgan_ckpt), "--precompute-tokens", *s.gpt_flags, "--out-dir",
+                               str(stage_dirs(out)[1]), *LOADING, *flags], every=s.gpt_steps // s.evals)
 
 
 def sample(s, out, flags, gpt_ckpt):
@@ -208,10 +220,7 @@ def sample(s, out, flags, gpt_ckpt):
 def saved_so_far(s, out):
     """What a stopped demo leaves in out, in words."""
     saved = ["the flowers"] if data_dirs(out, s)[1].is_dir() else []
-    for stage, (ckpt, steps) in enumerate([(checkpoint_path(stage_dirs(out)[0], training_vqgan.RUN_NAME),
-                                            s.vqgan_lr[-1][0]),
-                                           (checkpoint_path(stage_dirs(out)[1], training_transformer.RUN_NAME),
-                                            s.gpt_steps)], 1):
+    for stage, ckpt, steps in zip((1, 2), stage_checkpoints(out), (s.vqgan_steps, s.gpt_steps)):
         if ckpt.is_file():
             saved.append(f"stage {stage} at step {saved_step(ckpt)} of {steps} ({ckpt})")
     return ", ".join(saved) or "nothing"
@@ -223,36 +232,36 @@ def saved_so_far(s, out):
 def main(args):
     s = TINY if args.tiny else DEMO
     out = Path(args.out_dir)
-    flags = [*(["--device", args.device] if args.device else []), *(["--threads", str(args.threads)] if args.threads
-                                                                    else [])]  # every step's
+    device = ["--device", args.device] if args.device else []
+    flags = [*device, *(["--threads", str(args.threads)] if args.threads else [])]  # every step's
+    again = shlex.join(["python", "demo.py", *(["--tiny"] if args.tiny else []), "--out-dir", str(out), *flags])
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop_at_once)
-    start, times, stage = time.perf_counter(), {}, "the data"
+    start, times = time.perf_counter(), {}
 
-    def finished(name):
-        times[name] = time.perf_counter() - start - sum(times.values())
+    @contextmanager
+    def stage(name):
+        """Time a stage; stopped, say what is saved and how to go on."""
+        began = time.perf_counter()
+        try:
+            yield
+        except (Interrupted, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a second signal in a training loop
+            how = stop.signal_name if isinstance(stop, Interrupted) else "stopped at once"
+            print(f"\nThe demo stopped during {name} ({how}). Saved: {saved_so_far(s, out)}. `{again}` continues "
+                  f"from there.", flush=True)
+            raise
+        times[name] = time.perf_counter() - began
 
-    try:
+    with stage("drawing"):
         draw_flowers(s, out)
-        finished("data")
-        stage = "stage 1"
+    with stage("stage 1"):
         vqgan_ckpt = train_stage1(s, out, flags)
-        finished("stage 1")
-        stage = "the evaluation"
+    with stage("evaluation"):
         eval_json = evaluate_stage1(s, out, flags, vqgan_ckpt)
-        finished("evaluation")
-        stage = "stage 2"
+    with stage("stage 2"):
         gpt_ckpt = train_stage2(s, out, flags, vqgan_ckpt)
-        finished("stage 2")
-        stage = "the sampling"
+    with stage("sampling"):
         samples_dir = sample(s, out, flags, gpt_ckpt)
-        finished("sampling")
-    except (Interrupted, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a second signal stopped a training loop
-        again = shlex.join(["python", "demo.py", *(["--tiny"] if args.tiny else []), "--out-dir", str(out), *flags])
-        how = stop.signal_name if isinstance(stop, Interrupted) else "stopped at once"
-        print(f"\nThe demo stopped during {stage} ({how}). Saved: {saved_so_far(s, out)}. `{again}` continues "
-              f"from there.", flush=True)
-        raise
 
     metrics = json.loads(eval_json.read_text())
     pictures = (enlarge(eval_json.parent / "reconstructions.png", out / "demo_reconstructions.png", s.enlarge),

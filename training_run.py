@@ -226,7 +226,7 @@ class TrainingRun:
             self.save("end of training")
         skipped = len(self.data.unreadable)
         if self.is_main and skipped:
-            named = "named above" if skipped <= MAX_NAMED_UNREADABLE else f"the first {MAX_NAMED_UNREADABLE} named above"
+            named = f"the first {MAX_NAMED_UNREADABLE} named above" if skipped > MAX_NAMED_UNREADABLE else "named above"
             print(f"Skipped {skipped} unreadable image file(s) during training ({named}).")
         if self.tensorboard is not None:
             self.tensorboard.close()

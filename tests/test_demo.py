@@ -86,9 +86,11 @@ def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tiny_demo):
     # Both stages trained for their steps, stage 2 on the stage-1 model, validated on the held-out flowers' codes.
     vqgan = torch.load(stage1 / "checkpoints" / "vqgan_last.pt", weights_only=True)
     gpt = torch.load(stage2 / "checkpoints" / "transformer_last.pt", weights_only=True)
-    assert vqgan["step"] == tiny.vqgan_lr[-1][0] and gpt["step"] == tiny.gpt_steps
-    # The learning rate's step decay: the last phase resumed the first one with its own rate.
+    assert vqgan["step"] == tiny.vqgan_steps and gpt["step"] == tiny.gpt_steps
+    # The learning rates' step decay: the last phase resumed the first one with its own rate.
     assert [group["lr"] for group in vqgan["opt_vq"]["param_groups"]] == [tiny.vqgan_lr[-1][1]]
+    assert {group["lr"] for group in gpt["optimizer"]["param_groups"]} == {tiny.gpt_lr[-1][1]}
+    assert gpt["optimizer"]["state"][0]["step"] == tiny.gpt_steps  # one optimizer state throughout
     assert Path(gpt["vqgan_checkpoint"]) == (stage1 / "checkpoints" / "vqgan_last.pt").resolve()
     assert summary["val_bits_per_token"] is not None and 0 < summary["val_bits_per_token"] < 20
 
@@ -131,7 +133,7 @@ def test_each_stage_keeps_its_own_config_and_tensorboard_run(tiny_demo):
     gpt = json.loads((stage2 / "results" / "transformer_config.json").read_text())
     train_dir = str(tmp_path / "data" / f"train-32px-{demo.TINY.train_images}")
     assert (vqgan["out_dir"], vqgan["dataset_path"], vqgan["max_steps"], vqgan["latent_dim"]) == \
-        (str(stage1), train_dir, demo.TINY.vqgan_lr[-1][0], TINY_VQGAN["latent_dim"])  # the last phase's flags
+        (str(stage1), train_dir, demo.TINY.vqgan_steps, TINY_VQGAN["latent_dim"])  # the last phase's flags
     assert (gpt["out_dir"], gpt["checkpoint_path"], gpt["max_steps"], gpt["n_layer"]) == \
         (str(stage2), str(stage1 / "checkpoints" / "vqgan_last.pt"), demo.TINY.gpt_steps, TINY_GPT["n_layer"])
     assert not list(tmp_path.rglob("config.json"))
