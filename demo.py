@@ -66,10 +66,9 @@ DEMO = DemoSettings(
     vqgan_flags=["--ch", "32", "--ch-mult", "1", "2", "2", "--num-res-blocks", "1", "--attn-resolutions", "8",
                  "--latent-dim", "32", "--num-codebook-vectors", "512", "--codebook-dim", "8", "--codebook-l2-norm",
                  "--restart-dead-codes", "--batch-size", "16", "--disc-start", "100000"],
-    vqgan_lr=[(1200, 6e-4), (1500, 2e-4)],
-    gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32",
-               "--dropout", "0.1"],
-    gpt_lr=[(600, 2e-3), (800, 5e-4)], num_samples=32, top_k=30, evals=5, enlarge=3,
+    vqgan_lr=[(1100, 6e-4), (1400, 2e-4)],
+    gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32"],
+    gpt_lr=[(600, 1e-3), (800, 3e-4)], num_samples=32, top_k=30, evals=5, enlarge=3,
     seconds={"drawing": 9, "stage 1": 0.244, "evaluation": 3, "stage 2": 0.152, "sampling": 4})
 
 TINY = DemoSettings(  # the tiny models of presets.py
@@ -284,8 +283,9 @@ def main(args):
 # ---- command line ----
 
 def build_parser():
-    p = ScriptParser("Run the whole method on demo flowers: data, stage 1, evaluation, stage 2 and sampling (about "
-                     "8 minutes on 2 CPU cores). Stopped, it saves; run again with the same --out-dir, it continues.")
+    p = ScriptParser("Run the whole method on demo flowers: data, stage 1, evaluation, stage 2 and sampling, in about "
+                     "8 minutes on 2 CPU cores (estimated 2026-12-03 from measured per-step times: docs/demo.md). "
+                     "Stopped (Ctrl-C, SIGTERM), it saves; run again with the same --out-dir, it continues.")
     p.add_argument("--out-dir", default="runs/demo", help="where the data, both stages' runs and the pictures go")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when available)")
