@@ -41,7 +41,8 @@ import sample_transformer
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
 from config import check_positive
-from data import DataError, ImageFolder, PairedFolder, build_loader, collate_images, find_images
+from data import (DataError, ImageFolder, PairedFolder, Unreadable, build_loader, collate_images, find_images,
+                  say_unreadable)
 from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from segmenter import PixelClassifier
@@ -186,7 +187,7 @@ def reference_features(reference, image_size, extractor, device, cache_dir, batc
         build_loader(ImageFolder(reference, image_size, train=False, paths=paths), batch_size, train=False,
                      num_workers=num_workers)
     for batch in tqdm(loader, desc="reference features", dynamic_ncols=True):
-        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+        if batch is None:  # every file of this batch was unreadable (the loader named them)
             skipped += batch_size
             continue
         skipped += batch["skipped"]
@@ -279,12 +280,17 @@ def sample_features(model, args, extractor, device, precision, num_grid, pairs=N
     features, logits, grid, psnrs, confusion = [], [], [], [], None
     H, W = (s * model.vqgan.config.downsample_factor for s in model.latent_hw)
     images_u8 = np.empty((args.num_samples, H, W, 3), np.uint8) if args.save_npz else None  # 9.8 GB at 50000 x 256^2
-    labels_all, done = [], 0
+    labels_all, done, unreadable = [], 0, set()
     for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
         n = min(args.batch_size, args.num_samples - first)
-        items = None if pairs is None else collate_images([pairs[(first + k) % len(pairs)] for k in range(n)])
+        batch = [] if pairs is None else [pairs[(first + k) % len(pairs)] for k in range(n)]
+        for item in batch:
+            if isinstance(item, Unreadable) and item.path not in unreadable:  # named once, however often drawn
+                unreadable.add(item.path)
+                say_unreadable(*item)
+        items = None if pairs is None else collate_images(batch)
         if pairs is not None and items is None:
-            continue  # every pair of this batch was unreadable (each one was named in a warning)
+            continue  # every pair of this batch was unreadable
         n = n if items is None else len(items["image"])
         labels = class_labels(model, args, first, n, device)
         with autocast(precision, device):

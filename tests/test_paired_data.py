@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, PairedFolder, token_cache_path
+from data import DataError, PairedFolder, Unreadable, build_loader, token_cache_path
 
 
 def write(path, array):
@@ -61,13 +61,24 @@ def test_partners_by_relative_path_and_stem_and_the_missing_counted(tmp_path):
                                                                           tmp_path / "images" / "sub" / "d.png"])
 
 
-def test_bad_pairs_are_skipped_with_a_warning_and_bad_labels_are_an_error(tmp_path):
-    write(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), dtype=np.uint8))
-    write(tmp_path / "labels" / "a.png", np.zeros((16, 20), dtype=np.uint8))
-    data = PairedFolder(tmp_path / "images", tmp_path / "labels", 16, cond_kind="segmentation", num_labels=3)
-    with pytest.warns(UserWarning, match=r"a.png': it is 16x16 pixels, its condition .*a.png' 20x16"):
-        assert data[0] is None
-    write(tmp_path / "labels" / "a.png", np.full((16, 16), 7, dtype=np.uint8))
+def test_bad_pairs_are_unreadable_items_named_by_the_loader_and_bad_labels_are_an_error(tmp_path, capfd):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    write(images / "a.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    write(labels / "a.png", np.zeros((16, 20), dtype=np.uint8))  # of another size than its image
+    write(images / "b.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    (labels / "b.png").write_bytes(b"not a png")  # an unreadable condition
+    write(images / "c.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    write(labels / "c.png", np.ones((16, 16), dtype=np.uint8))
+    data = PairedFolder(images, labels, 16, cond_kind="segmentation", num_labels=3)
+    assert data[0] == Unreadable(str(images / "a.png"), f"it is 16x16 pixels, its condition '{labels / 'a.png'}' 20x16")
+    assert data[1] == Unreadable(str(labels / "b.png"), "cannot identify image file")
+    loader = build_loader(data, 3, train=False)
+    batches = list(loader) + list(loader)  # two passes: each bad pair named once
+    assert [batch["skipped"] for batch in batches] == [2, 2] and batches[0]["cond"].argmax(1).eq(1).all()
+    assert loader.unreadable == {str(images / "a.png"): data[0].reason, str(labels / "b.png"): data[1].reason}
+    named = [line for line in capfd.readouterr().err.splitlines() if line.startswith("Skipping")]
+    assert named == [f"Skipping unreadable image '{path}': {reason}." for path, reason in loader.unreadable.items()]
+    write(labels / "a.png", np.full((16, 16), 7, dtype=np.uint8))
     with pytest.raises(DataError, match="holds class 7, outside 0 to 2"):
         PairedFolder(tmp_path / "images", tmp_path / "labels", 16, cond_kind="segmentation", num_labels=3)[0]
 
