@@ -112,8 +112,8 @@ COND = ConditionalSettings(
                   "--latent-dim", "32", "--num-codebook-vectors", "128", "--codebook-dim", "8", "--codebook-l2-norm",
                   "--restart-dead-codes", "--batch-size", "16"],  # docs/conditional.md
     labels_lr=[(600, 6e-4)], block_size=128, segmenter_steps=600, layouts=4, samples_per_layout=4, large_scale=2,
-    seconds={"label maps": 10, "layout tokenizer": 0.25, "layout evaluation": 3, "conditional stage 2": 0.3,
-             "segmenter": 60, "measurements": 60, "pictures": 20})
+    seconds={"label maps": 10, "layout tokenizer": 0.25, "layout evaluation": 2, "conditional stage 2": 0.33,
+             "segmenter": 30, "measurements": 10, "pictures": 8})  # per step: stage 2's times the ratio measured
 
 COND_TINY = ConditionalSettings(  # f = 8: 4x4 layout tokens
     labels_flags=["--ch", "32", "--ch-mult", "1", "1", "1", "1", "--num-res-blocks", "1", "--attn-resolutions",
@@ -522,7 +522,8 @@ def build_parser():
     p.add_argument("--out-dir", default="runs/demo", help="where the data, both stages' runs and the pictures go")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
     p.add_argument("--conditional", action="store_true", help="then draw flowers for held-out label maps: a layout "
-                   "tokenizer and a conditional GPT, measured against stage 2's GPT (default: off)")
+                   "tokenizer and a conditional GPT, measured against stage 2's GPT, in about 8 minutes more "
+                   "(docs/conditional.md; default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch's operators in every step (default: torch's, all cores)")
