@@ -523,7 +523,7 @@ def build_parser():
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
     p.add_argument("--conditional", action="store_true", help="then draw flowers for held-out label maps: a layout "
                    "tokenizer and a conditional GPT, measured against stage 2's GPT, in about 8 minutes more "
-                   "(docs/conditional.md; default: off)")
+                   "(docs/conditional.md)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch's operators in every step (default: torch's, all cores)")
