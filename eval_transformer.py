@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval_vqgan
+import maskgit
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
 from config import check_positive
@@ -200,15 +201,16 @@ def class_labels(model, args, first, n, device):
 
 
 @torch.no_grad()
-def sample_features(model, args, extractor, device, precision, num_grid):
-    """Features (N, D) and logits (N, C) of --num-samples new images, and the first num_grid of them."""
+def sample_features(model, sample_canvas, args, extractor, device, precision, num_grid):
+    """Features (N, D) and logits (N, C) of --num-samples new images drawn by sample_canvas (maskgit.canvas_sampler),
+    and the first num_grid of them."""
     features, logits, grid = [], [], []
     for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
         n = min(args.batch_size, args.num_samples - first)
         with autocast(precision, device):
-            tokens = model.sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, labels=class_labels(model, args, first, n, device),
-                                         cfg_scale=args.cfg_scale)  # (n, h, w)
+            tokens = sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, labels=class_labels(model, args, first, n, device),
+                                   cfg_scale=args.cfg_scale)  # (n, h, w)
             images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
         pool, logit = extract(extractor, images)
         features.append(pool)
@@ -218,17 +220,29 @@ def sample_features(model, args, extractor, device, precision, num_grid):
     return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid] if grid else None
 
 
+def masked_loss_names(model):
+    """maskgit's validation losses: nats per masked token at each fixed masking ratio (not a likelihood, so no bits
+    per token); none for ar."""
+    if model.config.objective != "maskgit":
+        return []
+    return [maskgit.validation_key(ratio) for ratio in maskgit.VALIDATION_RATIOS]
+
+
 @torch.no_grad()
-def validation_loss(model, reference, batch_size, num_workers, device, precision, max_batches):
-    """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops, or (None, why)."""
+def validation_losses(model, reference, batch_size, num_workers, device, precision, max_batches):
+    """The GPT's mean validation losses on the codes of the reference centre crops ({name: nats}, as
+    VQGANTransformer.validation_losses names them), or ({}, why not)."""
+    names = masked_loss_names(model) or ["val_bits_per_token"]
+    null = f"{', '.join(names)} {'are' if len(names) > 1 else 'is'} null"
     try:
         dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
     except DataError as err:  # a class-conditional model, but no class sub-folders
-        return None, f"val_bits_per_token is null: {err}"
+        return {}, f"{null}: {err}"
     if model.num_classes and dataset.classes != list(model.classes or []):
-        return None, (f"val_bits_per_token is null: the class sub-folders of {reference} ({', '.join(dataset.classes)}"
-                      f") are not the model's classes ({', '.join(model.classes or [])}).")
-    total, count = 0.0, 0
+        return {}, (f"{null}: the class sub-folders of {reference} ({', '.join(dataset.classes)}) are not the model's "
+                    f"classes ({', '.join(model.classes or [])}).")
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(0)  # maskgit: the same masked positions in every run
     for i, batch in enumerate(build_loader(dataset, batch_size, train=False, num_workers=num_workers)):
         if max_batches is not None and i >= max_batches:
             break
@@ -236,10 +250,14 @@ def validation_loss(model, reference, batch_size, num_workers, device, precision
             continue
         x = batch["image"].to(device)
         labels = batch["label"].to(device) if "label" in batch else None
-        with autocast(precision, device):
-            _, loss = model(model.encode_to_indices(x), labels)  # the model is in eval mode: no input noise
-        total, count = total + loss.float().item() * len(x), count + len(x)
-    return (total / count, None) if count else (None, "val_bits_per_token is null: no reference image was read.")
+        with autocast(precision, device):  # the model is in eval mode: no input noise
+            losses = model.validation_losses(model.encode_to_indices(x), labels, generator)
+        for name, loss in losses.items():
+            totals[name] = totals.get(name, 0.0) + loss.float().item() * len(x)
+        count += len(x)
+    if not count:
+        return {}, f"{null}: no reference image was read."
+    return {name: total / count for name, total in totals.items()}, None
 
 
 # ---- main ----
@@ -254,6 +272,7 @@ def main(args, feature_extractor=None):
     used_ema = not args.no_ema and load_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
                                                    mmap=True).get("ema") is not None
     check_args(args, model)
+    sample_canvas = maskgit.canvas_sampler(model, args.steps, args.choice_temperature)  # by the objective
     if not Path(args.reference).is_file():
         find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
     out_json = Path(args.out_json)
@@ -277,7 +296,7 @@ def main(args, feature_extractor=None):
         if saved.get("skipped"):
             notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
         seed_everything(args.seed)
-        gen, gen_logits, grid = sample_features(model, args, extractor, device, precision, args.num_grid)
+        gen, gen_logits, grid = sample_features(model, sample_canvas, args, extractor, device, precision, args.num_grid)
         num_samples = len(gen)
         metrics = fidelity_metrics(gen, ref, gen_logits)
         if args.num_grid > 0:
@@ -286,12 +305,13 @@ def main(args, feature_extractor=None):
             notes.append(f"fid on {min(num_samples, num_ref)} images is biased upwards (fewer than the 2048 feature "
                          f"dimensions); compare only values under the same protocol.")
 
-    val_loss = None
+    val = {}
     if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
-        val_loss, note = validation_loss(model, args.reference, args.batch_size, args.num_workers, device, precision,
-                                         args.val_batches)
+        val, note = validation_losses(model, args.reference, args.batch_size, args.num_workers, device, precision,
+                                      args.val_batches)
         if note:
             notes.append(note)
+    val_loss = val.get("val_loss")  # ar's
     # A features file (.pt) names the folder it was computed from.
     protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
                     image_size=size, feature_extractor=getattr(extractor, "name", None),
@@ -300,12 +320,14 @@ def main(args, feature_extractor=None):
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
                     prc_neighborhood=PRC_NEIGHBORHOOD)
-    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                    class_id=args.class_id, seed=args.seed, ema=used_ema)
+    sampling = dict(objective=model.config.objective, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                    cfg_scale=args.cfg_scale, class_id=args.class_id, seed=args.seed, ema=used_ema)
+    if model.config.objective == "maskgit":
+        sampling.update(sample_canvas.keywords)  # --steps and --choice-temperature, their defaults filled in
     result = dict(**metrics, val_loss=val_loss, val_bits_per_token=None if val_loss is None else val_loss / math.log(2),
-                  num_samples=num_samples, protocol=protocol, sampling=sampling,
-                  checkpoint=str(args.checkpoint_path), reference_cache=None if cache is None else str(cache),
-                  notes=notes)
+                  **{name: val.get(name) for name in masked_loss_names(model)}, num_samples=num_samples,
+                  protocol=protocol, sampling=sampling, checkpoint=str(args.checkpoint_path),
+                  reference_cache=None if cache is None else str(cache), notes=notes)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
 
     for key, value in protocol.items():
@@ -328,8 +350,12 @@ def print_table(result):
 
     rows = [("samples", str(result["num_samples"])), ("FID", fmt("fid", ".4g")),
             ("Inception Score", fmt("isc", ".4g", "isc_std")), ("KID", fmt("kid", ".3g", "kid_std")),
-            ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f")),
-            ("val bits per token", fmt("val_bits_per_token", ".3f"))]
+            ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f"))]
+    if result["sampling"]["objective"] == "maskgit":  # nats per masked token at each fixed ratio
+        rows += [(f"val loss, {round(100 * ratio)}% masked", fmt(maskgit.validation_key(ratio), ".3f"))
+                 for ratio in maskgit.VALIDATION_RATIOS]
+    else:
+        rows.append(("val bits per token", fmt("val_bits_per_token", ".3f")))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -355,6 +381,10 @@ def build_parser():
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")
+    a("--steps", type=int, default=None,
+      help="maskgit checkpoints: decoding passes, 1 to the grid's token count (default: 8, MaskGIT's)")
+    a("--choice-temperature", type=float, default=None,
+      help="maskgit checkpoints: Gumbel noise on the confidence that keeps tokens, annealed to 0 (default: 4.5)")
     a("--seed", type=int, default=0, help="random seed of the sampling")
     a("--no-ema", action="store_true", help="use the trained weights, not the checkpoint's EMA weights")
     a("--features", choices=["inception", "random-conv"], default="inception",
