@@ -167,6 +167,29 @@ def test_stage2_two_processes_with_token_cache_and_validation_split(tmp_path):
         assert torch.equal(ema0[name], ema1[name]) and torch.equal(ckpt["ema"][name[4:]], ema1[name]), name
 
 
+def test_stage2_maskgit_two_processes(tmp_path):
+    """training_transformer.py --objective maskgit under torchrun (gloo): the ranks end with the saved weights of the
+    bidirectional GPT, and rank 0 validates at the fixed masking ratios."""
+    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=32)
+    torch.manual_seed(0)
+    stage1 = tmp_path / "vqgan.pt"
+    save_checkpoint(dict(model=VQGAN(VQGANConfig(**TINY)).state_dict(), config=asdict(VQGANConfig(**TINY)), step=0),
+                    stage1)
+    out = tmp_path / "stage2"
+    rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--dataset-path", data,
+                            "--checkpoint-path", stage1, "--objective", "maskgit", "--val-fraction", 0.2,
+                            "--max-steps", 2, "--sample-every", 2, "--out-dir", out)
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["objective"] == "maskgit"
+    records = [json.loads(line) for line in (out / "results" / "transformer_metrics.jsonl").read_text().splitlines()]
+    assert {"val_loss_mask50", "val_loss_mask90"} <= set(records[-1])
+    gpt0 = {k[len("gpt."):]: v for k, v in rank0[0].items() if k.startswith("gpt.")}
+    gpt1 = {k[len("gpt."):]: v for k, v in rank1[0].items() if k.startswith("gpt.")}
+    assert gpt0.keys() == ckpt["model"].keys()
+    for name in gpt0:
+        assert torch.equal(gpt0[name], gpt1[name]) and torch.equal(ckpt["model"][name], gpt1[name]), name
+
+
 def _discriminator_forwards(rank, store, out):
     """One rank: the discriminator under DDP as training_vqgan runs it, real then fake images, one backward."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
