@@ -1,14 +1,16 @@
 """Measure a stage-2 model: sample N images and compare them with reference images (FID, IS, KID, precision/recall),
-and the GPT's validation loss on the reference images' codes.
+and the GPT's validation loss on the reference images' codes (bits per token for ar; for maskgit, nats per masked
+token at fixed masking ratios).
 
     python eval_transformer.py --checkpoint-path checkpoints/transformer_last.pt --reference data/val
     python eval_transformer.py ... --num-samples 50000 --top-k 600 --out-json results/topk600.json
     python eval_transformer.py ... --features random-conv    # no Inception weights: a fixed stand-in network
 
-Samples are drawn as sample_transformer.py draws them (batched, KV-cached) at the model's training size; reference
-images are resized (shorter side) and centre-cropped to that size. Both go to the feature network as 8-bit images.
-The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
-sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
+Samples are drawn as sample_transformer.py draws them (batched; KV-cached, or in maskgit's --steps passes) at the
+model's training size; reference images are resized (shorter side) and centre-cropped to that size. Both go to the
+feature network as 8-bit images. The reference features are cached beside the JSON, keyed by the folder's files, the
+image size and the network, so a sweep over sampling settings computes them once. Numbers are comparable only under
+the same printed protocol.
 """
 import hashlib
 import importlib.util

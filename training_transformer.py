@@ -91,7 +91,7 @@ def evaluate(transformer, loader, run, max_batches):
 # The panels of results/transformer_losses.png for each objective: (title, logged values, log scale).
 PLOTS = {"ar": [("cross-entropy (nats per token)", ["loss", "val_loss"], False),
                 ("bits per token", ["bits_per_token", "val_bits_per_token"], False), ("learning rate", ["lr"], True)],
-         "maskgit": [("cross-entropy on masked tokens (nats; training: label-smoothed)",
+         "maskgit": [("masked-token cross-entropy (nats)",
                       ["loss", *map(maskgit.validation_key, maskgit.VALIDATION_RATIOS)], False),
                      ("learning rate", ["lr"], True)]}
 
