@@ -28,11 +28,16 @@ K = 32
 
 
 def small_model(objective="maskgit", **config):
-    """A small stage-2 model whose random weights are large enough that every logit depends on its context."""
+    """A small stage-2 model whose random weights make the most likely code depend on the position and the other
+    tokens (larger weights throughout would predict one code everywhere)."""
     torch.manual_seed(0)
     model = VQGANTransformer(VQGAN(SMALL_VQGAN), TransformerConfig(**SMALL_GPT, objective=objective, **config)).eval()
-    for p in model.gpt.parameters():
-        p.data.normal_(0.0, 0.3)  # pos_emb starts at zero: positions would not matter
+    for p in model.gpt.blocks.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0.0, 0.15)
+    model.gpt.pos_emb.data.normal_(0.0, 1.0)  # it starts at zero: positions would not matter
+    model.gpt.tok_emb.weight.data.normal_(0.0, 1.0)
+    model.gpt.head.weight.data.normal_(0.0, 0.3)
     return model
 
 
@@ -148,13 +153,15 @@ def test_as_many_steps_as_tokens_with_greedy_choice_is_a_fixed_order():
     """Each pass fixes the one unknown token whose most likely code is the most probable, as this loop does."""
     model = small_model(num_classes=2)
     labels = torch.tensor([1, 0])
-    tokens = torch.full((2, 16), model.mask_token)
+    tokens, first_guess = torch.full((2, 16), model.mask_token), None
     for _ in range(16):
         logits = model.gpt(torch.cat([model.start_tokens(2, labels), tokens], dim=1))[0][:, 1:, :K]
         best_p, best_code = logits.softmax(dim=-1).max(dim=-1)  # (2, 16)
+        first_guess = best_code if first_guess is None else first_guess
         best_p[tokens != model.mask_token] = -1
         where = best_p.argmax(dim=1)
         tokens[torch.arange(2), where] = best_code[torch.arange(2), where]
+    assert (tokens != first_guess).sum() > 8  # the codes depend on those fixed before: the order matters
     grid = maskgit.sample_canvas(model, 2, steps=16, top_k=1, choice_temperature=0.0, labels=labels)
     assert torch.equal(grid.flatten(1), tokens)
 
@@ -174,14 +181,14 @@ def test_cfg_scale_1_is_plain_conditional_sampling(monkeypatch):
 def test_guidance_mixes_conditional_and_null_logits_in_one_forward(monkeypatch):
     model = small_model(num_classes=3, class_dropout=0.1)
     seen, drawn = record_inputs(monkeypatch, model), []
-    filter_logits = maskgit.filter_logits
-    monkeypatch.setattr(maskgit, "filter_logits", lambda logits, *a: drawn.append(logits) or filter_logits(logits, *a))
+    sample_next = maskgit.sample_next
+    monkeypatch.setattr(maskgit, "sample_next", lambda logits, *a: drawn.append(logits) or sample_next(logits, *a))
     maskgit.sample_canvas(model, 2, labels=torch.tensor([1, 2]), cfg_scale=3.0, steps=4)
     assert [len(x) for x in seen] == [4] * 4  # one forward per pass, conditional and null rows together
     everything_masked = torch.full((2, 16), model.mask_token)
     cond = model.gpt(torch.cat([torch.tensor([[K + 1], [K + 2]]), everything_masked], dim=1))[0][:, 1:, :K]
     uncond = model.gpt(torch.cat([torch.full((2, 1), K + 3), everything_masked], dim=1))[0][:, 1:, :K]
-    torch.testing.assert_close(drawn[0], uncond + 3.0 * (cond - uncond))
+    torch.testing.assert_close(drawn[0].view(2, 16, K), uncond + 3.0 * (cond - uncond))
 
 
 def test_a_larger_canvas_is_filled_window_by_window(monkeypatch):
