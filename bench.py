@@ -33,11 +33,12 @@ from config import check_positive
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from measure import LoadProbe, bf16_peak_flops, count_flops, peak_memory, synchronize, throughput, time_steps
+from measure import (LoadProbe, bf16_peak_flops, count_flops, count_flops_of_shapes, peak_memory, synchronize,
+                     throughput, time_steps)
 from mingpt import GPT, GPTConfig
 from presets import TINY_GPT, TINY_VQGAN
-from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
-                     resolve_precision, reuse_freed_memory)
+from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory, use_device)
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -53,9 +54,10 @@ CONFIGS = {
 # and decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
 ESTIMATED_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
 DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
-    "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
-    "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
+    "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3, maskgit_batch_sizes=[1, 64]),
+    "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1, maskgit_batch_sizes=[1]),
 }
+MASKGIT_STEPS = [maskgit.DEFAULT_STEPS, 12]  # the ar against maskgit section: MaskGIT's 8, and 12
 SAMPLING_TOP_K = 100  # taming's sampling default; filtering costs next to nothing
 SECTIONS = ("stage1", "stage2", "sampling", "window", "maskgit")
 
@@ -136,7 +138,7 @@ def bench_sampling(args, device, precision):
     if args.quantize == "int8":
         gpt.quantize_int8()
     if args.compile:
-        gpt.compile_decode()  # as sample_transformer.py --compile: a static-shape step, CUDA graphs on CUDA
+        gpt.compile_decode(PRECISIONS[precision])  # as sample_transformer.py --compile: CUDA graphs on CUDA
     n = args.sample_batch_size
     start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
 
@@ -207,6 +209,7 @@ def bench_maskgit(args, device, precision):
     """Sampling one grid per image by both objectives, the same GPT size, canvas and batch: ar with its KV cache (a
     pass per token; on the CPU also with int8 weights) and maskgit's iterative decoding at each of --maskgit-steps
     (a pass over every token per step). The GPT alone: the VQGAN decode is the same for both (the sampling section).
+    Both run eager (--compile does not reach this section).
 
     The first run of each sampler is untimed; the timed runs are interleaved, so that a change of the machine's load
     reaches every sampler alike, and each sampler's median is compared with ar's. FLOPs per image are counted on one
@@ -269,6 +272,43 @@ def bench_maskgit(args, device, precision):
     return {"rows": rows, "step_s": sum(sum(r["runs_s"]) for r in rows)}
 
 
+# ---- FLOPs of a config without running it (gpu_check.py's estimates) ----
+
+def config_flops(vqgan_config, gpt, perceptual=True):
+    """FLOPs per item, counted with the sections' formulas on fake tensors (nothing computed, seconds for the paper
+    config): a stage-1 training step per image (GAN on; LPIPS unless perceptual=False), the encode and the decode of
+    an image, a stage-2 training step per token and a forward per token (a sampled token with the cache costs about
+    that) of the GPT of `gpt` sizes over the config's grid."""
+    size, grid = vqgan_config.image_size, vqgan_config.image_size // vqgan_config.downsample_factor
+    gpt_config = GPTConfig(**{**gpt, "block_size": grid * grid}, vocab_size=vqgan_config.num_codebook_vectors + 1)
+    tokens = grid * grid
+
+    def stage1():
+        lpips = LPIPS(vgg_weights=None) if perceptual else None
+        train_step(Stage1(VQGAN(vqgan_config), Discriminator(), lpips, LossConfig(disc_start=0)),
+                   torch.zeros(1, 3, size, size), 0)
+
+    @torch.no_grad()
+    def encode():
+        VQGAN(vqgan_config).encode(torch.zeros(1, 3, size, size))
+
+    @torch.no_grad()
+    def decode():
+        VQGAN(vqgan_config).decode_indices(torch.zeros(1, grid, grid, dtype=torch.long))
+
+    def stage2():
+        x = torch.zeros(1, tokens, dtype=torch.long)
+        GPT(gpt_config)(x, x)[1].backward()
+
+    @torch.no_grad()
+    def forward():
+        GPT(gpt_config)(torch.zeros(1, tokens, dtype=torch.long))
+
+    return {"stage1_per_image": count_flops_of_shapes(stage1), "encode_per_image": count_flops_of_shapes(encode),
+            "decode_per_image": count_flops_of_shapes(decode), "stage2_per_token": count_flops_of_shapes(stage2) / tokens,
+            "forward_per_token": count_flops_of_shapes(forward) / tokens}
+
+
 BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window,
            "maskgit": bench_maskgit}
 
@@ -277,7 +317,7 @@ def run_section(name, args):
     """Run one section in this process and add its peak memory and the machine's load to its result."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(torch.device(args.device))  # on CUDA with cudnn.benchmark, as in training
     if not args.system_malloc:
         reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)
@@ -433,10 +473,11 @@ def build_parser():
     a("--steps", type=int, default=5, help="timed training steps per stage")
     a("--warmup", type=int, default=2, help="untimed steps first (sampling: one short generation)")
     a("--sample-runs", type=int, default=None, help="timed sampling runs; default: 3 on CUDA, 1 on the CPU")
-    a("--maskgit-steps", type=int, nargs="+", default=[maskgit.DEFAULT_STEPS, 12],
+    a("--maskgit-steps", type=int, nargs="+", default=MASKGIT_STEPS,
       help="the ar against maskgit section: maskgit's decoding passes to measure")
-    a("--maskgit-batch-sizes", type=int, nargs="+", default=[1],
-      help="the ar against maskgit section: images sampled at once (each batch size measured in turn)")
+    a("--maskgit-batch-sizes", type=int, nargs="+", default=None,
+      help="the ar against maskgit section: images sampled at once, each batch size in turn (default: 1 and 64 on "
+           "CUDA, 1 on the CPU)")
     a("--window-scales", type=int, nargs="+", default=[1, 2, 4],
       help="sliding-window sampling on canvases of these multiples of the training grid (each way)")
     a("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice")

@@ -71,7 +71,9 @@ def add_run_flags(parser):
     a("--compile", action="store_true", help="wrap the models in torch.compile (checkpoints hold the plain weights)")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     a("--out-dir", default=".", help="where results/ and checkpoints/ go")
-    a("--resume", action="store_true", help=f"continue from {checkpoint_path('<out-dir>', parser.run_name)}")
+    a("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+      help=f"continue from {checkpoint_path('<out-dir>', parser.run_name)}, refused when there is none; --resume auto: "
+           f"continue when it exists, else start afresh (for a cluster job that may be requeued)")
     a("--trust-checkpoint", action="store_true",
       help="allow loading checkpoints that need full unpickling (only files you trust)")
     a("--seed", type=int, default=0, help="random seed (offset by rank)")
@@ -84,7 +86,7 @@ def add_run_flags(parser):
       help="a non-finite loss skips its update; this many in a row stop the run (fp16's overflowed gradients are the "
            "scaler's: it skips the step and lowers its scale)")
     a("--dist-timeout", type=float, default=30.0,
-      help="minutes a rank may wait in a collective under torchrun before the job stops with an error (NCCL's "
+      help="minutes a rank may wait in a collective (torchrun or SLURM) before the job stops with an error (NCCL's "
            "default: 10)")
     a("--threads", type=int, default=None,
       help="CPU threads of torch's operators; set it when other jobs share the machine (default: torch's, all cores)")
@@ -104,6 +106,25 @@ RUN_MUTABLE_FLAGS = {"epochs", "max_steps", "learning_rate", "save_every", "samp
                      "device", "out_dir", "resume", "trust_checkpoint", "threads", "dist_timeout",
                      "max_nonfinite_steps", "compile", "precision", "no_tensorboard", "config"}
 NOT_FROM_CONFIG_FILES = {"config", "out_dir", "resume"}  # a run started from another's config.json is a new run
+
+
+def resume_mode(value):
+    """--resume's value: only "auto" (plain --resume stores True)."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"the only value --resume takes is 'auto', got '{value}'")
+    return value
+
+
+def checkpoint_to_resume(args, run_name):
+    """The checkpoint a run continues, None when it starts afresh. Plain --resume refuses an out dir without one (a
+    mistyped --out-dir must not start a new run); --resume auto starts afresh there."""
+    path = checkpoint_path(args.out_dir, run_name)
+    if not args.resume or (args.resume == "auto" and not path.exists()):
+        return None
+    if not path.exists():
+        raise CheckpointError(f"--resume found no checkpoint at {path}: check --out-dir, or pass --resume auto to "
+                              f"start afresh when there is none.")
+    return path
 
 
 def explicit_flags(parser, argv=None):
@@ -146,8 +167,8 @@ def parse_flags(parser, argv=None):
         for name, value in values.items():
             if name not in given and name not in NOT_FROM_CONFIG_FILES:
                 setattr(args, name, value)
-    path = checkpoint_path(args.out_dir, parser.run_name)
-    if args.resume and path.exists():
+    path = checkpoint_to_resume(args, parser.run_name)
+    if path is not None:
         saved = load_checkpoint(path, trust=args.trust_checkpoint, mmap=True).get("args", {})
         changed = sorted(f"--{name.replace('_', '-')}" for name in set(saved) & set(given) - parser.mutable_flags
                          if given[name] != saved[name])

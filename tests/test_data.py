@@ -1,4 +1,5 @@
 """Tests for data.py: finding and decoding images, the dataset, batching, loaders, the demo set."""
+import sys
 import warnings
 
 import numpy as np
@@ -268,3 +269,44 @@ def test_workers_draw_different_crops(tmp_path):
     runtime.seed_everything(0)
     assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
     assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))
+
+
+@pytest.mark.parametrize("before, after", [(2, 2), (3, 2), (2, 3), (3, 1)])
+def test_a_resumed_epoch_takes_every_remaining_item_once_with_any_number_of_ranks(before, after):
+    """23 items, batches of 2: the ranks of `before` processes take 2 batches each, then `after` processes go on from
+    the samples taken. The epoch sees no item twice and leaves out only what equal shards must (fewer than `after`
+    items); with as many processes as before, each rank goes on exactly as if uninterrupted."""
+    def ranks(world_size, start):
+        samplers = [data.ResumableSampler(23, 2, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+        for sampler in samplers:
+            sampler.set_epoch(3, start)
+        return [list(sampler) for sampler in samplers]
+
+    whole_epoch = ranks(before, 0)
+    taken = [i for shard in whole_epoch for i in shard[:4]]  # 2 batches of 2 per rank
+    rest = ranks(after, len(taken))
+    assert all(len(shard) == len(rest[0]) for shard in rest)  # equal shards: DDP's ranks stay in step
+    seen = taken + [i for shard in rest for i in shard]
+    assert len(seen) == len(set(seen)) and 23 - len(seen) < after
+    assert sorted(taken) == sorted(whole_epoch_order(before)[:len(taken)])  # the order's first items
+    if before == after:
+        assert rest == [shard[4:] for shard in whole_epoch]
+
+
+def whole_epoch_order(world_size):
+    """The item order of epoch 3 (seed 5) that the ranks' shards interleave."""
+    samplers = [data.ResumableSampler(23, 2, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    for sampler in samplers:
+        sampler.set_epoch(3)
+    shards = [list(sampler) for sampler in samplers]
+    return [shard[i] for i in range(len(shards[0])) for shard in shards]
+
+
+def test_missing_albumentations_is_one_sentence_when_an_image_folder_needs_it(tmp_path, monkeypatch):
+    """data.py imports albumentations only for image folders: a node without it fails there in one sentence."""
+    write_image(tmp_path / 'a.png')
+    monkeypatch.setitem(sys.modules, 'albumentations', None)  # `import albumentations` now raises ImportError
+    with pytest.raises(DataError, match='Image folders need the albumentations package .*docs/gpu.md'):
+        data.ImageFolder(tmp_path, 16)
+    monkeypatch.undo()
+    assert len(data.ImageFolder(tmp_path, 16)) == 1

@@ -44,7 +44,8 @@ def small_model(objective="maskgit", **config):
 def record_inputs(monkeypatch, model):
     """The token batches the GPT reads, in order."""
     seen, forward = [], model.gpt.forward
-    monkeypatch.setattr(model.gpt, "forward", lambda idx, targets=None: seen.append(idx.clone()) or forward(idx, targets))
+    monkeypatch.setattr(model.gpt, "forward",
+                        lambda idx, targets=None: seen.append(idx.clone()) or forward(idx, targets))
     return seen
 
 
@@ -219,7 +220,8 @@ def write_checkpoints(tmp_path, **config):
 
 def sample(path, out, *flags):
     args = sample_transformer.build_parser().parse_args(
-        ["--checkpoint-path", str(path), "--out-dir", str(out), "--device", "cpu", "--num-samples", "2", *map(str, flags)])
+        ["--checkpoint-path", str(path), "--out-dir", str(out), "--device", "cpu", "--num-samples", "2",
+         *map(str, flags)])
     sample_transformer.main(args)
     return torch.load(out / "indices.pt", weights_only=True)
 

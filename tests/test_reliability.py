@@ -130,7 +130,7 @@ def checkpoint_weights(step):
 def fork_server():
     """A multiprocessing context whose children fork from a server that has already imported training_vqgan."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "training_vqgan"])
+    context.set_forkserver_preload([__name__, "training_vqgan", "albumentations"])  # data.py imports it lazily
     with pytest.MonkeyPatch.context() as patch:  # the server's environment, read once when it starts
         patch.setenv("OMP_NUM_THREADS", "1")
         paths = [str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]  # for the preload
@@ -475,3 +475,46 @@ def test_divergence_before_any_save_says_nothing_was_saved(train_here, flowers, 
     with pytest.raises(FloatingPointError, match="2 non-finite losses in a row: stopping. Nothing was saved"):
         train_here(script_flags(flowers, tmp_path / "run", "--max-steps", 5, "--max-nonfinite-steps", 2))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_a_nan_in_the_first_micro_batch_leaves_weights_and_codebook_unchanged(train_here, flowers, tmp_path,
+                                                                            monkeypatch, quantizer):
+    """--grad-accum 2: the first micro-batch of step 1 is NaN, the second finite. The guard must see the first
+    (a guard on the last loss alone applies the NaN gradients: vq's weights turn NaN) and put back what the forward
+    changed (the EMA codebook's averages and codes, usage and dead-code counts, the discriminator's BatchNorm)."""
+    models, states = [], {}  # states[call]: the whole state when train_step is called the call-th time
+
+    class RecordedVQGAN(VQGAN):
+        def __init__(self, config):
+            super().__init__(config)
+            models.append(self)
+
+    real_train_step = training_vqgan.train_step
+
+    def train_step(stage1, x, step, grad_accum=1):
+        call = len(states) + 1
+        states[call] = {**{f"vqgan.{k}": v.clone() for k, v in stage1.vqgan.state_dict(keep_vars=True).items()},
+                        **{f"disc.{k}": v.clone() for k, v in stage1.disc.state_dict().items()},
+                        **{f"buffer.{k}": v.clone() for k, v in stage1.vqgan.named_buffers()},
+                        "train_steps": torch.tensor(stage1.vqgan.quantize.train_steps)}
+        return real_train_step(stage1, x * float("nan") if call == 3 else x, step, grad_accum)
+
+    monkeypatch.setattr(training_vqgan, "VQGAN", RecordedVQGAN)
+    monkeypatch.setattr(training_vqgan, "train_step", train_step)
+    train_here(script_flags(flowers, tmp_path / "run", "--max-steps", 3, "--grad-accum", 2, "--disc-start", 0,
+                            "--quantizer", quantizer, "--restart-dead-codes", "--restart-every", 1,
+                            "--batch-size", 2))
+    assert len(states) == 8  # steps 0 and 1 (skipped) and two more good steps, two micro-batches each
+
+    def changed(a, b):
+        return sorted(name for name in a if not torch.equal(a[name], b[name]))
+
+    assert changed(states[3], states[5]) == []  # the skipped step left everything as it found it
+    moved = changed(states[1], states[3])  # a good step does change weights, codebook and statistics
+    assert "vqgan.quantize.embedding.weight" in moved and any(name.endswith(".running_mean") for name in moved)
+    assert "buffer.quantize.window_counts" in moved and "train_steps" in moved
+    if quantizer == "ema":
+        assert {"vqgan.quantize.cluster_size", "vqgan.quantize.embed_avg"} <= set(moved)
+    final = models[0].state_dict()
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
