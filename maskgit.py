@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from mingpt import filter_logits, sample_next
+from mingpt import sample_next
 
 DEFAULT_STEPS = 8  # MaskGIT's decoding passes for a 16x16 grid
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's scale of the Gumbel noise on the confidence, annealed to 0
@@ -100,7 +100,8 @@ def decode(gpt, tokens, unknown, steps, mask_token, num_codes, prefix=None, cfg_
 
     prefix: (n, 1) class tokens, or (2n, 1) class then null tokens for guidance by cfg_scale; None: unconditional.
     Each pass draws a token at every position (temperature, top_k, top_p as for ar) and fixes, among the unknown
-    ones, those of highest confidence: log-probability + choice_temperature x (1 - (t+1)/T) x Gumbel noise.
+    ones, those of highest confidence: the model's log-probability of the drawn token + choice_temperature x
+    (1 - (t+1)/T) x Gumbel noise.
     """
     n, N = tokens.shape
     counts, left = masked_after(int(unknown.sum()), steps), int(unknown.sum())
@@ -115,9 +116,9 @@ def decode(gpt, tokens, unknown, steps, mask_token, num_codes, prefix=None, cfg_
         if rows == 2:
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg_scale * (cond - uncond)
-        logp = filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)  # (n, N, K)
-        drawn = sample_next(logp.flatten(0, 1), top_k=1 if top_k == 1 else None).view(n, N)
-        confidence = logp.gather(-1, drawn[..., None])[..., 0]  # (n, N): log-probability of each drawn token
+        drawn = sample_next(logits.flatten(0, 1), temperature, top_k, top_p).view(n, N)  # (n, N)
+        # the model's own log-probability of each drawn token (before temperature and filtering, as MaskGIT's)
+        confidence = logits.log_softmax(dim=-1).gather(-1, drawn[..., None])[..., 0]  # (n, N)
         noise = choice_temperature * (1 - (t + 1) / len(counts))
         if noise > 0:
             confidence = confidence - noise * torch.empty_like(confidence).exponential_().log()  # -log E: Gumbel
