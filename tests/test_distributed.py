@@ -20,7 +20,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE, run_script
 from demo_flowers import FLOWER_LABELS, make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
-from helpers import STAGE2_FLAGS, TINY
+from helpers import STAGE2_FLAGS, TINY, write_tiny_checkpoints
 from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from loss import hinge_d_loss
 from runtime import Dist, no_sync, wrap_model
@@ -413,10 +413,7 @@ def test_stage2_maskgit_two_processes(tmp_path):
     """training_transformer.py --objective maskgit under torchrun (gloo): the ranks end with the saved weights of the
     bidirectional GPT, and rank 0 validates at the fixed masking ratios."""
     data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=32)
-    torch.manual_seed(0)
-    stage1 = tmp_path / "vqgan.pt"
-    save_checkpoint(dict(model=VQGAN(VQGANConfig(**TINY)).state_dict(), config=asdict(VQGANConfig(**TINY)), step=0),
-                    stage1)
+    _, stage1, _ = write_tiny_checkpoints(tmp_path / "tiny")
     out = tmp_path / "stage2"
     rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--dataset-path", data,
                             "--checkpoint-path", stage1, "--objective", "maskgit", "--val-fraction", 0.2,

@@ -2,7 +2,6 @@
 iterative decoding (its schedule, kept tokens, the greedy order, guidance), and the scripts on a maskgit checkpoint."""
 import json
 import math
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ import eval_transformer
 import maskgit
 import sample_transformer
 import training_transformer
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint
 from demo_flowers import make_demo_flowers
-from helpers import STAGE2_FLAGS, TINY, script_error
+from helpers import STAGE2_FLAGS, script_error, write_tiny_checkpoints
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -207,17 +206,6 @@ def test_a_larger_canvas_is_filled_window_by_window(monkeypatch):
 
 # ---- the scripts ----
 
-def write_checkpoints(tmp_path, **config):
-    """The small model's stage-1 and stage-2 checkpoints, as the training scripts write them."""
-    model = small_model(**config)
-    vq_path, path = tmp_path / "vqgan.pt", tmp_path / "transformer.pt"
-    save_checkpoint(dict(model=model.vqgan.state_dict(), config=asdict(SMALL_VQGAN), step=0), vq_path)
-    classes = [f"class{c}" for c in range(model.num_classes)] or None
-    save_checkpoint(dict(model=model.gpt.state_dict(), config=asdict(model.config), step=0,
-                         vqgan_checkpoint=str(vq_path), classes=classes), path)
-    return model, path
-
-
 def sample(path, out, *flags):
     args = sample_transformer.build_parser().parse_args(
         ["--checkpoint-path", str(path), "--out-dir", str(out), "--device", "cpu", "--num-samples", "2",
@@ -227,31 +215,33 @@ def sample(path, out, *flags):
 
 
 def test_inpainting_and_outpainting_keep_every_input_token(tmp_path):
-    model, path = write_checkpoints(tmp_path)
-    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    model, _, path = write_tiny_checkpoints(tmp_path, objective="maskgit")  # an 8x8 grid of 64 codes
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "input.png")
     codes = model.encode_to_grid(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1)
-    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask = np.zeros((32, 32), dtype=np.uint8)
     mask[4:8] = 255  # the second token row
+    mask[20, 9] = 255  # token (5, 2)
     Image.fromarray(mask).save(tmp_path / "mask.png")
     grid = sample(path, tmp_path / "in", "--input-image", tmp_path / "input.png", "--mask", tmp_path / "mask.png",
                   "--steps", "2")
-    keep = torch.ones(4, 4, dtype=torch.bool)
-    keep[1] = False
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[1], keep[5, 2] = False, False
     assert torch.equal(grid[:, keep], codes[:, keep].expand(2, -1))
-    grid = sample(path, tmp_path / "out", "--input-image", tmp_path / "input.png", "--pad", "4", "0", "8", "4")
-    assert grid.shape == (2, 5, 7) and torch.equal(grid[:, :4, 1:5], codes.expand(2, -1, -1))
+    grid = sample(path, tmp_path / "out", "--input-image", tmp_path / "input.png", "--pad", "4", "0", "8", "4",
+                  "--choice-temperature", "2")
+    assert grid.shape == (2, 9, 11) and torch.equal(grid[:, :8, 1:9], codes.expand(2, -1, -1))
 
 
 def test_sampling_flags_are_one_sentence(tmp_path, capsys):
-    _, ar = write_checkpoints(tmp_path / "ar", objective="ar")
-    _, mg = write_checkpoints(tmp_path / "mg")
+    _, _, ar = write_tiny_checkpoints(tmp_path / "ar")
+    _, _, mg = write_tiny_checkpoints(tmp_path / "mg", objective="maskgit")
     out = ["--out-dir", tmp_path / "s", "--device", "cpu", "--num-samples", "1"]
     for path, flags, message in [
             (ar, ["--steps", "8"], "--steps set the iterative decoding of maskgit checkpoints; this one is "
                                    "autoregressive"),
-            (mg, ["--steps", "0"], "--steps must be between 1 and the 16 tokens of the model's grid, got 0."),
-            (mg, ["--steps", "17"], "--steps must be between 1 and the 16 tokens"),
+            (mg, ["--steps", "0"], "--steps must be between 1 and the 64 tokens of the model's grid, got 0."),
+            (mg, ["--steps", "65"], "--steps must be between 1 and the 64 tokens"),
             (mg, ["--compile"], "--compile compiles the one-token step of autoregressive sampling")]:
         assert message in script_error(sample_transformer, ["--checkpoint-path", path, *out, *flags], capsys)
 
@@ -262,10 +252,7 @@ def maskgit_run(tmp_path_factory):
     resumed to 3: (its folder, the flags, the stage-1 checkpoint, the data)."""
     tmp_path = tmp_path_factory.mktemp("maskgit_run")
     data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=32)
-    torch.manual_seed(0)
-    stage1 = tmp_path / "vqgan.pt"
-    save_checkpoint(dict(model=VQGAN(VQGANConfig(**TINY)).state_dict(), config=asdict(VQGANConfig(**TINY)), step=0),
-                    stage1)
+    _, stage1, _ = write_tiny_checkpoints(tmp_path / "tiny")
     out = tmp_path / "run"
     flags = [*STAGE2_FLAGS, "--dataset-path", str(data), "--checkpoint-path", str(stage1), "--out-dir", str(out),
              "--objective", "maskgit", "--val-fraction", "0.2", "--sample-every", "2", "--threads", "1"]
@@ -294,6 +281,14 @@ def test_the_objective_cannot_change_on_resume(maskgit_run, capsys):
     message = script_error(training_transformer, [*flags, "--objective", "ar", "--resume", "--max-steps", "4"], capsys)
     assert message == (f"--resume continues the run of {out / 'checkpoints' / 'transformer_last.pt'} with its own "
                        f"--objective; start a new run with another --out-dir to change them.")
+
+
+@pytest.mark.xdist_group("maskgit_run")
+def test_label_smoothing_is_refused_without_maskgit(maskgit_run, capsys, tmp_path):
+    _, flags, _, _ = maskgit_run
+    message = script_error(training_transformer, [*flags, "--objective", "ar", "--label-smoothing", "0.1",
+                                                  "--out-dir", tmp_path], capsys)
+    assert message == "--label-smoothing is a setting of the maskgit objective (--objective maskgit)."
 
 
 @pytest.mark.xdist_group("maskgit_run")
