@@ -30,6 +30,11 @@ def checkpoint_path(out_dir, run_name):
     return Path(out_dir) / "checkpoints" / f"{run_name}_last.pt"
 
 
+def run_config_path(out_dir, run_name):
+    """Where a training run writes its flags, for --config: <out_dir>/results/<run_name>_config.json."""
+    return Path(out_dir) / "results" / f"{run_name}_config.json"
+
+
 def _fsync_folder(folder):
     """Make a rename durable; some platforms and file systems cannot open a folder, which is fine."""
     try:

@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from checkpoint import CheckpointError, MissingWeights, checkpoint_path, load_checkpoint
+from checkpoint import CheckpointError, MissingWeights, checkpoint_path, load_checkpoint, run_config_path
 from config import ConfigError, check_positive
 from data import DataError
 from runtime import Interrupted
@@ -18,18 +18,27 @@ BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch s
 def run_script(main, parser, argv=None):
     """A script's entry point: main(flags of parse_flags) and what it returns. An expected failure is one line on
     stderr and exit code 1, never a traceback, a config's error worded by the flags; a run stopped by a signal exits
-    with 130 (SIGINT) or 143 (SIGTERM) after saving."""
-    args = None
+    with 130 (SIGINT) or 143 (SIGTERM) after saving, and one stopped at once by Ctrl-C with 130 after a line."""
     try:
-        args = parse_flags(parser, argv)
-        return main(args)
+        return call_main(main, parser, argv)
     except Interrupted as stop:
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt as stop:  # a second Ctrl-C in a training loop, or one outside it
+        print(f"Stopped at once: {stop}." if str(stop) else "Stopped by Ctrl-C.", file=sys.stderr)
+        sys.exit(130)
     except (DataError, CheckpointError, MissingWeights, ValueError, FloatingPointError) as error:
-        if isinstance(error, ConfigError) and args is not None:
-            error = in_flag_words(error, args)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def call_main(main, parser, argv=None):
+    """main(flags of parse_flags) and what it returns, its errors raised as they are but a config's, which is raised
+    worded by the flags (demo.py runs each script's step through this)."""
+    args = parse_flags(parser, argv)
+    try:
+        return main(args)
+    except ConfigError as error:
+        raise ValueError(in_flag_words(error, args)) from None
 
 
 def in_flag_words(error, args):
@@ -91,8 +100,11 @@ def add_run_flags(parser):
     a("--threads", type=int, default=None,
       help="CPU threads of torch's operators; set it when other jobs share the machine (default: torch's, all cores)")
     a("--config", default=None,
-      help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
-    a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")
+      help=f"start from the flags of a run's {run_config_path('<out-dir>', parser.run_name)} (its --out-dir and "
+           f"--resume excepted); flags given override")
+    a("--no-tensorboard", action="store_true",
+      help=f"do not write TensorBoard event files to <out-dir>/tensorboard/{parser.run_name}/ (a run of its own per "
+           f"stage)")
     a("--ema-decay", type=float, default=None,
       help="keep an exponential moving average of the weights with this decay (e.g. 0.999), saved as the "
            "checkpoint's `ema` and used by sampling and evaluation (default: none, as in the paper)")
@@ -140,7 +152,7 @@ def explicit_flags(parser, argv=None):
 
 
 def read_config(path):
-    """The flags of a run's config.json as a dict."""
+    """The flags of a run's config file (results/<run name>_config.json) as a dict."""
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -152,7 +164,7 @@ def read_config(path):
 
 def parse_flags(parser, argv=None):
     """The flags of a script run. For a training script (a parser with a run_name): its defaults, then a --config file
-    (a run's config.json), then the command line; with --resume and a checkpoint, the run's own flags come back from
+    (a run's config file), then the command line; with --resume and a checkpoint, the run's own flags come back from
     the checkpoint: the command line may change only the parser's mutable_flags, and another value of any other flag
     is refused."""
     args = parser.parse_args(argv)

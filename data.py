@@ -3,8 +3,9 @@ import hashlib
 import math
 import os
 import random
-import warnings
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -141,7 +142,17 @@ def build_transform(image_size, train=True, kind='rgb'):
     return A.Compose([resize, crop, *flip])
 
 
-_warned_paths = set()  # unreadable files already reported by this process
+class Unreadable(NamedTuple):
+    """The item of an image file that cannot be decoded: its path and why. A Loader names it and leaves it out."""
+    path: str
+    reason: str
+
+
+def unreadable_reason(error, path):
+    """Why a file could not be decoded, in a few words: the error's first line without the path it may repeat."""
+    lines = str(error).replace(repr(str(path)), "").replace(str(path), "").strip().splitlines()
+    reason = lines[0].strip(" :") if lines else ""
+    return reason[:200] or type(error).__name__
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -186,10 +197,7 @@ class ImageFolder(torch.utils.data.Dataset):
         except DataError:  # readable but wrong (a class out of range): the user must fix it, not skip it
             raise
         except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
-            if path not in _warned_paths:  # once per file, however many epochs ask for it
-                _warned_paths.add(path)
-                warnings.warn(f"Skipping unreadable image '{path}': {error}", stacklevel=2)
-            return None
+            return Unreadable(str(path), unreadable_reason(error, path))
         if self.train and hasattr(self.transform, 'set_random_seed'):
             # albumentations >= 2 keeps its own generator, seeded once from the OS: forked workers would share
             # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
@@ -203,8 +211,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def collate_images(batch):
-    """Stack the readable items of a batch and count the skipped ones; None when nothing was readable."""
-    good = [item for item in batch if item is not None]
+    """Stack the readable items of a batch (the dicts) and count the skipped ones; None when nothing was readable."""
+    good = [item for item in batch if isinstance(item, dict)]
     if not good:
         return None
     # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
@@ -215,17 +223,49 @@ def collate_images(batch):
     return out
 
 
+def collate_with_unreadable(batch):
+    """collate_images' batch and the batch's Unreadable items: what a worker process sends to the main process."""
+    return collate_images(batch), [item for item in batch if isinstance(item, Unreadable)]
+
+
+MAX_NAMED_UNREADABLE = 10  # a loader names this many unreadable files, one line each; more are only counted
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader of collate_images' batches whose main process names each unreadable file once, in a line of its
+    own on stderr above any progress bar (a worker's print or warning would cut through the bar); `unreadable` maps
+    each one met to its reason."""
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, collate_fn=collate_with_unreadable, **kwargs)
+        self.unreadable = {}
+
+    def __iter__(self):
+        unnamed = 0  # unreadable files met for the first time in this pass, beyond MAX_NAMED_UNREADABLE
+        for batch, unreadable in super().__iter__():
+            for path, reason in unreadable:
+                if path not in self.unreadable:
+                    self.unreadable[path] = reason
+                    if len(self.unreadable) <= MAX_NAMED_UNREADABLE:
+                        tqdm.write(f"Skipping unreadable image '{path}': {reason}.", file=sys.stderr)
+                    else:
+                        unnamed += 1
+            yield batch
+        if unnamed:
+            tqdm.write(f"Skipping {unnamed} more unreadable image(s), not named ({len(self.unreadable)} in all).",
+                       file=sys.stderr)
+
+
 def build_loader(dataset, batch_size, train=True, num_workers=0, sampler=None, drop_last=None):
-    """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs.
+    """A Loader that shuffles for training, skips unreadable files (naming them) and keeps workers alive between
+    epochs.
 
     The workers are capped by the cores this process may use (more only compete for them)."""
     num_workers = min(num_workers, usable_cores())
     extra = {'prefetch_factor': 4} if num_workers > 0 else {}  # decoding JPEGs is the usual bottleneck
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train if drop_last is None else drop_last, num_workers=num_workers,
-        collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, **extra)
+    return Loader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                  drop_last=train if drop_last is None else drop_last, num_workers=num_workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **extra)
 
 
 def split_paths(paths, val_fraction=0.05, seed=0):

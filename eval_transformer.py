@@ -179,7 +179,7 @@ def reference_features(reference, image_size, extractor, device, cache_dir, batc
         build_loader(ImageFolder(reference, image_size, train=False, paths=paths), batch_size, train=False,
                      num_workers=num_workers)
     for batch in tqdm(loader, desc="reference features", dynamic_ncols=True):
-        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+        if batch is None:  # every file of this batch was unreadable (the loader named them)
             skipped += batch_size
             continue
         skipped += batch["skipped"]

@@ -178,11 +178,10 @@ def main(args):
     sums = dict(psnr=0.0, ssim=0.0, lpips=0.0)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)  # segmentation: (target, predicted) counts
     all_indices, feats_real, feats_rec, grid_real, grid_rec = [], [], [], [], []
-    num_images, skipped = 0, 0
+    num_images = 0
     for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
-        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+        if batch is None:  # every file of this batch was unreadable (the loader named them)
             continue
-        skipped += batch["skipped"]
         x = batch["image"].to(device)  # (B, C, H, W): in [-1, 1], or one-hot label maps
         x_rec, indices, _ = model(x)
         if kind == "segmentation":  # logits: the predicted class is their argmax
@@ -214,8 +213,8 @@ def main(args):
             rfid = frechet_distance(torch.cat(feats_real), torch.cat(feats_rec))
             if num_images < 2048:  # fewer images than feature dimensions: a rank-deficient covariance
                 notes.append(f"rfid on {num_images} images is biased upwards; compare only values on the same set.")
-    if skipped:
-        notes.append(f"{skipped} unreadable image file(s) were skipped (named in the warnings).")
+    if loader.unreadable:
+        notes.append(f"{len(loader.unreadable)} unreadable image file(s) were skipped (named on stderr).")
     scores = dict(psnr=None, ssim=None)  # label maps: pixel accuracy and mean IoU instead
     if kind == "segmentation":
         accuracy, mean_iou, iou = segmentation_scores(confusion)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 # ---- device and reproducibility ----
@@ -299,21 +300,35 @@ class Interrupted(Exception):
 
     def __init__(self, signal_name):
         super().__init__(f"stopped by {signal_name} after saving")
+        self.signal_name = signal_name
         self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
 
 
 class StopSignal:
-    """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting."""
+    """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting; with
+    `announce`, says so at once (a step can take seconds, and a silent Ctrl-C gets pressed again)."""
 
-    def __init__(self):
-        self.received = None
+    def __init__(self, announce=True):
+        self.received, self.announce = None, announce
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name} came before the save; nothing was saved")
         self.received = signal.Signals(signum).name
+        if self.announce:
+            who = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else self.received
+            say(f"{who} received: saving and stopping after the current step. Press Ctrl-C again to stop at once, "
+                f"without saving.")
+
+
+def say(message):
+    """Print a line on stderr above any progress bar, also from a signal handler."""
+    try:
+        tqdm.write(message, file=sys.stderr)
+    except RuntimeError:  # the signal came inside a write to stderr, whose lock it holds: write around the lock
+        os.write(2, f"\n{message}\n".encode())
 
 
 def keeps_signal_handlers(main):

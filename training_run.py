@@ -9,11 +9,12 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_same_config, checkpoint_path, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, check_same_config, checkpoint_path, load_checkpoint, run_config_path,
+                        save_checkpoint)
 from cli import check_run_flags, checkpoint_to_resume, learning_rate
 from codebook import Quantizer
 from config import config_from_dict
-from data import DataError, ResumableSampler, build_loader
+from data import MAX_NAMED_UNREADABLE, DataError, ResumableSampler, Unreadable, build_loader
 from ema import EMA
 from runtime import (Interrupted, StopSignal, cleanup_distributed, resolve_precision, reuse_freed_memory,
                      seed_everything, set_threads, setup_distributed, wrap_model)
@@ -57,17 +58,18 @@ class TrainingRun:
         self.out_dir = Path(args.out_dir)
         self.results = self.out_dir / "results"
         self.tensorboard = None
-        if self.is_main:
+        if self.is_main:  # each stage's record is named by it, so both stages can share an --out-dir
             check_writable(self.out_dir)
-            (self.out_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")  # --config
-            if not args.no_tensorboard:
-                self.tensorboard = SummaryWriter(self.out_dir / "tensorboard")
+            self.results.mkdir(exist_ok=True)
+            run_config_path(self.out_dir, name).write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+            if not args.no_tensorboard:  # a TensorBoard run per stage
+                self.tensorboard = SummaryWriter(self.out_dir / "tensorboard" / name)
         seed_everything(args.seed + self.dist.rank)  # other noise per rank, the same model init after DDP's broadcast
         self.step = self.epoch = self.samples_in_epoch = 0  # samples: taken by all ranks together in this epoch
         self.resumed_world_size = self.dist.world_size
-        self.config, self.checkpoint_state, self.log, self.bar = None, None, None, None
-        self.stop = StopSignal()
-        self.stopped, self.nonfinite_in_a_row, self.skipped_files = False, 0, 0
+        self.config, self.checkpoint_state, self.log, self.bar, self.data = None, None, None, None, None
+        self.stop = StopSignal(announce=self.is_main)
+        self.stopped, self.nonfinite_in_a_row = False, 0
         self.forward_state = None  # run.guard(...): what a skipped step puts back besides the weights
         self.step_flags = torch.zeros(2, device=self.device)  # (non-finite loss, stop requested): one collective
         self.sums, self.count, self.shown = None, 0, {}  # shown: the values in the progress bar
@@ -121,8 +123,11 @@ class TrainingRun:
                                         world_size=world_size)
         batches_per_epoch = len(dataset) // world_size // batch_size
         if batches_per_epoch < args.grad_accum:
-            raise DataError(f"{len(dataset)} training items make fewer than one step of --batch-size {batch_size} "
-                            f"x --grad-accum {args.grad_accum} per process; add images or lower the batch size.")
+            readable = sum(not isinstance(dataset[i], Unreadable) for i in range(len(dataset)))  # a few files
+            items = f"{len(dataset)} training items" if readable == len(dataset) else \
+                f"{readable} readable training items (of {len(dataset)} files)"
+            raise DataError(f"{items} make fewer than one step of --batch-size {batch_size} x --grad-accum "
+                            f"{args.grad_accum} per process; add images or lower the batch size.")
         if args.max_steps is not None:
             self.max_steps = args.max_steps
         elif self.resumed_world_size == world_size:
@@ -132,7 +137,8 @@ class TrainingRun:
             batches_left = len(self.sampler) // batch_size + (args.epochs - self.epoch - 1) * batches_per_epoch
             self.max_steps = self.step + max(0, batches_left) // args.grad_accum
         self.batch_size = batch_size
-        return build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
+        self.data = build_loader(dataset, batch_size, train=True, num_workers=args.num_workers, sampler=self.sampler)
+        return self.data
 
     def steps(self, loader, checkpoint_state):
         """Yield the micro-batches of each optimizer step until --max-steps (or the epochs) or a stop signal.
@@ -148,12 +154,10 @@ class TrainingRun:
         group = []  # a step's micro-batches may span an epoch's end
         while self.step < self.max_steps:
             self.sampler.set_epoch(self.epoch, self.samples_in_epoch)
-            step_at_epoch_start, whole_epoch, skipped_in_epoch = self.step, self.samples_in_epoch == 0, 0
+            step_at_epoch_start, whole_epoch = self.step, self.samples_in_epoch == 0
             for batch in self.closing_bar_on_error(loader):
                 self.samples_in_epoch += self.batch_size * self.dist.world_size
-                skipped_in_epoch += self.batch_size if batch is None else batch["skipped"]  # drop_last: full batches
-                self.skipped_files = max(self.skipped_files, skipped_in_epoch)  # every pass meets the same bad files
-                if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+                if batch is None:  # every file of this batch was unreadable (the loader named them)
                     continue
                 group.append(batch)
                 if len(group) < self.args.grad_accum:
@@ -168,6 +172,7 @@ class TrainingRun:
                 if self.step >= self.max_steps:
                     return
             if self.step == step_at_epoch_start and whole_epoch:
+                self.bar.close()  # the error's line goes below the bar
                 raise DataError(f"A whole epoch gave no usable batch: are the images in "
                                 f"{self.args.dataset_path} readable?")
             self.epoch, self.samples_in_epoch = self.epoch + 1, 0
@@ -261,9 +266,10 @@ class TrainingRun:
         self.bar.close()
         if not self.stopped:
             self.save("end of training")
-        if self.is_main and self.skipped_files:
-            print(f"Skipped {self.skipped_files} unreadable image file(s) during training (named in the warnings "
-                  f"above).")
+        skipped = len(self.data.unreadable)
+        if self.is_main and skipped:
+            named = f"the first {MAX_NAMED_UNREADABLE} named above" if skipped > MAX_NAMED_UNREADABLE else "named above"
+            print(f"Skipped {skipped} unreadable image file(s) during training ({named}).")
         if self.tensorboard is not None:
             self.tensorboard.close()
         cleanup_distributed()

@@ -13,6 +13,7 @@ import training_run
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cli import config_from_flags
 from demo_flowers import make_demo_flowers
 from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT, script_error
 from transformer import TransformerConfig, VQGANTransformer, corrupt
@@ -193,6 +194,14 @@ def test_impossible_stage2_flags_are_rejected(tmp_path, capsys, extra, message):
                             str(tmp_path / "out"), "--max-steps", "1"] + extra
     assert message in script_error(training_transformer, flags, capsys)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_dropout_flag_sets_the_gpts_three_dropouts():
+    args = training_transformer.build_parser().parse_args(["--dropout", "0.1"])
+    config = config_from_flags(TransformerConfig, args, image_size=32, num_classes=0)
+    assert (config.embd_pdrop, config.resid_pdrop, config.attn_pdrop) == (0.1, 0.1, 0.1)
+    assert config_from_flags(TransformerConfig, training_transformer.build_parser().parse_args([]), image_size=32,
+                             num_classes=0).attn_pdrop == 0  # the paper's: no dropout
 
 
 def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
