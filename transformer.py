@@ -1,5 +1,6 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import maskgit
 from checkpoint import CheckpointError, load_weights, read_checkpoint, write_model_folder
 from config import ConfigError, check_positive, config_from_dict
 from mingpt import GPT, GPTConfig, pad_rows, sample_next, static_cache
@@ -22,10 +24,14 @@ def corrupt(indices, pkeep, num_codebook_vectors):
     return torch.where(keep, indices, torch.randint_like(indices, num_codebook_vectors))
 
 
+OBJECTIVES = ("ar", "maskgit")
+
+
 @dataclass
 class TransformerConfig:
     """Stage 2: the GPT over a VQGAN's token grid; the defaults are taming's ImageNet transformer."""
     image_size: Optional[int] = None  # training crop; None: the VQGAN's training size
+    objective: str = "ar"  # ar: next-token prediction (taming); maskgit: masked tokens, bidirectional (maskgit.py)
     n_layer: int = 24
     n_head: int = 16
     n_embd: int = 1024
@@ -39,6 +45,7 @@ class TransformerConfig:
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
+    label_smoothing: float = 0.0  # maskgit's cross-entropy on the masked tokens (MaskGIT: 0.1)
 
     def __post_init__(self):
         """Refuse impossible values once, naming the field (GPTConfig checks the GPT's sizes)."""
@@ -55,6 +62,12 @@ class TransformerConfig:
             raise ConfigError("cond_dropout", f"must be in [0, 1), got {self.cond_dropout}.")
         if self.cond_embedding not in ("shared", "separate"):
             raise ConfigError("cond_embedding", f"must be shared or separate, got {self.cond_embedding!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}.")
+        if self.label_smoothing and self.objective != "maskgit":
+            raise ConfigError("label_smoothing", "is a setting of the maskgit objective (`objective` maskgit).")
 
     @staticmethod
     def flag_values(args):
@@ -62,8 +75,11 @@ class TransformerConfig:
         class_dropout = args.class_dropout
         if class_dropout is None:  # a null class for classifier-free guidance when class-conditional
             class_dropout = 0.1 if args.conditional else 0.0
+        label_smoothing = args.label_smoothing
+        if label_smoothing is None:
+            label_smoothing = maskgit.DEFAULT_LABEL_SMOOTHING if args.objective == "maskgit" else 0.0
         return dict(embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout,
-                    class_dropout=class_dropout)
+                    class_dropout=class_dropout, label_smoothing=label_smoothing)
 
 
 def window_origin(i, j, canvas_hw, window_hw):
@@ -125,7 +141,9 @@ class VQGANTransformer(nn.Module):
     Vocabulary: the codes (image codes 0 .. K-1; with an image condition its codes too, at 0 .. Kc-1 in taming's
     shared table or at K .. K + Kc - 1 with cond_embedding "separate"), then from B = the end of the codes: the start
     token B (unconditional) or one per class, B .. B + num_classes - 1, then with class_dropout > 0 the null class,
-    then with cond_dropout > 0 the null condition token. The loss is on the image tokens only.
+    then with cond_dropout > 0 the null condition token, and last, for the maskgit objective, the [MASK] token. The
+    loss is on the image tokens only. A maskgit model reads the whole grid, after its class token when
+    class-conditional (maskgit.py), and takes no image condition.
     """
 
     def __init__(self, vqgan, config: TransformerConfig, cond_vqgan=None, taming=None):
@@ -145,6 +163,9 @@ class VQGANTransformer(nn.Module):
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
         self.cond_hw, num_cond_codes = (0, 0), 0
         if cond_vqgan is not None:
+            if config.objective == "maskgit":
+                raise ConfigError("objective", "maskgit takes no image condition (`cond_path`): an image condition "
+                                               "is read by the ar objective.")
             S, fc = config.cond_downsample, cond_vqgan.config.downsample_factor
             if self.image_size % (S * fc):
                 raise ConfigError("image_size", f"{self.image_size} must divide by `cond_downsample` {S} times the "
@@ -157,17 +178,22 @@ class VQGANTransformer(nn.Module):
         self.pkeep, self.num_classes = config.pkeep, config.num_classes
         self.num_start_tokens = 0 if taming is not None and taming["start"] is None else 1
         self.prefix_length = self.num_start_tokens + self.num_cond_tokens
-        needed = self.prefix_length + self.num_tokens - 1  # the last image token is never read
+        class_token = config.objective == "maskgit" and config.num_classes > 0  # maskgit reads it before the grid
+        # ar reads the prefix and all image tokens but the last; maskgit all of them, after its class token
+        needed = self.num_tokens + class_token if config.objective == "maskgit" else \
+            self.prefix_length + self.num_tokens - 1
         if config.block_size < needed:
+            reads = ("its class token and all of them (maskgit)" if class_token else
+                     "the start token and all indices but the last")
             what = (f"the {self.num_tokens} tokens of a {self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT "
-                    f"reads the start token and all indices but the last)") if not self.num_cond_tokens else \
+                    f"reads {reads})") if not self.num_cond_tokens else \
                 (f"the {needed} tokens the GPT reads: {'the start token, ' * self.num_start_tokens}the "
                  f"{self.num_cond_tokens} condition tokens ({self.cond_hw[0]}x{self.cond_hw[1]}) and all "
                  f"{self.num_tokens} image indices but the last")
             raise ConfigError("block_size", f"{config.block_size} is smaller than {what}.")
         if taming is not None:  # taming's own table: condition codes as they are, its class ids or SOS as tokens
             self.cond_offset, self.start_token, self.null_token, self.null_cond_token = 0, None, None, None
-            vocab_size = taming["vocab_size"]
+            self.mask_token, vocab_size = None, taming["vocab_size"]
         else:
             self.cond_offset = K if config.cond_embedding == "separate" and cond_vqgan is not None else 0
             self.start_token = max(K, self.cond_offset + num_cond_codes)  # the first token that is not a code
@@ -176,9 +202,12 @@ class VQGANTransformer(nn.Module):
             vocab_size += self.null_token is not None
             self.null_cond_token = vocab_size if config.cond_dropout > 0 else None
             vocab_size += self.null_cond_token is not None
+            self.mask_token = vocab_size if config.objective == "maskgit" else None
+            vocab_size += self.mask_token is not None
         self.gpt = GPT(GPTConfig(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
                                  n_head=config.n_head, n_embd=config.n_embd, embd_pdrop=config.embd_pdrop,
-                                 resid_pdrop=config.resid_pdrop, attn_pdrop=config.attn_pdrop))
+                                 resid_pdrop=config.resid_pdrop, attn_pdrop=config.attn_pdrop,
+                                 causal=config.objective == "ar"))
 
     @classmethod
     def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True, user="VQGANTransformer.from_checkpoint",
@@ -338,12 +367,16 @@ class VQGANTransformer(nn.Module):
 
     def forward(self, indices, labels=None, cond=None):
         """Logits (B, h*w, V) of the image tokens and their loss: the GPT reads the prefix, then the (noised)
-        indices but the last; cond (B, hc*wc) are the condition's codes when the model has an image condition."""
+        indices but the last; cond (B, hc*wc) are the condition's codes when the model has an image condition.
+
+        maskgit: code logits and the loss on the masked tokens of a cosine-schedule share (maskgit.training_loss)."""
         noisy = corrupt(indices, self.pkeep, self.num_codebook_vectors) if self.training else indices
         starts = self.start_tokens(len(indices), labels, indices.device)  # (B, 1)
         if self.training and self.null_token is not None:  # learn p(x) beside p(x | class) for guidance
             dropped = torch.rand(starts.shape, device=starts.device) < self.config.class_dropout
             starts = starts.masked_fill(dropped, self.null_token)
+        if self.config.objective == "maskgit":
+            return maskgit.training_loss(self, starts if self.num_classes else None, noisy, indices)
         drop = None
         if self.training and self.null_cond_token is not None:  # and p(x | class) beside p(x | class, condition)
             drop = torch.rand(len(indices), device=indices.device) < self.config.cond_dropout
@@ -351,6 +384,14 @@ class VQGANTransformer(nn.Module):
         logits, _ = self.gpt(torch.cat([prefix, noisy[:, :-1]], dim=1))
         logits = logits[:, prefix.shape[1] - 1:]  # (B, h*w, V): the positions that predict image tokens
         return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), indices.reshape(-1))  # clean targets
+
+    @torch.no_grad()
+    def validation_losses(self, indices, labels=None, generator=None, cond=None):
+        """A batch's validation losses (0-d tensors) by name, the model in eval mode: ar's cross-entropy val_loss (nats
+        per token), maskgit's on the masked tokens at fixed ratios, positions drawn by generator (maskgit.py)."""
+        if self.config.objective == "maskgit":
+            return maskgit.validation_losses(self, indices, labels, generator)
+        return dict(val_loss=self(indices, labels, cond)[1])
 
     # ---- sampling ----
 
@@ -427,8 +468,14 @@ class VQGANTransformer(nn.Module):
         indices = self.encode_to_indices(x)
         codes = None if cond is None else self.encode_condition(cond)
         half = self.num_tokens // 2 // self.latent_hw[1] * self.latent_hw[1]  # whole rows of the top half
-        completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, indices[:, :half], codes)
-        free = self.sample_indices(len(x), temperature, top_k, top_p, labels, cond=codes)
+        if self.config.objective == "maskgit":  # iterative decoding; the completion keeps the top half's codes
+            sample = partial(maskgit.sample_canvas, self, len(x), temperature=temperature, top_k=top_k, top_p=top_p,
+                             labels=labels)
+            bottom = torch.arange(self.num_tokens).view(self.latent_hw) >= half  # (h, w): regenerated
+            completion, free = sample(codes=indices.view(-1, *self.latent_hw), regenerate=bottom), sample()
+        else:
+            completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, indices[:, :half], codes)
+            free = self.sample_indices(len(x), temperature, top_k, top_p, labels, cond=codes)
         logs = {} if cond is None else dict(condition=for_display(cond, self.cond_kind))
         return dict(**logs, input=x.clamp(-1, 1), reconstruction=self.indices_to_image(indices),
                     half_completion=self.indices_to_image(completion), sample=self.indices_to_image(free))

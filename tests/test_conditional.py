@@ -118,6 +118,9 @@ def test_block_size_counts_the_condition():
                                          r"token, the 16 condition tokens \(4x4\) and all 16 image indices"):
         cond_model(block_size=30)
 
+    with pytest.raises(ValueError, match=r"objective maskgit takes no image condition \(cond_path\)"):
+        cond_model(objective="maskgit")  # the condition is read by the ar objective only
+
 
 # ---- the sliding windows ----
 
