@@ -347,7 +347,8 @@ def evaluate_layout_tokenizer(s, c, out, flags, labels_ckpt):
 
 
 def train_conditional(s, c, out, flags, vqgan_ckpt, labels_ckpt):
-    """Stage 2's GPT, flags and schedule, reading [start, layout tokens, image tokens]: a longer block."""
+    """Stage 2's GPT, flags and schedule, reading [start, layout tokens, image tokens]: a longer block, and the layout
+    codes in embedding rows of their own (measured better than taming's shared rows: docs/conditional.md)."""
     train_dir, heldout_dir = data_dirs(out, s)
     return train_in_phases("Conditional stage 2", "the GPT reading the layouts", training_transformer,
                            conditional_checkpoints(out)[1], s.gpt_lr, c.seconds["conditional stage 2"], [
@@ -355,7 +356,8 @@ def train_conditional(s, c, out, flags, vqgan_ckpt, labels_ckpt):
                                "--val-path", str(heldout_dir), "--val-cond-path", str(labels_dir(heldout_dir)),
                                "--checkpoint-path", str(vqgan_ckpt), "--cond-checkpoint", str(labels_ckpt),
                                "--precompute-tokens", *with_flag(s.gpt_flags, "--block-size", c.block_size),
-                               "--out-dir", str(conditional_dirs(out)[1]), *LOADING, *flags],
+                               "--cond-embedding", "separate", "--out-dir", str(conditional_dirs(out)[1]), *LOADING,
+                               *flags],
                            every=s.gpt_steps // s.evals)
 
 

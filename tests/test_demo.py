@@ -176,6 +176,7 @@ def test_tiny_conditional_demo_builds_on_the_default_run(tiny_demo, tmp_path, ca
     same = ("n_layer", "n_head", "n_embd", "pkeep", "embd_pdrop")  # the same GPT, but for the block it reads
     assert [cond["config"][k] for k in same] == [plain["config"][k] for k in same]
     assert (cond["config"]["block_size"], plain["config"]["block_size"]) == (c.block_size, TINY_GPT["block_size"])
+    assert cond["config"]["cond_embedding"] == "separate"  # the layout codes' own rows (docs/conditional.md)
     assert "--block-size" in printed and printed.count(f"--block-size {c.block_size}") >= 1
     assert not any(line.count("--block-size") > 1 for line in printed.splitlines() if line.startswith("$ python"))
 
