@@ -27,11 +27,12 @@ from config import check_positive
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from measure import LoadProbe, bf16_peak_flops, peak_memory, synchronize, throughput, time_steps
+from measure import (LoadProbe, bf16_peak_flops, count_flops_of_shapes, peak_memory, synchronize, throughput,
+                     time_steps)
 from mingpt import GPT, GPTConfig
 from presets import TINY_GPT, TINY_VQGAN
-from runtime import (autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
-                     resolve_precision, reuse_freed_memory)
+from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
+                     resolve_precision, reuse_freed_memory, use_device)
 from transformer import TransformerConfig, VQGANTransformer
 from vqgan import VQGAN, VQGANConfig
 
@@ -128,7 +129,7 @@ def bench_sampling(args, device, precision):
     if args.quantize == "int8":
         gpt.quantize_int8()
     if args.compile:
-        gpt.compile_decode()  # as sample_transformer.py --compile: a static-shape step, CUDA graphs on CUDA
+        gpt.compile_decode(PRECISIONS[precision])  # as sample_transformer.py --compile: CUDA graphs on CUDA
     n = args.sample_batch_size
     start = torch.full((n, 1), config.num_codebook_vectors, dtype=torch.long, device=device)
 
@@ -195,6 +196,43 @@ def bench_window(args, device, precision):
             "step_s": sum(c["generate_s"] for c in canvases.values())}
 
 
+# ---- FLOPs of a config without running it (gpu_check.py's estimates) ----
+
+def config_flops(vqgan_config, gpt, perceptual=True):
+    """FLOPs per item, counted with the sections' formulas on fake tensors (nothing computed, seconds for the paper
+    config): a stage-1 training step per image (GAN on; LPIPS unless perceptual=False), the encode and the decode of
+    an image, a stage-2 training step per token and a forward per token (a sampled token with the cache costs about
+    that) of the GPT of `gpt` sizes over the config's grid."""
+    size, grid = vqgan_config.image_size, vqgan_config.image_size // vqgan_config.downsample_factor
+    gpt_config = GPTConfig(**{**gpt, "block_size": grid * grid}, vocab_size=vqgan_config.num_codebook_vectors + 1)
+    tokens = grid * grid
+
+    def stage1():
+        lpips = LPIPS(vgg_weights=None) if perceptual else None
+        train_step(Stage1(VQGAN(vqgan_config), Discriminator(), lpips, LossConfig(disc_start=0)),
+                   torch.zeros(1, 3, size, size), 0)
+
+    @torch.no_grad()
+    def encode():
+        VQGAN(vqgan_config).encode(torch.zeros(1, 3, size, size))
+
+    @torch.no_grad()
+    def decode():
+        VQGAN(vqgan_config).decode_indices(torch.zeros(1, grid, grid, dtype=torch.long))
+
+    def stage2():
+        x = torch.zeros(1, tokens, dtype=torch.long)
+        GPT(gpt_config)(x, x)[1].backward()
+
+    @torch.no_grad()
+    def forward():
+        GPT(gpt_config)(torch.zeros(1, tokens, dtype=torch.long))
+
+    return {"stage1_per_image": count_flops_of_shapes(stage1), "encode_per_image": count_flops_of_shapes(encode),
+            "decode_per_image": count_flops_of_shapes(decode), "stage2_per_token": count_flops_of_shapes(stage2) / tokens,
+            "forward_per_token": count_flops_of_shapes(forward) / tokens}
+
+
 BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window}
 
 
@@ -202,7 +240,7 @@ def run_section(name, args):
     """Run one section in this process and add its peak memory and the machine's load to its result."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(torch.device(args.device))  # on CUDA with cudnn.benchmark, as in training
     if not args.system_malloc:
         reuse_freed_memory(device)
     precision = resolve_precision(args.precision, device)

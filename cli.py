@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from checkpoint import CheckpointError, MissingWeights, checkpoint_path, load_checkpoint
+from checkpoint import CheckpointError, MissingWeights, checkpoint_path, load_checkpoint, run_config_path
 from config import ConfigError, check_positive
 from data import DataError
 from runtime import Interrupted
@@ -18,18 +18,27 @@ BASE_LEARNING_RATE = 4.5e-6  # taming-transformers: lr = 4.5e-6 x global batch s
 def run_script(main, parser, argv=None):
     """A script's entry point: main(flags of parse_flags) and what it returns. An expected failure is one line on
     stderr and exit code 1, never a traceback, a config's error worded by the flags; a run stopped by a signal exits
-    with 130 (SIGINT) or 143 (SIGTERM) after saving."""
-    args = None
+    with 130 (SIGINT) or 143 (SIGTERM) after saving, and one stopped at once by Ctrl-C with 130 after a line."""
     try:
-        args = parse_flags(parser, argv)
-        return main(args)
+        return call_main(main, parser, argv)
     except Interrupted as stop:
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt as stop:  # a second Ctrl-C in a training loop, or one outside it
+        print(f"Stopped at once: {stop}." if str(stop) else "Stopped by Ctrl-C.", file=sys.stderr)
+        sys.exit(130)
     except (DataError, CheckpointError, MissingWeights, ValueError, FloatingPointError) as error:
-        if isinstance(error, ConfigError) and args is not None:
-            error = in_flag_words(error, args)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def call_main(main, parser, argv=None):
+    """main(flags of parse_flags) and what it returns, its errors raised as they are but a config's, which is raised
+    worded by the flags (demo.py runs each script's step through this)."""
+    args = parse_flags(parser, argv)
+    try:
+        return main(args)
+    except ConfigError as error:
+        raise ValueError(in_flag_words(error, args)) from None
 
 
 def in_flag_words(error, args):
@@ -71,7 +80,9 @@ def add_run_flags(parser):
     a("--compile", action="store_true", help="wrap the models in torch.compile (checkpoints hold the plain weights)")
     a("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     a("--out-dir", default=".", help="where results/ and checkpoints/ go")
-    a("--resume", action="store_true", help=f"continue from {checkpoint_path('<out-dir>', parser.run_name)}")
+    a("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+      help=f"continue from {checkpoint_path('<out-dir>', parser.run_name)}, refused when there is none; --resume auto: "
+           f"continue when it exists, else start afresh (for a cluster job that may be requeued)")
     a("--trust-checkpoint", action="store_true",
       help="allow loading checkpoints that need full unpickling (only files you trust)")
     a("--seed", type=int, default=0, help="random seed (offset by rank)")
@@ -84,13 +95,16 @@ def add_run_flags(parser):
       help="a non-finite loss skips its update; this many in a row stop the run (fp16's overflowed gradients are the "
            "scaler's: it skips the step and lowers its scale)")
     a("--dist-timeout", type=float, default=30.0,
-      help="minutes a rank may wait in a collective under torchrun before the job stops with an error (NCCL's "
+      help="minutes a rank may wait in a collective (torchrun or SLURM) before the job stops with an error (NCCL's "
            "default: 10)")
     a("--threads", type=int, default=None,
       help="CPU threads of torch's operators; set it when other jobs share the machine (default: torch's, all cores)")
     a("--config", default=None,
-      help="start from the flags of a run's config.json (its --out-dir and --resume excepted); flags given override")
-    a("--no-tensorboard", action="store_true", help="do not write TensorBoard event files to <out-dir>/tensorboard/")
+      help=f"start from the flags of a run's {run_config_path('<out-dir>', parser.run_name)} (its --out-dir and "
+           f"--resume excepted); flags given override")
+    a("--no-tensorboard", action="store_true",
+      help=f"do not write TensorBoard event files to <out-dir>/tensorboard/{parser.run_name}/ (a run of its own per "
+           f"stage)")
     a("--ema-decay", type=float, default=None,
       help="keep an exponential moving average of the weights with this decay (e.g. 0.999), saved as the "
            "checkpoint's `ema` and used by sampling and evaluation (default: none, as in the paper)")
@@ -106,6 +120,25 @@ RUN_MUTABLE_FLAGS = {"epochs", "max_steps", "learning_rate", "save_every", "samp
 NOT_FROM_CONFIG_FILES = {"config", "out_dir", "resume"}  # a run started from another's config.json is a new run
 
 
+def resume_mode(value):
+    """--resume's value: only "auto" (plain --resume stores True)."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"the only value --resume takes is 'auto', got '{value}'")
+    return value
+
+
+def checkpoint_to_resume(args, run_name):
+    """The checkpoint a run continues, None when it starts afresh. Plain --resume refuses an out dir without one (a
+    mistyped --out-dir must not start a new run); --resume auto starts afresh there."""
+    path = checkpoint_path(args.out_dir, run_name)
+    if not args.resume or (args.resume == "auto" and not path.exists()):
+        return None
+    if not path.exists():
+        raise CheckpointError(f"--resume found no checkpoint at {path}: check --out-dir, or pass --resume auto to "
+                              f"start afresh when there is none.")
+    return path
+
+
 def explicit_flags(parser, argv=None):
     """{dest: value} of the flags written on the command line, without the defaults."""
     defaults = {action.dest: action.default for action in parser._actions}
@@ -119,7 +152,7 @@ def explicit_flags(parser, argv=None):
 
 
 def read_config(path):
-    """The flags of a run's config.json as a dict."""
+    """The flags of a run's config file (results/<run name>_config.json) as a dict."""
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -131,7 +164,7 @@ def read_config(path):
 
 def parse_flags(parser, argv=None):
     """The flags of a script run. For a training script (a parser with a run_name): its defaults, then a --config file
-    (a run's config.json), then the command line; with --resume and a checkpoint, the run's own flags come back from
+    (a run's config file), then the command line; with --resume and a checkpoint, the run's own flags come back from
     the checkpoint: the command line may change only the parser's mutable_flags, and another value of any other flag
     is refused."""
     args = parser.parse_args(argv)
@@ -146,8 +179,8 @@ def parse_flags(parser, argv=None):
         for name, value in values.items():
             if name not in given and name not in NOT_FROM_CONFIG_FILES:
                 setattr(args, name, value)
-    path = checkpoint_path(args.out_dir, parser.run_name)
-    if args.resume and path.exists():
+    path = checkpoint_to_resume(args, parser.run_name)
+    if path is not None:
         saved = load_checkpoint(path, trust=args.trust_checkpoint, mmap=True).get("args", {})
         changed = sorted(f"--{name.replace('_', '-')}" for name in set(saved) & set(given) - parser.mutable_flags
                          if given[name] != saved[name])

@@ -106,6 +106,19 @@ def kmeans(x, k, iterations=10):
     return centres
 
 
+def gather_rows(x):
+    """Every rank's rows (N_r, D), concatenated in rank order: ranks may hold different numbers of rows (a batch
+    that lost unreadable images), so each sends its count first and its rows padded to the largest count."""
+    counts = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor(len(x), device=x.device))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
+
+
 class Codebook(Quantizer):
     """Nearest-neighbour vector quantizer (the paper's VQ), with optional switches against codebook collapse.
 
@@ -161,7 +174,7 @@ class Codebook(Quantizer):
                 z_low = self.proj_in(z_low)
             if self.l2_norm:
                 z_low = F.normalize(z_low, dim=-1)
-            if self.training and self.kmeans_init and self.train_steps == 0:
+            if self.training and self.kmeans_init:
                 self._maybe_kmeans_init(z_low.detach())
             if self.training and self.restart_dead_codes:
                 self._maybe_restart(z_low.detach())
@@ -232,15 +245,13 @@ class Codebook(Quantizer):
             dist.broadcast(new_codes, src=0)
         self._reseed(dead, new_codes)
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # reads the step counter: compiled, every new step count would mean a recompile
     @torch.no_grad()
     def _maybe_kmeans_init(self, z_low):
-        if self.kmeans_done.item():  # one read per process start: a resumed run keeps its codes
+        if self.train_steps != 0 or self.kmeans_done.item():  # read once per process: a resumed run keeps its codes
             return
         if distributed():  # every rank's batch, so that all ranks start from the same codes
-            gathered = [torch.empty_like(z_low) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, z_low.contiguous())
-            z_low = torch.cat(gathered)
+            z_low = gather_rows(z_low)
         centres = kmeans(z_low, self.num_codebook_vectors).to(self.embedding.weight.dtype)
         if distributed():
             dist.broadcast(centres, src=0)

@@ -3,8 +3,9 @@ import hashlib
 import math
 import os
 import random
-import warnings
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -14,12 +15,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from runtime import usable_cores
-
-# albumentations asks PyPI for a newer version on import; training nodes are often offline.
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
-import albumentations as A  # noqa: E402
-
+from runtime import broadcast_rows, gather_rows, usable_cores
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -33,6 +29,18 @@ class DataError(Exception):
         if message.startswith('Caught DataError') and 'DataError: ' in message:
             message = message.rstrip().rsplit('DataError: ', 1)[1]
         super().__init__(message)
+
+
+def albumentations():
+    """The albumentations module, imported on first use: only image folders need it, so that sampling, bench.py
+    and gpu_check.py's package check run where it is missing, and a missing install is one sentence."""
+    os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # it asks PyPI for a newer version; nodes are often offline
+    try:
+        import albumentations
+    except ImportError as error:
+        raise DataError(f"Image folders need the albumentations package ({error}): pip install -r requirements.txt, "
+                        f"or on a machine without a package registry the wheel folder of docs/gpu.md.") from None
+    return albumentations
 
 
 def find_images(root):
@@ -126,6 +134,7 @@ def build_transform(image_size, train=True, kind='rgb'):
     """Resize the shorter side to image_size (enlarging too, so every crop is full-size), crop (random for training,
     central for evaluation), flip half of the training items. Label maps are resized by nearest neighbour only, so
     each pixel keeps a class of the file, and nothing changes their values."""
+    A = albumentations()
     crop = A.RandomCrop(image_size, image_size) if train else A.CenterCrop(image_size, image_size)
     flip = [A.HorizontalFlip(p=0.5)] if train else []
     resize = A.SmallestMaxSize(max_size=image_size, interpolation=cv2.INTER_NEAREST) if kind == 'segmentation' else \
@@ -133,7 +142,17 @@ def build_transform(image_size, train=True, kind='rgb'):
     return A.Compose([resize, crop, *flip])
 
 
-_warned_paths = set()  # unreadable files already reported by this process
+class Unreadable(NamedTuple):
+    """The item of an image file that cannot be decoded: its path and why. A Loader names it and leaves it out."""
+    path: str
+    reason: str
+
+
+def unreadable_reason(error, path):
+    """Why a file could not be decoded, in a few words: the error's first line without the path it may repeat."""
+    lines = str(error).replace(repr(str(path)), "").replace(str(path), "").strip().splitlines()
+    reason = lines[0].strip(" :") if lines else ""
+    return reason[:200] or type(error).__name__
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -178,10 +197,7 @@ class ImageFolder(torch.utils.data.Dataset):
         except DataError:  # readable but wrong (a class out of range): the user must fix it, not skip it
             raise
         except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
-            if path not in _warned_paths:  # once per file, however many epochs ask for it
-                _warned_paths.add(path)
-                warnings.warn(f"Skipping unreadable image '{path}': {error}", stacklevel=2)
-            return None
+            return Unreadable(str(path), unreadable_reason(error, path))
         if self.train and hasattr(self.transform, 'set_random_seed'):
             # albumentations >= 2 keeps its own generator, seeded once from the OS: forked workers would share
             # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
@@ -195,8 +211,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def collate_images(batch):
-    """Stack the readable items of a batch and count the skipped ones; None when nothing was readable."""
-    good = [item for item in batch if item is not None]
+    """Stack the readable items of a batch (the dicts) and count the skipped ones; None when nothing was readable."""
+    good = [item for item in batch if isinstance(item, dict)]
     if not good:
         return None
     # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
@@ -207,17 +223,49 @@ def collate_images(batch):
     return out
 
 
+def collate_with_unreadable(batch):
+    """collate_images' batch and the batch's Unreadable items: what a worker process sends to the main process."""
+    return collate_images(batch), [item for item in batch if isinstance(item, Unreadable)]
+
+
+MAX_NAMED_UNREADABLE = 10  # a loader names this many unreadable files, one line each; more are only counted
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader of collate_images' batches whose main process names each unreadable file once, in a line of its
+    own on stderr above any progress bar (a worker's print or warning would cut through the bar); `unreadable` maps
+    each one met to its reason."""
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, collate_fn=collate_with_unreadable, **kwargs)
+        self.unreadable = {}
+
+    def __iter__(self):
+        unnamed = 0  # unreadable files met for the first time in this pass, beyond MAX_NAMED_UNREADABLE
+        for batch, unreadable in super().__iter__():
+            for path, reason in unreadable:
+                if path not in self.unreadable:
+                    self.unreadable[path] = reason
+                    if len(self.unreadable) <= MAX_NAMED_UNREADABLE:
+                        tqdm.write(f"Skipping unreadable image '{path}': {reason}.", file=sys.stderr)
+                    else:
+                        unnamed += 1
+            yield batch
+        if unnamed:
+            tqdm.write(f"Skipping {unnamed} more unreadable image(s), not named ({len(self.unreadable)} in all).",
+                       file=sys.stderr)
+
+
 def build_loader(dataset, batch_size, train=True, num_workers=0, sampler=None, drop_last=None):
-    """A DataLoader that shuffles for training, skips unreadable files and keeps workers alive between epochs.
+    """A Loader that shuffles for training, skips unreadable files (naming them) and keeps workers alive between
+    epochs.
 
     The workers are capped by the cores this process may use (more only compete for them)."""
     num_workers = min(num_workers, usable_cores())
     extra = {'prefetch_factor': 4} if num_workers > 0 else {}  # decoding JPEGs is the usual bottleneck
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train if drop_last is None else drop_last, num_workers=num_workers,
-        collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, **extra)
+    return Loader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                  drop_last=train if drop_last is None else drop_last, num_workers=num_workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **extra)
 
 
 def split_paths(paths, val_fraction=0.05, seed=0):
@@ -231,16 +279,18 @@ def split_paths(paths, val_fraction=0.05, seed=0):
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Shuffles with a seed per epoch, shards across ranks, and can start mid-epoch so a resume repeats no batch."""
+    """Shuffles with a seed per epoch and shards across ranks; can start an epoch after the items that the ranks have
+    taken, so that a resume repeats and skips no item, with the same number of ranks or another."""
 
     def __init__(self, num_items, batch_size, shuffle=True, seed=0, rank=0, world_size=1):
         self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = num_items // world_size  # equal shards keep the ranks in step (DDP needs that)
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start=0):
+        """Begin epoch `epoch` after the first `start` items of its order (rank r takes items r, r + world_size,
+        ..., so after b batches of every rank the ranks have taken the first b x batch_size x world_size)."""
+        self.epoch, self.start = epoch, start
 
     def _indices(self):
         if self.shuffle:
@@ -248,13 +298,13 @@ class ResumableSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_items, generator=g).tolist()
         else:
             order = list(range(self.num_items))
-        return order[self.rank:self.per_rank * self.world_size:self.world_size]
+        return order[self.start + self.rank:self.start + len(self) * self.world_size:self.world_size]
 
     def __iter__(self):
-        return iter(self._indices()[self.start_batch * self.batch_size:])
+        return iter(self._indices())
 
     def __len__(self):
-        return max(0, self.per_rank - self.start_batch * self.batch_size)
+        return max(0, self.num_items - self.start) // self.world_size  # equal shards keep DDP's ranks in step
 
 
 class TokenRows(torch.utils.data.Dataset):
@@ -274,58 +324,61 @@ class TokenRows(torch.utils.data.Dataset):
 
 
 def token_cache_path(stage1_path, image_size, paths, split):
-    """Cache file next to the stage-1 checkpoint, keyed by its bytes, the image size and the image list."""
+    """Cache file next to the stage-1 checkpoint (or model folder), keyed by its bytes, the image size and the image
+    list."""
     h = hashlib.sha256()
-    with open(stage1_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    stage1_path = Path(stage1_path)
+    for file in sorted(stage1_path.iterdir()) if stage1_path.is_dir() else [stage1_path]:
+        if not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
     h.update(f"{image_size}|".encode() + "\n".join(map(str, paths)).encode())
     return Path(stage1_path).parent / f"tokens_{split}_{image_size}px_{h.hexdigest()[:16]}.pt"
 
 
 @torch.no_grad()
 def encode_images(encode, dataset, batch_size, num_workers, items=None):
-    """Rows (2N, h*w) int32 of `encode` on each image of `dataset` (or of its `items`) and on its mirror image,
-    labels (2N,) or None; (None, None) when there is no readable image."""
+    """Rows of `encode` on each image of `dataset` (or of its `items`) followed by its mirror image: {"indices":
+    (2N, h*w) int32, "labels": (2N,) when the dataset has labels}; None when no image is readable."""
     dataset = dataset if items is None else torch.utils.data.Subset(dataset, items)
-    rows, labels = [], []
+    parts = {}
     for batch in tqdm(build_loader(dataset, batch_size, train=False, num_workers=num_workers), desc="encoding tokens"):
         if batch is None:
             continue
-        for view in (batch["image"], batch["image"].flip(-1)):
-            rows.append(encode(view).int().cpu())
+        views = torch.stack([encode(batch["image"]).int().cpu(), encode(batch["image"].flip(-1)).int().cpu()], 1)
+        parts.setdefault("indices", []).append(views.flatten(0, 1))  # (2B, h*w): image 0, its mirror, image 1, ...
         if "label" in batch:
-            labels += [batch["label"], batch["label"]]
-    if not rows:  # a rank's share of a tiny set can be empty
-        return None, None
-    return torch.cat(rows), (torch.cat(labels) if labels else None)
+            parts.setdefault("labels", []).append(batch["label"].repeat_interleave(2))
+    return {key: torch.cat(values) for key, values in parts.items()} if parts else None
 
 
-def cached_tokens(cache, images, encode, batch_size, num_workers):
-    """TokenRows read from `cache`, which is written first if missing.
+def cached_tokens(cache, images, encode, batch_size, num_workers, every_rank=True):
+    """TokenRows read from `cache`, which is written first if missing; None on the ranks that do not need them.
 
-    Under torchrun each rank encodes every world_size-th image and writes its share beside the cache; rank 0 merges
-    the shares. No rank waits in a collective for longer than its own share takes.
+    Rank 0 alone looks at the file and writes it, and tells the other ranks (whose disks may not hold it, or not yet)
+    what it found. Under torchrun each rank encodes a contiguous share of the images, and the shares reach rank 0 by
+    a collective, so the rows come in image order whatever the number of ranks; then, with `every_rank`, rank 0 sends
+    the rows to every rank. No rank waits in a collective for longer than its own share takes.
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if not cache.exists():
-        share = cache.with_name(f"{cache.name}.part{rank}of{world_size}")
-        rows, labels = encode_images(encode, images, batch_size, num_workers, range(rank, len(images), world_size))
-        save_checkpoint({"indices": rows, "labels": labels}, share)
-        if distributed:
-            dist.barrier()
+    rows = None
+    if rank == 0 and cache.exists():
+        rows = {key: value for key, value in load_checkpoint(cache).items() if value is not None}
+    found = [rows is not None]
+    if distributed:
+        dist.broadcast_object_list(found, src=0)
+    if not found[0]:
+        share = range(rank * len(images) // world_size, (rank + 1) * len(images) // world_size)
+        rows = encode_images(encode, images, batch_size, num_workers, share)
+        rows = gather_rows(rows) if distributed else rows or {}
+        if rows == {}:  # on every rank alike
+            raise DataError(f"None of the {len(images)} images for the token cache {cache.name} is readable.")
         if rank == 0:
-            shares = [cache.with_name(f"{cache.name}.part{r}of{world_size}") for r in range(world_size)]
-            parts = [part for part in map(load_checkpoint, shares) if part["indices"] is not None]
-            if not parts:
-                raise DataError(f"None of the {len(images)} images for the token cache {cache.name} is readable.")
-            labels = None if parts[0]["labels"] is None else torch.cat([p["labels"] for p in parts])
-            save_checkpoint({"indices": torch.cat([p["indices"] for p in parts]), "labels": labels}, cache)
-            for path in shares:
-                path.unlink()
+            save_checkpoint(rows, cache)  # atomic, through a temporary file named by this process
             print(f"Wrote the token cache {cache}.")
-        if distributed:
-            dist.barrier()
-    data = load_checkpoint(cache)
-    return TokenRows(data["indices"], data["labels"])
+    if distributed and every_rank:
+        rows = broadcast_rows(rows)
+    return TokenRows(rows["indices"], rows.get("labels")) if rows is not None else None

@@ -4,11 +4,16 @@ and the GPT's validation loss on the reference images' codes.
     python eval_transformer.py --checkpoint-path checkpoints/transformer_last.pt --reference data/val
     python eval_transformer.py ... --num-samples 50000 --top-k 600 --out-json results/topk600.json
     python eval_transformer.py ... --features random-conv    # no Inception weights: a fixed stand-in network
+    python eval_transformer.py ... --num-samples 50000 --reference VIRTUAL_imagenet256_labeled.npz --save-npz s.npz
+                                                              # ADM's reference batch; the samples for its evaluator
 
 Samples are drawn as sample_transformer.py draws them (batched, KV-cached) at the model's training size; reference
 images are resized (shorter side) and centre-cropped to that size. Both go to the feature network as 8-bit images.
 The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
 sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
+An ADM reference batch (.npz) counts by its mu/sigma statistics as given (FID only), or with --npz-images by its arr_0
+images like a folder; --save-npz writes the samples as ADM's evaluator reads them (docs/share.md: which FID compares
+with which paper).
 """
 import hashlib
 import importlib.util
@@ -17,11 +22,13 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import adm_npz
 import eval_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
@@ -100,17 +107,23 @@ def extract(extractor, images):
 
 # ---- the metrics, from features ----
 
-def fidelity_metrics(gen, ref, gen_logits):
+def fidelity_metrics(gen, ref, gen_logits, ref_statistics=None):
     """FID, IS, KID and precision/recall of generated features gen (N, D) against reference features ref (M, D),
-    computed by torch-fidelity's own functions; gen_logits (N, C) give the Inception Score."""
+    computed by torch-fidelity's own functions; gen_logits (N, C) give the Inception Score. With ref None, the FID
+    is against ref_statistics {mu, sigma} and KID, precision and recall (which need features) are None."""
     # Imported only here, as in eval_vqgan.py: the package takes seconds to import and the script runs without it.
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-    gen, ref = gen.double(), ref.double()
-    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), verbose=False)
+    gen = gen.double()
+    reference = ref_statistics if ref is None else fid_features_to_statistics(ref.double())
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), reference, verbose=False)
     isc = isc_features_to_metric(gen_logits, splits=min(ISC_SPLITS, len(gen_logits)))
+    if ref is None:
+        return dict(fid=fid[KEY_METRIC_FID], isc=isc[KEY_METRIC_ISC_MEAN], isc_std=isc[KEY_METRIC_ISC_STD],
+                    kid=None, kid_std=None, precision=None, recall=None)
+    ref = ref.double()
     kid = kid_features_to_metric(gen, ref, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(len(gen), len(ref)),
                                  verbose=False)
     # Generated first, reference second (torch-fidelity's convention); in blocks when the distance matrix is large.
@@ -141,26 +154,29 @@ def reference_cache_path(cache_dir, reference, key, image_size):
 
 
 def reference_features(reference, image_size, extractor, device, cache_dir, batch_size, num_workers):
-    """Features (M, D) float64 of the reference folder's centre crops: from the cache, or computed and cached.
+    """Features (M, D) float64 of the reference folder's (or .npz's arr_0) centre crops: from the cache, or computed
+    and cached.
 
     A .pt file in place of a folder is a cache written before (e.g. from a folder that is not on this machine)."""
-    if Path(reference).is_file():
+    npz = Path(reference).suffix == ".npz"
+    if Path(reference).is_file() and not npz:
         cache = Path(reference)
         saved = load_checkpoint(cache)
         if (saved.get("extractor"), saved.get("image_size")) != (extractor.name, image_size):
             raise DataError(f"The reference statistics {cache} are of {saved.get('extractor')} at "
                             f"{saved.get('image_size')} px, not of {extractor.name} at {image_size} px.")
         return saved["features"].double(), saved, cache, True
-    paths = find_images(reference)
+    paths = [Path(reference)] if npz else find_images(reference)
     cache = reference_cache_path(cache_dir, reference, reference_key(paths, image_size, extractor.name), image_size)
     if cache.is_file():
         saved = load_checkpoint(cache)
         return saved["features"].double(), saved, cache, True
     features, skipped = [], 0
-    loader = build_loader(ImageFolder(reference, image_size, train=False, paths=paths), batch_size, train=False,
-                          num_workers=num_workers)
+    loader = adm_npz.image_batches(reference, image_size, batch_size) if npz else \
+        build_loader(ImageFolder(reference, image_size, train=False, paths=paths), batch_size, train=False,
+                     num_workers=num_workers)
     for batch in tqdm(loader, desc="reference features", dynamic_ncols=True):
-        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+        if batch is None:  # every file of this batch was unreadable (the loader named them)
             skipped += batch_size
             continue
         skipped += batch["skipped"]
@@ -168,9 +184,26 @@ def reference_features(reference, image_size, extractor, device, cache_dir, batc
     if not features:
         raise DataError(f"None of the images in {reference} could be read.")
     saved = dict(features=torch.cat(features).float(), extractor=extractor.name, image_size=image_size,
-                 reference=str(Path(reference).resolve()), num_files=len(paths), skipped=skipped)
+                 reference=str(Path(reference).resolve()), num_files=sum(map(len, features)) if npz else len(paths),
+                 skipped=skipped)
     save_checkpoint(saved, cache)  # atomic: a sweep's parallel jobs never read half a file
     return saved["features"].double(), saved, cache, False
+
+
+def load_reference(args, size, extractor, device, cache_dir):
+    """The reference side: features (M, D) of a folder, a features .pt or an .npz's images, or, for an .npz with
+    mu/sigma (unless --npz-images), those statistics; with what was saved of it, its cache and its image count."""
+    if Path(args.reference).suffix == ".npz" and not args.npz_images:
+        statistics = adm_npz.read_statistics(args.reference, feature_dim(extractor, size, device))
+        if statistics is not None:
+            print(f"Using the mu/sigma statistics of {args.reference} as given.")
+            return None, statistics, dict(reference=str(Path(args.reference).resolve())), None, None
+    ref, saved, cache, reused = reference_features(args.reference, size, extractor, device, cache_dir,
+                                                   args.batch_size, args.num_workers)
+    print(f"{'Reused' if reused else 'Wrote'} the reference features {cache} ({len(ref)} images).")
+    if len(ref) < MIN_IMAGES:
+        raise DataError(f"The reference set has {len(ref)} readable images; the metrics need at least {MIN_IMAGES}.")
+    return ref, None, saved, cache, len(ref)
 
 
 # ---- the model's side: samples and validation loss ----
@@ -199,23 +232,39 @@ def class_labels(model, args, first, n, device):
     return None
 
 
+def feature_dim(extractor, image_size, device):
+    """The width D of the network's pool features, from one blank image."""
+    return extract(extractor, torch.zeros(1, 3, image_size, image_size, device=device))[0].shape[1]
+
+
 @torch.no_grad()
 def sample_features(model, args, extractor, device, precision, num_grid):
-    """Features (N, D) and logits (N, C) of --num-samples new images, and the first num_grid of them."""
+    """Features (N, D) and logits (N, C) of --num-samples new images (None without a network), and the first num_grid
+    of them; with --save-npz the images also go to ADM's sample file (arr_0 uint8 N x H x W x 3, arr_1 labels)."""
     features, logits, grid = [], [], []
+    H, W = (s * model.vqgan.config.downsample_factor for s in model.latent_hw)
+    images_u8 = np.empty((args.num_samples, H, W, 3), np.uint8) if args.save_npz else None  # 9.8 GB at 50000 x 256^2
+    labels_all = []
     for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
         n = min(args.batch_size, args.num_samples - first)
+        labels = class_labels(model, args, first, n, device)
         with autocast(precision, device):
             tokens = model.sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, labels=class_labels(model, args, first, n, device),
-                                         cfg_scale=args.cfg_scale)  # (n, h, w)
+                                         top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale)  # (n, h, w)
             images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
-        pool, logit = extract(extractor, images)
-        features.append(pool)
-        logits.append(logit)
+        if extractor is not None:
+            pool, logit = extract(extractor, images)
+            features.append(pool)
+            logits.append(logit)
+        if images_u8 is not None:  # the 8-bit images the feature network saw
+            images_u8[first:first + n] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            labels_all += [] if labels is None else labels.tolist()
         if sum(map(len, grid)) < num_grid:
             grid.append(images.cpu())
-    return torch.cat(features), torch.cat(logits), torch.cat(grid)[:num_grid] if grid else None
+    if images_u8 is not None:
+        adm_npz.write_samples(args.save_npz, images_u8, labels_all if model.num_classes else None)
+    return (torch.cat(features) if features else None, torch.cat(logits) if logits else None,
+            torch.cat(grid)[:num_grid] if grid else None)
 
 
 @torch.no_grad()
@@ -250,9 +299,7 @@ def main(args, feature_extractor=None):
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
-                                             ema=not args.no_ema).to(device)
-    used_ema = not args.no_ema and load_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
-                                                   mmap=True).get("ema") is not None
+                                             ema=not args.no_ema, user="eval_transformer.py").to(device)
     check_args(args, model)
     if not Path(args.reference).is_file():
         find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
@@ -263,28 +310,31 @@ def main(args, feature_extractor=None):
     extractor, note = (feature_extractor, None) if feature_extractor is not None else \
         load_feature_extractor(args.features, device)
     metrics = dict.fromkeys(METRIC_KEYS)
-    num_samples, num_ref, cache, saved = 0, None, None, {}
+    num_samples, num_ref, cache, saved, statistics = 0, None, None, {}, None
     if extractor is None:
         notes.append(note)
     else:
-        ref, saved, cache, reused = reference_features(args.reference, size, extractor, device,
-                                                       args.cache_dir or out_json.parent, args.batch_size,
-                                                       args.num_workers)
-        num_ref = len(ref)
-        print(f"{'Reused' if reused else 'Wrote'} the reference features {cache} ({num_ref} images).")
-        if num_ref < MIN_IMAGES:
-            raise DataError(f"The reference set has {num_ref} readable images; the metrics need at least {MIN_IMAGES}.")
+        ref, statistics, saved, cache, num_ref = load_reference(args, size, extractor, device,
+                                                                args.cache_dir or out_json.parent)
         if saved.get("skipped"):
             notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
+    if extractor is not None or args.save_npz:  # the samples of an .npz for ADM's evaluator need no features here
         seed_everything(args.seed)
         gen, gen_logits, grid = sample_features(model, args, extractor, device, precision, args.num_grid)
-        num_samples = len(gen)
-        metrics = fidelity_metrics(gen, ref, gen_logits)
+        num_samples = args.num_samples
         if args.num_grid > 0:
             save_image_grid(grid, out_json.with_name(f"{out_json.stem}_samples.png"), nrow=min(8, len(grid)))
-        if min(num_samples, num_ref) < 2048 and extractor.name.startswith("inception"):
-            notes.append(f"fid on {min(num_samples, num_ref)} images is biased upwards (fewer than the 2048 feature "
-                         f"dimensions); compare only values under the same protocol.")
+        if args.save_npz:
+            print(f"Wrote the {num_samples} samples to {args.save_npz} (arr_0" + (", arr_1 labels" if model.num_classes
+                                                                                 else "") + ") for ADM's evaluator.")
+    if extractor is not None:
+        metrics = fidelity_metrics(gen, ref, gen_logits, statistics)
+        if statistics is not None:
+            notes.append(f"kid, precision and recall are null: {args.reference} gives statistics, not features (pass "
+                         f"--npz-images to use its arr_0 images).")
+        if min(num_samples, num_ref or math.inf) < 2048 and extractor.name.startswith("inception"):
+            notes.append(f"fid on {min(num_samples, num_ref or math.inf)} images is biased upwards (fewer than the "
+                         f"2048 feature dimensions); compare only values under the same protocol.")
 
     val_loss = None
     if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
@@ -295,16 +345,18 @@ def main(args, feature_extractor=None):
     # A features file (.pt) names the folder it was computed from.
     protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
                     image_size=size, feature_extractor=getattr(extractor, "name", None),
-                    resize=f"reference: shorter side resized to {size} px, centre crop {size}x{size}; samples drawn "
-                           f"at {size}x{size}; both as 8-bit images",
+                    resize=(f"reference: the mu/sigma of the .npz as given" if statistics is not None else
+                            f"reference: shorter side resized to {size} px, centre crop {size}x{size}")
+                    + f"; samples drawn at {size}x{size}; 8-bit images to the feature network",
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
                     prc_neighborhood=PRC_NEIGHBORHOOD)
     sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                    class_id=args.class_id, seed=args.seed, ema=used_ema)
+                    class_id=args.class_id, seed=args.seed, ema=model.uses_ema)
     result = dict(**metrics, val_loss=val_loss, val_bits_per_token=None if val_loss is None else val_loss / math.log(2),
                   num_samples=num_samples, protocol=protocol, sampling=sampling,
                   checkpoint=str(args.checkpoint_path), reference_cache=None if cache is None else str(cache),
+                  samples_npz=args.save_npz,
                   notes=notes)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -341,11 +393,18 @@ def build_parser():
     p = ScriptParser("Sample from a stage-2 model and measure the samples against reference images (FID, IS, KID, "
                      "precision/recall) and its validation loss.")
     a = p.add_argument
-    a("--checkpoint-path", required=True, help="a stage-2 checkpoint (transformer_last.pt)")
+    a("--checkpoint-path", required=True,
+      help="a stage-2 checkpoint (transformer_last.pt), or a stage-2 model folder of export.py (local or a Hub id)")
     a("--vqgan-checkpoint", default=None,
       help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--reference", required=True,
-      help="folder of reference images (searched recursively), or a reference_*.pt features file written before")
+      help="folder of reference images (searched recursively), a reference_*.pt features file written before, or an "
+           "ADM reference batch .npz (its mu/sigma statistics: FID only; or with --npz-images its arr_0 images)")
+    a("--npz-images", action="store_true",
+      help="with an .npz --reference: features of its arr_0 images by --features, not its mu/sigma")
+    a("--save-npz", default=None, metavar="PATH",
+      help="also write the samples as ADM's evaluator reads them: arr_0 uint8 N x H x W x 3, arr_1 the labels of a "
+           "class-conditional model (all in memory: 9.8 GB for 50000 at 256 px; default: none)")
     a("--num-samples", type=int, default=1000, help="images to generate, at least 4 (published FIDs use 50000)")
     a("--batch-size", type=int, default=32, help="images sampled (and reference images read) at a time")
     a("--temperature", type=float, default=1.0, help="softmax temperature")

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
 from cli import ScriptParser, run_script
 from codebook import codebook_usage
 from config import check_positive
@@ -135,14 +134,12 @@ def frechet_distance(features_a, features_b):
 # ---- model ----
 
 def load_model(args):
-    """Our stage-1 checkpoint, or a taming-transformers one when --taming-config is given; in eval mode."""
+    """Our stage-1 checkpoint or model folder, or a taming-transformers one when --taming-config is given; eval mode."""
     if args.taming_config:
-        return VQGAN.from_taming(args.checkpoint_path, args.taming_config, stage=args.taming_stage)
-    try:
-        return VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint, ema=not args.no_ema)
-    except KeyError as err:  # no 'config' or 'model' entry
-        raise CheckpointError(f"'{args.checkpoint_path}' is not a checkpoint of training_vqgan.py (it has no {err} "
-                              f"entry); for a taming-transformers checkpoint pass --taming-config model.yaml.") from err
+        return VQGAN.from_taming(args.checkpoint_path, args.taming_config, stage=args.taming_stage,
+                                 trust=args.trust_checkpoint)
+    return VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint, ema=not args.no_ema,
+                                 user="eval_vqgan.py")
 
 
 # ---- main ----
@@ -181,11 +178,10 @@ def main(args):
     sums = dict(psnr=0.0, ssim=0.0, lpips=0.0)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)  # segmentation: (target, predicted) counts
     all_indices, feats_real, feats_rec, grid_real, grid_rec = [], [], [], [], []
-    num_images, skipped = 0, 0
+    num_images = 0
     for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
-        if batch is None:  # every file of this batch was unreadable (each one was named in a warning)
+        if batch is None:  # every file of this batch was unreadable (the loader named them)
             continue
-        skipped += batch["skipped"]
         x = batch["image"].to(device)  # (B, C, H, W): in [-1, 1], or one-hot label maps
         x_rec, indices, _ = model(x)
         if kind == "segmentation":  # logits: the predicted class is their argmax
@@ -217,8 +213,8 @@ def main(args):
             rfid = frechet_distance(torch.cat(feats_real), torch.cat(feats_rec))
             if num_images < 2048:  # fewer images than feature dimensions: a rank-deficient covariance
                 notes.append(f"rfid on {num_images} images is biased upwards; compare only values on the same set.")
-    if skipped:
-        notes.append(f"{skipped} unreadable image file(s) were skipped (named in the warnings).")
+    if loader.unreadable:
+        notes.append(f"{len(loader.unreadable)} unreadable image file(s) were skipped (named on stderr).")
     scores = dict(psnr=None, ssim=None)  # label maps: pixel accuracy and mean IoU instead
     if kind == "segmentation":
         accuracy, mean_iou, iou = segmentation_scores(confusion)
@@ -270,7 +266,8 @@ def print_table(metrics):
 def build_parser():
     p = ScriptParser("Reconstruct a folder of images with a stage-1 VQGAN and measure it.")
     a = p.add_argument
-    a("--checkpoint-path", required=True, help="our vqgan_last.pt, or taming's last.ckpt with --taming-config")
+    a("--checkpoint-path", required=True, help="our vqgan_last.pt, a stage-1 model folder of export.py (local or a "
+      "Hub id), or taming's last.ckpt with --taming-config")
     a("--taming-config", default=None,
       help="taming-transformers' model.yaml for a taming checkpoint (default: ours, no yaml)")
     a("--taming-stage", choices=["first_stage", "cond_stage"], default=None,

@@ -109,8 +109,9 @@ class Stage1:
     def __post_init__(self):
         device = next(self.vqgan.parameters()).device
         self.scalers = self.scalers or (make_scaler(self.precision, device), make_scaler(self.precision, device))
-        self.vqgan_wrapped = self.vqgan_wrapped or self.vqgan
-        self.disc_wrapped = self.disc_wrapped or self.disc
+        # `is None`, not `or`: a torch.compile'd module raises on the len() that truth testing tries first
+        self.vqgan_wrapped = self.vqgan if self.vqgan_wrapped is None else self.vqgan_wrapped
+        self.disc_wrapped = self.disc if self.disc_wrapped is None else self.disc_wrapped
 
 
 def train_step(stage1: Stage1, x, step, grad_accum=1):

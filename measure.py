@@ -7,8 +7,10 @@ import platform
 import resource
 import sys
 import time
+import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -58,6 +60,14 @@ def count_flops(fn):
     with FlopCounter() as counter:
         fn()
     return counter.flops
+
+
+def count_flops_of_shapes(fn):
+    """count_flops(fn) on fake tensors: fn builds its models and inputs inside, and nothing is computed or allocated,
+    so that a paper-size step is counted in seconds on any machine (gpu_check.py's estimates)."""
+    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
+        warnings.simplefilter("ignore")  # loading real weights (LPIPS's heads) into fake parameters
+        return count_flops(fn)
 
 
 def time_steps(step, eager_step, warmup, steps, device, compiled):

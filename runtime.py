@@ -3,6 +3,7 @@ import ctypes
 import datetime
 import functools
 import inspect
+import math
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 # ---- device and reproducibility ----
@@ -51,7 +53,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ---- distributed (torchrun) ----
+# ---- distributed (torchrun or SLURM) ----
 
 @dataclass
 class Dist:
@@ -69,18 +71,44 @@ class Dist:
         return self.world_size > 1
 
 
+def launched_ranks():
+    """(rank, local rank, world size) of a process started by torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or, without
+    torchrun's variables, by SLURM's srun (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; the batch script exports
+    MASTER_ADDR and MASTER_PORT); None for a single process (a plain `python script.py`, or one SLURM task)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
+    if not all(k in env for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")) or int(env["SLURM_NTASKS"]) < 2:
+        return None
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise ValueError(f"SLURM started {env['SLURM_NTASKS']} tasks, but MASTER_ADDR and MASTER_PORT are not set: "
+                         f"export them in the batch script (docs/distributed.md has an example).")
+    return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
+
+
+def local_gpu(local_rank):
+    """The GPU of a process: cuda:LOCAL_RANK when this process sees that many GPUs, else cuda:0 (a launcher such as
+    srun with GPU binding gives each task its own CUDA_VISIBLE_DEVICES, in which its GPU is the first)."""
+    return torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
+
+
 def setup_distributed(device_name=None, timeout_minutes=30):
-    """Read torchrun's RANK/WORLD_SIZE; a plain `python script.py` runs as a single process with no variables.
+    """Join the process group when torchrun or SLURM started several processes (launched_ranks); a plain
+    `python script.py` needs no variables and runs as a single process.
 
     A collective that waits longer than `timeout_minutes` ends the job with an error instead of hanging.
     """
-    if "RANK" not in os.environ:
+    ranks = launched_ranks()
+    if ranks is None:
         return Dist(device=pick_device(device_name))
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world_size = ranks
+    if "RANK" not in os.environ and rank == 0:  # python run in the batch script itself, not by srun, waits here
+        print(f"Joining {world_size} SLURM tasks at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (srun "
+              f"starts one per task).", flush=True)
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    device = use_device(torch.device("cuda", local_rank)) if use_cuda else torch.device("cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    device = use_device(local_gpu(local_rank)) if use_cuda else torch.device("cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -92,6 +120,70 @@ def cleanup_distributed():
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# ---- rows of data between ranks: the token caches' encoded shares ----
+
+CHUNK_BYTES = 64 << 20  # rows travel in pieces of at most this much per rank, so that no rank holds N copies at once
+
+
+def collective_device():
+    """Where the tensors of a collective live: the current GPU under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def row_chunks(length, dtype, row_shape):
+    """(start, stop) pieces of `length` rows of this dtype and row shape, each of at most CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(1, dtype.itemsize * math.prod(row_shape)))
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def gather_rows(rows):
+    """Rank 0 gets the rows of every rank, concatenated in rank order; the other ranks get None; every rank gets {}
+    when no rank has a row. Call on every rank.
+
+    rows: this rank's {key: tensor of n rows} (n may differ between ranks), or None for none; keys, dtypes and row
+    shapes agree between the ranks that have rows. Shares of unequal length travel padded to the longest.
+    """
+    rows = rows or {}
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (len(next(iter(rows.values()))) if rows else 0,
+                                    {key: (value.dtype, tuple(value.shape[1:])) for key, value in rows.items()}))
+    specs = [spec for n, spec in counts if n > 0]
+    if not specs:
+        return {}
+    device, longest, rank = collective_device(), max(n for n, _ in counts), dist.get_rank()
+    gathered = {}
+    for key, (dtype, row_shape) in specs[0].items():
+        parts = [[] for _ in counts]  # per rank
+        for start, stop in row_chunks(longest, dtype, row_shape):
+            piece = torch.zeros((stop - start, *row_shape), dtype=dtype, device=device)
+            mine = rows[key][start:stop] if key in rows else piece[:0]
+            piece[:len(mine)] = mine
+            received = [torch.empty_like(piece) for _ in counts] if rank == 0 else None
+            dist.gather(piece, received, dst=0)
+            if rank == 0:
+                for r, ((n, _), got) in enumerate(zip(counts, received)):
+                    parts[r].append(got[:max(0, min(stop, n) - start)].cpu())
+        if rank == 0:
+            gathered[key] = torch.cat([part for rank_parts in parts for part in rank_parts])
+    return gathered if rank == 0 else None
+
+
+def broadcast_rows(rows):
+    """Every rank gets rank 0's `rows` ({key: tensor of n rows}); call on every rank (the others pass None)."""
+    spec = [{key: (value.dtype, tuple(value.shape)) for key, value in rows.items()} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(spec, src=0)
+    device, received = collective_device(), {}
+    for key, (dtype, shape) in spec[0].items():
+        pieces = []
+        for start, stop in row_chunks(shape[0], dtype, shape[1:]):
+            piece = rows[key][start:stop].to(device) if dist.get_rank() == 0 else \
+                torch.empty((stop - start, *shape[1:]), dtype=dtype, device=device)
+            dist.broadcast(piece, src=0)
+            pieces.append(piece.cpu())
+        received[key] = torch.cat(pieces) if pieces else torch.empty(shape, dtype=dtype)
+    return received
 
 
 DDP_PARAMETERS = inspect.signature(DDP).parameters
@@ -109,7 +201,7 @@ def wrap_model(module, d: Dist, compile=False):
     if d.enabled:
         no_broadcast = {"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS else \
             {"broadcast_buffers": False}  # the name since torch 2.14; it still syncs buffers once, at wrapping
-        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_broadcast)
+        module = DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_broadcast)
     return torch.compile(module) if compile else module
 
 
@@ -208,21 +300,35 @@ class Interrupted(Exception):
 
     def __init__(self, signal_name):
         super().__init__(f"stopped by {signal_name} after saving")
+        self.signal_name = signal_name
         self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
 
 
 class StopSignal:
-    """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting."""
+    """Turns SIGINT and SIGTERM into a flag that the training loop checks, so it can save before exiting; with
+    `announce`, says so at once (a step can take seconds, and a silent Ctrl-C gets pressed again)."""
 
-    def __init__(self):
-        self.received = None
+    def __init__(self, announce=True):
+        self.received, self.announce = None, announce
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name} came before the save; nothing was saved")
         self.received = signal.Signals(signum).name
+        if self.announce:
+            who = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else self.received
+            say(f"{who} received: saving and stopping after the current step. Press Ctrl-C again to stop at once, "
+                f"without saving.")
+
+
+def say(message):
+    """Print a line on stderr above any progress bar, also from a signal handler."""
+    try:
+        tqdm.write(message, file=sys.stderr)
+    except RuntimeError:  # the signal came inside a write to stderr, whose lock it holds: write around the lock
+        os.write(2, f"\n{message}\n".encode())
 
 
 def keeps_signal_handlers(main):

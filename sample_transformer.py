@@ -19,7 +19,7 @@ from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
 from data import DataError
-from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from runtime import PRECISIONS, autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
 from utils import check_writable, save_image_grid, to_image_range
 
@@ -49,24 +49,31 @@ def read_image(path, what):
         raise DataError(f"Cannot read the {what} {path} ({reason}).") from None
 
 
-def load_input_image(path, size):
-    """The image at path, resized to cover size (H, W) and centre-cropped to it: (1, 3, H, W) in [-1, 1]."""
-    image = read_image(path, "input image")
+def cover(image, size, resample=Image.BICUBIC):
+    """A PIL image resized to cover size (H, W) and centre-cropped to it: (C, H, W) uint8."""
     scale = max(size[0] / image.height, size[1] / image.width)
     resized = image.resize((max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale))),
-                           Image.BICUBIC)
-    x = center_crop(pil_to_tensor(resized), list(size)).float() / 127.5 - 1
-    return x.unsqueeze(0)
+                           resample)
+    return center_crop(pil_to_tensor(resized), list(size))
+
+
+def load_input_image(path, size):
+    """The image at path, resized to cover size (H, W) and centre-cropped to it: (1, 3, H, W) in [-1, 1]."""
+    return (cover(read_image(path, "input image"), size).float() / 127.5 - 1).unsqueeze(0)
+
+
+def mask_tokens(mask, canvas, f, name="mask"):
+    """(H/f, W/f) bool: True where the f x f cell of a token holds a white pixel of the mask, a PIL image (H, W)."""
+    if (mask.height, mask.width) != canvas:
+        raise ValueError(f"The {name} is {mask.height}x{mask.width} pixels; it must be the canvas size, "
+                         f"{canvas[0]}x{canvas[1]} (height x width).")
+    white = pil_to_tensor(mask.convert("L"))[0] >= 128  # (H, W)
+    return F.max_pool2d(white[None].float(), f)[0].bool()
 
 
 def load_mask(path, canvas, f):
     """(H/f, W/f) bool: True where the f x f cell of a token holds a white pixel of the mask PNG (H, W)."""
-    image = read_image(path, "mask")
-    if (image.height, image.width) != canvas:
-        raise ValueError(f"The mask {path} is {image.height}x{image.width} pixels; it must be the canvas size, "
-                         f"{canvas[0]}x{canvas[1]} (height x width).")
-    white = pil_to_tensor(image.convert("L"))[0] >= 128  # (H, W)
-    return F.max_pool2d(white[None].float(), f)[0].bool()
+    return mask_tokens(read_image(path, "mask"), canvas, f, name=f"mask {path}")
 
 
 def completion_grid(args, model, size, device):
@@ -76,13 +83,20 @@ def completion_grid(args, model, size, device):
         raise ValueError(f"--pad {' '.join(map(str, args.pad))} must be non-negative multiples of the downsampling "
                          f"factor {f}.")
     x = load_input_image(args.input_image, size).to(device)
+    return completion_codes(model, x, load_mask(args.mask, size, f) if args.mask else None, args.pad)
+
+
+def completion_codes(model, x, regenerate=None, pad=None):
+    """Codes (1, Hc, Wc) of the image x (1, 3, H, W) on the canvas, and which tokens (Hc, Wc) to regenerate: those
+    of `regenerate` (H/f, W/f) bool, or the padding (left, top, right, bottom; multiples of f pixels) around x."""
+    f = model.vqgan.config.downsample_factor
     codes = model.encode_to_grid(x)  # (1, H/f, W/f)
-    if args.mask:
-        return codes, load_mask(args.mask, size, f)
-    left, top, right, bottom = args.pad
+    if regenerate is not None:
+        return codes, regenerate
+    left, top, right, bottom = pad
     codes = F.pad(codes, (left // f, right // f, top // f, bottom // f))  # the padding's codes are all regenerated
     regenerate = torch.ones(codes.shape[1:], dtype=torch.bool)
-    regenerate[top // f:top // f + size[0] // f, left // f:left // f + size[1] // f] = False
+    regenerate[top // f:top // f + x.shape[2] // f, left // f:left // f + x.shape[3] // f] = False
     return codes, regenerate
 
 
@@ -114,28 +128,10 @@ def check_args(args, model):
                          "--class-id needs a model trained with --conditional.")
 
 
-def main(args):
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint,
-                                             trust=args.trust_checkpoint, ema=not args.no_ema).to(device)
-    check_args(args, model)
-    size = canvas_size(args, model)
-    if args.quantize == "int8":
-        model.gpt.quantize_int8()
-    if args.compile:
-        model.gpt.compile_decode()
-    out_dir = check_writable(args.out_dir)
-    seed_everything(args.seed)
-    f = model.vqgan.config.downsample_factor
-    codes, regenerate = None, torch.ones(size[0] // f, size[1] // f, dtype=torch.bool)  # (Hc, Wc) tokens
-    if args.input_image:
-        with autocast(precision, device):
-            codes, regenerate = completion_grid(args, model, size, device)
-            save_image(to_image_range(masked_input(model, codes, regenerate)), out_dir / "masked_input.png")
-
-    images, grids, start = [], [], time.perf_counter()
+def draw(model, args, codes, regenerate, device, precision):
+    """Token grids (N, Hc, Wc) and images [(3, H, W) in [-1, 1]] of --num-samples draws on the canvas of `regenerate`
+    (keeping `codes` (1, Hc, Wc) where it is False), --batch-size at a time, with a progress bar."""
+    images, grids = [], []
     with tqdm(total=args.num_samples, desc="sampling") as bar:
         while len(images) < args.num_samples:
             n = min(args.batch_size, args.num_samples - len(images))
@@ -149,11 +145,37 @@ def main(args):
             grids.append(grid.cpu())
             images += list(batch.float().cpu())
             bar.update(n)
+    return torch.cat(grids), images
+
+
+def main(args):
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
+                                             ema=not args.no_ema, user="sample_transformer.py").to(device)
+    check_args(args, model)
+    size = canvas_size(args, model)
+    if args.quantize == "int8":
+        model.gpt.quantize_int8()
+    if args.compile:
+        model.gpt.compile_decode(PRECISIONS[precision])  # its Linear weights held in the sampling dtype
+    out_dir = check_writable(args.out_dir)
+    seed_everything(args.seed)
+    f = model.vqgan.config.downsample_factor
+    codes, regenerate = None, torch.ones(size[0] // f, size[1] // f, dtype=torch.bool)  # (Hc, Wc) tokens
+    if args.input_image:
+        with autocast(precision, device):
+            codes, regenerate = completion_grid(args, model, size, device)
+            save_image(to_image_range(masked_input(model, codes, regenerate)), out_dir / "masked_input.png")
+
+    start = time.perf_counter()
+    grids, images = draw(model, args, codes, regenerate, device, precision)
     elapsed = time.perf_counter() - start
     for i, image in enumerate(images):
         save_image(to_image_range(image), out_dir / f"sample_{i:04d}.png")
     save_image_grid(torch.stack(images), out_dir / "grid.png", nrow=min(8, len(images)))
-    torch.save(torch.cat(grids), out_dir / "indices.pt")  # (N, Hc, Wc) int64: re-decode or inspect them
+    torch.save(grids, out_dir / "indices.pt")  # (N, Hc, Wc) int64: re-decode or inspect them
     rate = len(images) / elapsed
     print(f"{len(images)} samples of {images[0].shape[1]}x{images[0].shape[2]} in {elapsed:.1f} s ({rate:.2f} "
           f"samples/s, {rate * int(regenerate.sum()):.0f} tokens/s) written to {out_dir}/")
@@ -163,7 +185,8 @@ def main(args):
 def build_parser():
     p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
-    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")), help="a stage-2 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
+      help="a stage-2 checkpoint, or a stage-2 model folder of export.py (a local folder or a Hub model id)")
     a("--vqgan-checkpoint", default=None,
       help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
     a("--num-samples", type=int, default=16, help="images to generate")

@@ -33,7 +33,8 @@ MUTABLE_FLAGS = {"val_batches", "sample_top_k"}  # what a --resume may change be
 def make_dataset(paths, args, transformer, train, split, run):
     """An image dataset, or with --precompute-tokens a token dataset read from (or written to) the cache.
 
-    With the cache, every rank must call this (each encodes its share of a missing cache).
+    With the cache, every rank must call this (each encodes its share of a missing cache); only rank 0 gets the
+    validation rows (it alone evaluates), the other ranks None.
     """
     images = ImageFolder(args.dataset_path, transformer.image_size, train=train and not args.precompute_tokens,
                          with_labels=args.conditional, paths=paths)
@@ -41,7 +42,7 @@ def make_dataset(paths, args, transformer, train, split, run):
         return images
     cache = token_cache_path(args.checkpoint_path, transformer.image_size, paths, split)
     return cached_tokens(cache, images, lambda x: batch_indices({"image": x}, transformer, run),
-                         args.batch_size, args.num_workers)
+                         args.batch_size, args.num_workers, every_rank=train)
 
 
 def batch_indices(batch, transformer, run):
@@ -52,12 +53,17 @@ def batch_indices(batch, transformer, run):
         return transformer.encode_to_indices(batch["image"].to(run.device, non_blocking=True))
 
 
+def batch_labels(batch, run):
+    """(B,) class labels of a batch on the device, or None; from the loader's pinned memory without a wait."""
+    return batch["label"].to(run.device, non_blocking=True) if "label" in batch else None
+
+
 # ---- checks and evaluation ----
 
 def check_args(args):
     """What neither the config nor the run checks: the validation batches and the stage-1 checkpoint."""
     check_positive(args, "val_batches")
-    if not Path(args.checkpoint_path).is_file():
+    if not Path(args.checkpoint_path).exists():  # a file, or a model folder of export.py
         raise CheckpointError(f"No stage-1 checkpoint at {args.checkpoint_path}: train one with "
                               f"`python training_vqgan.py` or pass --checkpoint-path.")
 
@@ -72,9 +78,8 @@ def evaluate(transformer, loader, run, max_batches):
             break
         if batch is None:
             continue
-        labels = batch["label"].to(run.device) if "label" in batch else None
         with autocast(run.precision, run.device):
-            _, loss = transformer(batch_indices(batch, transformer, run), labels)
+            _, loss = transformer(batch_indices(batch, transformer, run), batch_labels(batch, run))
         losses.append(loss.float())
     transformer.train()
     return torch.stack(losses).mean().item() if losses else None
@@ -97,9 +102,8 @@ def show_samples(run, transformer, images, top_k):
     """The grid of show_progress, in results/ and TensorBoard."""
     if images is not None:  # None: none of the first training images was readable
         x = images["image"].to(run.device)
-        labels = images["label"].to(run.device) if "label" in images else None
         with autocast(run.precision, run.device):
-            logs = transformer.log_images(x, labels=labels, top_k=top_k)
+            logs = transformer.log_images(x, labels=batch_labels(images, run), top_k=top_k)
         run.save_grid(torch.cat(list(logs.values())).float(), "transformer_samples", nrow=len(x),
                       row_labels=[name.replace("_", " ") for name in logs])
 
@@ -109,9 +113,10 @@ def show_samples(run, transformer, images, top_k):
 @keeps_signal_handlers
 def main(args):
     check_args(args)
+    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint,
+                                  user="training_transformer.py --checkpoint-path")  # the wrong kind fails here
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    vqgan = VQGAN.from_checkpoint(args.checkpoint_path, trust=args.trust_checkpoint)
     if run.is_main and args.dataset_path == DATASET_PATH:
         write_default_demo_set(DATASET_PATH)
     barrier()  # the other ranks wait for the demo set
@@ -146,19 +151,21 @@ def main(args):
 
     loader = run.loader(make_dataset(train_paths, args, transformer, True, "train", run), args.batch_size)
     val_set = make_dataset(val_paths, args, transformer, False, "val", run) if val_paths else None  # all ranks
-    val_loader = build_loader(val_set, args.batch_size, train=False) if val_set is not None and run.is_main else None
+    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers) \
+        if val_set is not None and run.is_main else None  # rank 0 evaluates; workers decode while the GPU encodes
     shown = collate_images([ImageFolder(args.dataset_path, transformer.image_size, train=False,
                                         with_labels=args.conditional, paths=train_paths[:4])[i]
                             for i in range(min(4, len(train_paths)))]) if run.is_main else None  # also with a cache
     transformer.train()
     for batches in run.steps(loader, checkpoint_state):
+        losses = []  # each micro-batch's, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
-            labels = batch["label"].to(device) if "label" in batch else None
             with no_sync(model, sync=i == len(batches) - 1):
                 with autocast(run.precision, device):
-                    _, loss = model(batch_indices(batch, transformer, run), labels)
+                    _, loss = model(batch_indices(batch, transformer, run), batch_labels(batch, run))
                 scaler.scale(loss / args.grad_accum).backward()
-        if run.skip_update(loss):  # keep the last good weights
+            losses.append(loss)
+        if run.skip_update(losses):  # keep the last good weights
             optimizer.zero_grad(set_to_none=True)
             continue
         scaler.unscale_(optimizer)
@@ -183,7 +190,8 @@ def build_parser():
     a = p.add_argument
     a("--dataset-path", default=DATASET_PATH, help="folder of images (sub-folders are classes with --conditional); "
       "the default one gets the demo flowers on first use")
-    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")), help="the stage-1 checkpoint")
+    a("--checkpoint-path", default=str(checkpoint_path(".", "vqgan")),
+      help="the stage-1 checkpoint, or a stage-1 model folder of export.py")
     a("--val-path", default=None, help="folder of held-out images (default: a --val-fraction split)")
     a("--val-fraction", type=float, default=0.05, help="share of the images held out when --val-path is not given")
     a("--val-batches", type=int, default=50, help="batches of validation data per evaluation")

@@ -101,6 +101,7 @@ def main(args):
     stage1 = Stage1(vqgan, disc, lpips, loss_config, run.precision, scalers=(scaler_vq, scaler_disc),
                     vqgan_wrapped=run.wrap(vqgan), disc_wrapped=run.wrap(disc))
     ema = run.keep_ema(vqgan, ckpt)
+    run.guard(vqgan, disc)  # a skipped step leaves no trace in the codebook's statistics or BatchNorm's
 
     def checkpoint_state():
         usage, perplexity = vqgan.quantize.usage()
@@ -116,12 +117,14 @@ def main(args):
     vqgan.train()
     disc.train()
     for batches in run.steps(loader, checkpoint_state):
+        losses = []  # each micro-batch's generator and discriminator losses, for the non-finite guard
         for i, batch in enumerate(batches):  # --grad-accum micro-batches; gradients all-reduced on the last
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
             fixed_batch = x[:8] if fixed_batch is None else fixed_batch
             with no_sync(stage1.vqgan_wrapped, stage1.disc_wrapped, sync=i == len(batches) - 1):
                 metrics = train_step(stage1, x, run.step, args.grad_accum)
-        if run.skip_update(metrics["loss"]):  # keep the last good weights
+            losses += [metrics["loss"], metrics["d_loss"]]
+        if run.skip_update(losses):  # keep the last good weights and codebook
             opt_vq.zero_grad(set_to_none=True)
             opt_disc.zero_grad(set_to_none=True)
             continue

@@ -1,14 +1,14 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_weights, read_checkpoint, write_model_folder
 from config import ConfigError, check_positive, config_from_dict
-from mingpt import GPT, GPTConfig, sample_next, static_cache
+from mingpt import GPT, GPTConfig, pad_rows, sample_next, static_cache
 from vqgan import VQGAN
 
 
@@ -70,16 +70,21 @@ class WindowCache:
     """The GPT's key/value cache of one window: the next token of the same window runs alone; any other token
     runs its window's prefix from the start token, so a token never costs more than one forward over a window."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, rows):
         self.gpt, self.origin, self.length = gpt, None, 0
-        self.kv = [{} for _ in gpt.blocks]  # allocated on first use; a new prefix overwrites it from position 0
+        if gpt.decode_fn is not None:  # the GPT's one static cache, for every batch: rows padded to its size
+            self.kv, self.rows = gpt.static_decode_cache(rows)
+        else:  # allocated on first use; a new prefix overwrites it from position 0
+            self.kv, self.rows = [{} for _ in gpt.blocks], rows
 
     def next_logits(self, tokens, origin):
         """Logits (B, V) after tokens (B, T): a start token, then the first T - 1 tokens of the window at origin."""
-        T = tokens.size(1)
+        n, T = tokens.shape
+        tokens = pad_rows(tokens, self.rows)
         if origin == self.origin and T == self.length + 1 and self.gpt.decode_fn is not None:
             position = torch.full((), self.length, dtype=torch.long, device=tokens.device)  # static shapes
-            logits = self.gpt.decode_fn(tokens[:, -1:], self.kv, position)[:, None]  # (B, 1, V)
+            # a fresh (B, 1) tensor: the slice's strides (T, 1) would change with T, and each change recompile
+            logits = self.gpt.decode_fn(tokens[:, -1:].contiguous(), self.kv, position)[:, None]  # (B, 1, V)
         elif origin == self.origin and T == self.length + 1:
             logits = self.gpt._run(tokens[:, -1:], self.kv, self.length)  # (B, 1, V): the cache holds the rest
         else:
@@ -87,7 +92,7 @@ class WindowCache:
             if self.gpt.decode_fn is not None:
                 static_cache(self.kv)
         self.origin, self.length = origin, T
-        return logits[:, -1]
+        return logits[:n, -1]
 
 
 class VQGANTransformer(nn.Module):
@@ -121,19 +126,35 @@ class VQGANTransformer(nn.Module):
                                  attn_pdrop=config.attn_pdrop))
 
     @classmethod
-    def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True):
-        """Rebuild a trained stage-2 model (and its stage-1 VQGAN) from our checkpoint, in eval mode; with the EMA
-        weights of both when their runs kept them (--ema-decay), unless ema=False."""
-        ckpt = load_checkpoint(path, trust=trust)
-        vqgan_path = vqgan_path or ckpt["vqgan_checkpoint"]
-        if not Path(vqgan_path).is_file():
-            raise CheckpointError(f"The stage-1 checkpoint {vqgan_path} that {path} was trained on is missing; "
+    def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True, user="VQGANTransformer.from_checkpoint"):
+        """Rebuild a trained stage-2 model and its stage-1 VQGAN, in eval mode, from a checkpoint of
+        training_transformer.py or a model folder of export.py (a local folder or a Hub model id); with the EMA weights
+        of both when their runs kept them (--ema-decay), unless ema=False. Another kind of checkpoint is an error
+        naming it and `user`'s needs."""
+        ckpt = read_checkpoint(path, trust).expect("stage2", user=user)
+        stage1 = vqgan_path or ckpt.stage1_path()
+        if not Path(stage1).exists() and vqgan_path is None:
+            raise CheckpointError(f"The stage-1 checkpoint {stage1} that {ckpt.path} was trained on is missing; "
                                   f"pass its new place with --vqgan-checkpoint.")
-        model = cls(VQGAN.from_checkpoint(vqgan_path, trust=trust, ema=ema),
-                    config_from_dict(TransformerConfig, ckpt["config"]))
-        model.gpt.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
-        model.classes = ckpt.get("classes")
+        vqgan = VQGAN.from_checkpoint(stage1, trust=trust, ema=ema,
+                                      user="--vqgan-checkpoint" if vqgan_path else f"the stage-2 model {ckpt.path}")
+        model = cls(vqgan, config_from_dict(TransformerConfig, ckpt.config))
+        load_weights(model.gpt, ckpt.weights(ema), ckpt.path)
+        model.classes = (ckpt.folder if ckpt.folder is not None else ckpt.entries).get("classes")
+        model.uses_ema = ckpt.uses_ema(ema)
         return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, ema=True):
+        """A stage-2 model folder of export.py, local or on the Hugging Face Hub (owner/name); as from_checkpoint."""
+        return cls.from_checkpoint(name_or_path, ema=ema, user="VQGANTransformer.from_pretrained")
+
+    def save_pretrained(self, folder, vqgan_info=None, **info):
+        """Write a model folder that from_pretrained reads: config.json (with `info`) and model.safetensors of the
+        GPT, and the stage-1 model's folder in the sub-folder vqgan/ (with `vqgan_info`)."""
+        self.vqgan.save_pretrained(Path(folder) / "vqgan", **(vqgan_info or {}))
+        write_model_folder(folder, "vqgan-transformer", asdict(self.config), self.gpt.state_dict(), vqgan="vqgan",
+                           classes=getattr(self, "classes", None), **info)
 
     def train(self, mode=True):
         """Train the GPT only; the VQGAN stays in eval mode."""
@@ -214,7 +235,7 @@ class VQGANTransformer(nn.Module):
         guided = cfg_scale is not None and cfg_scale != 1  # scale 1 is the conditional model itself
         if guided:
             starts = torch.cat([starts, self.null_tokens(n, device)])  # (2n, 1): conditional rows, then null ones
-        cache = WindowCache(self.gpt)
+        cache = WindowCache(self.gpt, len(starts))
         for i, j in regenerate.nonzero().tolist():  # raster order
             top, left = window_origin(i, j, (H, W), (h, w))
             p = (i - top) * w + j - left  # the token's place in its window's raster order

@@ -1,11 +1,11 @@
 """VQGAN: encoder -> quant_conv -> codebook -> post_quant_conv -> decoder; config, adaptive GAN weight, loading."""
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, read_taming
+from checkpoint import load_weights, read_checkpoint, read_taming, write_model_folder
 from codebook import Codebook, EMACodebook
 from config import ConfigError, check_positive, config_from_dict
 from decoder import Decoder
@@ -203,20 +203,29 @@ class VQGAN(nn.Module):
     # ---- checkpoints ----
 
     @classmethod
-    def from_checkpoint(cls, path, trust=False, ema=True):
-        """Rebuild a model from one of our stage-1 checkpoints (its config travels inside), in eval mode; with the
-        EMA weights when the run kept them (--ema-decay), unless ema=False."""
-        ckpt = load_checkpoint(path, trust=trust)
-        model = cls(config_from_dict(VQGANConfig, ckpt["config"]))
-        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"])
-        return model.eval()
+    def from_checkpoint(cls, path, trust=False, ema=True, user="VQGAN.from_checkpoint"):
+        """Rebuild a stage-1 model, in eval mode, from a checkpoint of training_vqgan.py (its config travels inside) or
+        a model folder of export.py (a local folder or a Hub model id); with the EMA weights when the run kept them
+        (--ema-decay), unless ema=False. Another kind of checkpoint is an error naming it and `user`'s needs."""
+        ckpt = read_checkpoint(path, trust).expect("stage1", user=user)
+        model = cls(config_from_dict(VQGANConfig, ckpt.config))
+        return load_weights(model, ckpt.weights(ema), ckpt.path).eval()
 
     @classmethod
-    def from_taming(cls, ckpt_path, config_path, stage=None):
+    def from_pretrained(cls, name_or_path, ema=True):
+        """A stage-1 model folder of export.py, local or on the Hugging Face Hub (owner/name); as from_checkpoint."""
+        return cls.from_checkpoint(name_or_path, ema=ema, user="VQGAN.from_pretrained")
+
+    def save_pretrained(self, folder, **info):
+        """Write a model folder (config.json with `info`, model.safetensors) that from_pretrained reads."""
+        write_model_folder(folder, "vqgan", asdict(self.config), self.state_dict(), **info)
+
+    @classmethod
+    def from_taming(cls, ckpt_path, config_path, stage=None, trust=False):
         """Load a taming-transformers VQ model (`last.ckpt` + `model.yaml`), in eval mode: a VQModel (e.g.
         vqgan_imagenet_f16_16384; a one-channel one, such as the depth stage, loads as gray) or a VQSegmentationModel.
         stage: "first_stage" or "cond_stage" picks that VQ model out of a Net2NetTransformer checkpoint."""
-        state, params = read_taming(ckpt_path, config_path)
+        state, params = read_taming(ckpt_path, config_path, trust)
         if stage is not None or "first_stage_config" in params:
             if stage not in ("first_stage", "cond_stage"):
                 raise ValueError(f"{config_path} is a Net2NetTransformer: say which of its VQ models to load "
@@ -227,12 +236,12 @@ class VQGAN(nn.Module):
                 raise ValueError(f"The {stage} of {config_path} is {what}, not a VQ model.")
             prefix = f"{stage}_model."
             state, params = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, sub["params"]
-        return cls.from_taming_state(state, params)
+        return cls.from_taming_state(state, params, source=ckpt_path)
 
     @classmethod
-    def from_taming_state(cls, state, params):
+    def from_taming_state(cls, state, params, source="the taming state dict"):
         """A VQGAN from a taming VQ model's state dict and the `params` of its config (ddconfig, n_embed, embed_dim,
-        and n_labels for a VQSegmentationModel), in eval mode."""
+        and n_labels for a VQSegmentationModel), in eval mode; `source` names the weights in an error."""
         dd = params["ddconfig"]
         if dd.get("double_z", False):
             raise ValueError("This taming config has double_z: true, which a VQGAN encoder never uses.")
@@ -253,5 +262,4 @@ class VQGAN(nn.Module):
                              latent_dim=params["embed_dim"], num_codebook_vectors=params["n_embed"], **kind)
         model = cls(config)
         keep = ("encoder.", "decoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")
-        model.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)})
-        return model.eval()
+        return load_weights(model, {k: v for k, v in state.items() if k.startswith(keep)}, source).eval()

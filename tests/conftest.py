@@ -9,6 +9,10 @@ import torch
 from demo_flowers import make_demo_flowers
 from runtime import usable_cores
 
+# Nothing is looked up outside this machine: the Hub client fails at once on a repo id instead of retrying for 20 s,
+# and Gradio and the Hub send no telemetry (set before any test module imports them).
+os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
+
 # pytest.ini runs the tests in two pytest-xdist workers. Each computes on its share of the cores: two workers of all
 # cores' OpenMP threads each would wait for each other's threads (tiny steps get many times slower).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

@@ -1,9 +1,16 @@
-"""The tiny models' configs and flag lists that the tests share (imported as a normal module, not from conftest), and
-the one-line error of a script."""
-import pytest
+"""The tiny models' configs and flag lists that the tests share (imported as a normal module, not from conftest), the
+one-line error of a script, and the tiny models' checkpoints as the training scripts write them."""
+from dataclasses import asdict
+from pathlib import Path
 
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
 from cli import run_script
 from presets import TINY_GPT, TINY_VQGAN, as_flags
+from transformer import TransformerConfig, VQGANTransformer
+from vqgan import VQGAN, VQGANConfig
 
 
 TINY = TINY_VQGAN  # presets.py: 32x32 images, f=4 (an 8x8 token grid), 64 codes
@@ -20,3 +27,28 @@ def script_error(script, argv, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert stop.value.code == 1 and len(lines) == 1, lines
     return lines[0][len("error: "):]
+
+
+def write_tiny_checkpoints(folder, ema=False, classes=None, **gpt):
+    """The tiny models' checkpoints as the training scripts write them: (stage-2 model, stage-1 path, stage-2 path).
+
+    ema: both carry an `ema` entry whose weights differ from the trained ones; classes: names of a class-conditional
+    model's classes."""
+    torch.manual_seed(0)
+    config = TransformerConfig(**{**TINY_GPT, **gpt}, num_classes=len(classes or []))
+    model = VQGANTransformer(VQGAN(VQGANConfig(**TINY)), config).eval()
+    model.classes = classes
+    folder = Path(folder)
+    vq_path, path = folder / "checkpoints" / "vqgan_last.pt", folder / "checkpoints" / "transformer_last.pt"
+
+    def halved(module):
+        return {k: v * 0.5 if v.is_floating_point() else v for k, v in module.state_dict().items()} if ema else None
+
+    save_checkpoint(dict(model=model.vqgan.state_dict(), ema=halved(model.vqgan), config=asdict(model.vqgan.config),
+                         step=5, args=dict(dataset_path="data/flowers", image_size=32, ema_decay=0.9 if ema else None)),
+                    vq_path)
+    save_checkpoint(dict(model=model.gpt.state_dict(), ema=halved(model.gpt), config=asdict(model.config), step=3,
+                         vqgan_checkpoint=str(vq_path), classes=classes,
+                         args=dict(dataset_path="data/flowers", n_layer=config.n_layer, max_steps=3, epochs=100,
+                                   conditional=bool(classes))), path)
+    return model, vq_path, path

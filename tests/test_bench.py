@@ -61,3 +61,18 @@ def test_window_section_alone():
         torch.set_num_threads(threads)
     assert not {"stage1", "stage2", "sampling"} & set(results)
     assert list(results["window"]["canvases"]) == ["1x1"] and results["window"]["canvases"]["1x1"]["tokens"] == 64
+
+
+def test_each_section_takes_its_device_as_training_does(monkeypatch):
+    """A section's process sets its device up with runtime.use_device, as the training scripts do (on CUDA: the
+    current device and cudnn.benchmark, without which convolutions run untuned kernels and images/s are not training's)."""
+    seen = []
+    monkeypatch.setattr(bench, "use_device", lambda device: seen.append(device) or device)
+    threads = torch.get_num_threads()
+    args = bench.build_parser().parse_args(["--quick", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                                            "--gpt-batch-size", "1", "--threads", "1"])
+    try:
+        result = bench.run_section("stage2", args)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [torch.device("cpu")] and result["items_per_s"] > 0

@@ -261,7 +261,7 @@ def _on_rank(rank, world_size, store_path, out_path):
     """One rank: different batches and random streams per rank; save the codes and statistics it ends with.
 
     Restarts every 2 steps over 6 steps of the VQ codebook; one check of the default rule on the hits of
-    RANK_HITS; one step of the EMA codebook."""
+    RANK_HITS; one step of the EMA codebook; one k-means initialisation."""
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # the same initial codes on every rank, as DDP's first broadcast makes them
     cb = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2, restart_dead_codes=True,
@@ -281,9 +281,11 @@ def _on_rank(rank, world_size, store_path, out_path):
     torch.manual_seed(0)
     ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
     ema(ema_batch(rank))
-    torch.save({"codes": cb.embedding.weight.detach(), "hits": judged[-1],
+    km = Codebook(num_codebook_vectors=4, latent_dim=2, kmeans_init=True).train()
+    km(kmeans_batch(rank))  # k-means of both ranks' rows, computed on rank 0 (whose random picks follow the batch)
+    torch.save({"codes": cb.embedding.weight.detach(), "hits": judged[-1], **ema.state_dict(),
                 "ruled_codes": ruled.embedding.weight.detach(), "ruled_batch": batch.permute(0, 2, 3, 1).reshape(-1, 2),
-                **ema.state_dict()}, f"{out_path}.{rank}")
+                "kmeans_codes": km.embedding.weight.detach()}, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
@@ -295,6 +297,12 @@ RANK_HITS = (torch.tensor([50.0, 50, 50, 50, 50, 0, 0, 150]), torch.tensor([50.0
 def ema_batch(rank):
     torch.manual_seed(10 + rank)
     return torch.randn(1, 2, 2, 3) + 2 * rank
+
+
+def kmeans_batch(rank):
+    """Rank 0 holds 6 rows, rank 1 holds 2: a batch that lost images to unreadable files is smaller."""
+    torch.manual_seed(20 + rank)
+    return torch.randn(1, 2, 1, 6 - 4 * rank) + 3 * rank
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +349,39 @@ def test_ema_statistics_agree_across_ranks(two_ranks):
     for key in keys:
         torch.testing.assert_close(r0[key], ema.state_dict()[key])
     assert not torch.equal(r0["embedding.weight"], initial)
+
+
+@pytest.mark.xdist_group("two_ranks")
+def test_kmeans_init_gathers_ranks_of_unequal_row_counts(two_ranks):
+    """Both ranks start from the codes of one process that saw rank 0's 6 rows and rank 1's 2 rows."""
+    r0, r1 = two_ranks
+    torch.testing.assert_close(r0["kmeans_codes"], r1["kmeans_codes"], rtol=0, atol=0)
+    one = Codebook(num_codebook_vectors=4, latent_dim=2, kmeans_init=True).train()
+    rows1 = kmeans_batch(1)
+    rows0 = kmeans_batch(0)  # leaves the random stream where rank 0's was when it ran k-means
+    one(torch.cat([rows0, rows1], dim=3))  # (1, 2, 1, 8): rank 0's rows, then rank 1's
+    torch.testing.assert_close(r0["kmeans_codes"], one.embedding.weight.detach(), rtol=0, atol=0)
+    assert (r0["kmeans_codes"][:, 0] > 1.5).any()  # a centre among rank 1's rows (shifted by 3): they were seen
+
+
+def test_compiled_kmeans_init_compiles_once():
+    """torch.compile of a k-means-initialised codebook: its graphs are compiled at the first steps and never again
+    (reading the step counter in the compiled forward made every step a recompile until dynamo gave up at 8)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # dynamo's graphs, run as they are
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cb = Codebook(num_codebook_vectors=8, latent_dim=4, kmeans_init=True).train()
+    compiled = torch.compile(cb, backend=counting_backend)
+    counts = []
+    for _ in range(12):
+        z = torch.randn(2, 4, 3, 3, requires_grad=True)
+        compiled(z)[0].sum().backward()
+        counts.append(len(graphs))
+    torch._dynamo.reset()
+    assert cb.kmeans_done.item() and cb.train_steps == 12
+    assert counts[-1] == counts[1] > 0, counts

@@ -1,10 +1,13 @@
 """Tests for data.py: finding and decoding images, the dataset, batching, loaders, the demo set."""
+import re
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import data
 import demo_flowers
@@ -165,17 +168,15 @@ def test_image_folder_upscales_small_images_and_centre_crops(tmp_path):
     assert torch.equal(image, torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
 
 
-def test_image_folder_skips_unreadable_files_with_one_warning_each(tmp_path):
-    bad = write_bad_files(tmp_path)
+def test_image_folder_gives_an_unreadable_file_as_its_path_and_reason(tmp_path):
+    empty, truncated, text = write_bad_files(tmp_path)
     write_noise(tmp_path / 'good.png')
     dataset = data.ImageFolder(tmp_path, image_size=16, train=False)
-    for path in bad:
-        with pytest.warns(UserWarning, match=path.name):
-            assert dataset[dataset.paths.index(path)] is None
-        with warnings.catch_warnings():
-            warnings.simplefilter('error')  # a second read of the same file stays quiet
-            assert dataset[dataset.paths.index(path)] is None
-    assert dataset[dataset.paths.index(tmp_path / 'good.png')] is not None
+    items = {path: dataset[dataset.paths.index(path)] for path in (empty, truncated, text)}
+    assert items[empty] == data.Unreadable(str(empty), 'cannot identify image file')  # the path is not said twice
+    assert items[text] == data.Unreadable(str(text), 'cannot identify image file')
+    assert items[truncated].path == str(truncated) and items[truncated].reason  # PIL's words vary by version
+    assert isinstance(dataset[dataset.paths.index(tmp_path / 'good.png')], dict)
 
 
 def test_image_folder_labels_come_from_top_level_sub_folders(tmp_path):
@@ -201,25 +202,57 @@ def test_image_folder_labels_need_sub_folders(tmp_path):
 
 
 def test_collate_images_drops_bad_items():
-    item = {'image': torch.zeros(3, 4, 4), 'label': 2}
-    batch = data.collate_images([item, None, item])
+    item, bad = {'image': torch.zeros(3, 4, 4), 'label': 2}, data.Unreadable('x.png', 'cannot identify image file')
+    batch = data.collate_images([item, bad, item])
     assert batch['image'].shape == (2, 3, 4, 4) and batch['skipped'] == 1
     assert batch['label'].dtype == torch.long and batch['label'].tolist() == [2, 2]
-    assert data.collate_images([None, None]) is None
+    assert data.collate_images([bad, bad]) is None
 
 
-def test_build_loader_skips_bad_files_and_counts_them(tmp_path):
+def stderr_lines(text):
+    """Lines of captured stderr; a progress bar redraws with \\r, so that ends a line too."""
+    return [line for line in re.split(r"[\r\n]", text) if line.strip()]
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_loader_names_each_unreadable_file_once_in_a_line_of_its_own(tmp_path, capfd, num_workers):
+    """Two passes with a progress bar on stderr; with workers, each file is read in a worker process."""
     for i in range(6):
         write_noise(tmp_path / f'good{i}.png', seed=i)
-    write_bad_files(tmp_path)
-    (tmp_path / 'text.png').unlink()  # 6 good files and 2 bad ones
+    truncated = write_bad_files(tmp_path)[1]
+    for path in ('empty.jpg', 'text.png'):
+        (tmp_path / path).unlink()  # 6 good files and a JPEG cut in half
     dataset = data.ImageFolder(tmp_path, image_size=8, train=True)
-    loader = data.build_loader(dataset, batch_size=3, train=True, drop_last=False)
+    loader = data.build_loader(dataset, batch_size=7, train=True, num_workers=num_workers)  # one batch a pass
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        batches = [batch for batch in loader if batch is not None]
-    assert sum(batch['skipped'] for batch in batches) == 2
-    assert sum(len(batch['image']) for batch in batches) == 6
+        warnings.simplefilter('error')  # no warning: the project reports the file itself
+        batches = []
+        with tqdm(total=2, file=sys.stderr) as bar:
+            for _ in range(2):
+                for batch in loader:
+                    batches.append(batch)
+                    bar.update()
+    assert [(batch['skipped'], len(batch['image'])) for batch in batches] == [(1, 6), (1, 6)]
+    assert loader.unreadable == {str(truncated): dataset[dataset.paths.index(truncated)].reason}
+    lines = stderr_lines(capfd.readouterr().err)
+    named = [line for line in lines if str(truncated) in line]
+    # A line of its own: tqdm.write clears the bar first (a plain print would continue the bar's line).
+    assert named == [f"Skipping unreadable image '{truncated}': {loader.unreadable[str(truncated)]}."]
+    assert not [line for line in lines if 'Warning' in line or 'site-packages' in line or 'Traceback' in line]
+
+
+def test_a_loader_names_the_first_unreadable_files_then_counts_the_others(tmp_path, capfd):
+    for i in range(data.MAX_NAMED_UNREADABLE + 2):
+        (tmp_path / f'bad{i:02d}.png').write_text('not an image\n')
+    write_noise(tmp_path / 'good.png')
+    loader = data.build_loader(data.ImageFolder(tmp_path, image_size=8, train=False), batch_size=4, train=False)
+    for _ in range(2):
+        assert [len(batch['image']) for batch in loader if batch is not None] == [1]  # good.png alone in the last
+    assert len(loader.unreadable) == data.MAX_NAMED_UNREADABLE + 2
+    lines = stderr_lines(capfd.readouterr().err)  # the second pass says nothing more
+    assert lines == [*(f"Skipping unreadable image '{tmp_path / f'bad{i:02d}.png'}': cannot identify image file."
+                       for i in range(data.MAX_NAMED_UNREADABLE)),
+                     f"Skipping 2 more unreadable image(s), not named ({data.MAX_NAMED_UNREADABLE + 2} in all)."]
 
 
 def test_build_loader_shuffles_only_for_training(tmp_path):
@@ -268,3 +301,44 @@ def test_workers_draw_different_crops(tmp_path):
     runtime.seed_everything(0)
     assert all(torch.equal(a, b['image']) for a, b in zip(images, loader))  # still reproducible
     assert not (torch.equal(images[0], images[1]) and torch.equal(images[2], images[3]))
+
+
+@pytest.mark.parametrize("before, after", [(2, 2), (3, 2), (2, 3), (3, 1)])
+def test_a_resumed_epoch_takes_every_remaining_item_once_with_any_number_of_ranks(before, after):
+    """23 items, batches of 2: the ranks of `before` processes take 2 batches each, then `after` processes go on from
+    the samples taken. The epoch sees no item twice and leaves out only what equal shards must (fewer than `after`
+    items); with as many processes as before, each rank goes on exactly as if uninterrupted."""
+    def ranks(world_size, start):
+        samplers = [data.ResumableSampler(23, 2, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+        for sampler in samplers:
+            sampler.set_epoch(3, start)
+        return [list(sampler) for sampler in samplers]
+
+    whole_epoch = ranks(before, 0)
+    taken = [i for shard in whole_epoch for i in shard[:4]]  # 2 batches of 2 per rank
+    rest = ranks(after, len(taken))
+    assert all(len(shard) == len(rest[0]) for shard in rest)  # equal shards: DDP's ranks stay in step
+    seen = taken + [i for shard in rest for i in shard]
+    assert len(seen) == len(set(seen)) and 23 - len(seen) < after
+    assert sorted(taken) == sorted(whole_epoch_order(before)[:len(taken)])  # the order's first items
+    if before == after:
+        assert rest == [shard[4:] for shard in whole_epoch]
+
+
+def whole_epoch_order(world_size):
+    """The item order of epoch 3 (seed 5) that the ranks' shards interleave."""
+    samplers = [data.ResumableSampler(23, 2, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    for sampler in samplers:
+        sampler.set_epoch(3)
+    shards = [list(sampler) for sampler in samplers]
+    return [shard[i] for i in range(len(shards[0])) for shard in shards]
+
+
+def test_missing_albumentations_is_one_sentence_when_an_image_folder_needs_it(tmp_path, monkeypatch):
+    """data.py imports albumentations only for image folders: a node without it fails there in one sentence."""
+    write_image(tmp_path / 'a.png')
+    monkeypatch.setitem(sys.modules, 'albumentations', None)  # `import albumentations` now raises ImportError
+    with pytest.raises(DataError, match='Image folders need the albumentations package .*docs/gpu.md'):
+        data.ImageFolder(tmp_path, 16)
+    monkeypatch.undo()
+    assert len(data.ImageFolder(tmp_path, 16)) == 1

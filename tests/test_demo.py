@@ -1,18 +1,28 @@
-"""demo.py end to end with --tiny (data, stage 1, held-out evaluation, stage 2, sampling), and demo_flowers.py's
-command line."""
+"""demo.py end to end with --tiny (data, stage 1, held-out evaluation, stage 2, sampling), stopped in stage 1 and run
+again, and demo_flowers.py's command line."""
+import contextlib
+import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import demo
+import training_vqgan
+from checkpoint import load_checkpoint
+from cli import run_script
 from data import find_images
 from demo_flowers import make_demo_flowers
+from presets import TINY_GPT, TINY_VQGAN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,13 +32,45 @@ def pixels(path):
         return np.asarray(image.convert("RGB"))
 
 
-def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tmp_path):
-    tiny = demo.TINY
-    summary = demo.main(demo.build_parser().parse_args(["--tiny", "--out-dir", str(tmp_path), "--device", "cpu"]))
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """The tiny demo, stopped by a SIGTERM during stage 1's third step, then run again to the end.
 
-    # The figures printed at the end are eval_vqgan.py's, written to results/eval_vqgan.json.
-    metrics = json.loads((tmp_path / "results" / "eval_vqgan.json").read_text())
-    assert summary["eval_json"] == tmp_path / "results" / "eval_vqgan.json"
+    Returns the out dir, the second run's summary, both runs' printed output and the steps each run trained."""
+    out = tmp_path_factory.mktemp("demo")
+    argv = ["--tiny", "--out-dir", str(out), "--device", "cpu"]
+    real_train_step, trained = training_vqgan.train_step, []
+
+    def train_step(stage1, x, step, *args, **kwargs):
+        trained.append(step + 1)
+        if len(trained) == 3 and not printed:  # in the first run
+            os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` sends it; the step goes on, then the run saves
+        return real_train_step(stage1, x, step, *args, **kwargs)
+
+    printed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training_vqgan, "train_step", train_step)
+        for attempt in range(2):
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    summary = run_script(demo.main, demo.build_parser(), argv)
+                except SystemExit as stop:
+                    summary = stop.code
+            printed.append((stdout.getvalue(), stderr.getvalue(), list(trained)))
+            trained.clear()
+    return out, summary, printed
+
+
+@pytest.mark.xdist_group("tiny_demo")
+def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tiny_demo):
+    tmp_path, summary, _ = tiny_demo
+    tiny = demo.TINY
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+
+    # The figures printed at the end are eval_vqgan.py's, written to stage1/results/eval_vqgan.json.
+    metrics = json.loads((stage1 / "results" / "eval_vqgan.json").read_text())
+    assert summary["eval_json"] == stage1 / "results" / "eval_vqgan.json"
     assert (summary["psnr"], summary["ssim"], summary["codebook_usage"]) == \
         (metrics["psnr"], metrics["ssim"], metrics["codebook_usage"])
     assert metrics["num_images"] == tiny.heldout_images and metrics["image_size"] == tiny.image_size
@@ -42,23 +84,66 @@ def test_tiny_demo_runs_every_step_and_measures_heldout_flowers(tmp_path):
     assert not any(np.array_equal(a, b) for a in heldout for b in train)
 
     # Both stages trained for their steps, stage 2 on the stage-1 model, validated on the held-out flowers' codes.
-    vqgan = torch.load(tmp_path / "checkpoints" / "vqgan_last.pt", weights_only=True)
-    gpt = torch.load(tmp_path / "checkpoints" / "transformer_last.pt", weights_only=True)
-    assert vqgan["step"] == tiny.vqgan_lr[-1][0] and gpt["step"] == tiny.gpt_steps
-    # The learning rate's step decay: the last phase resumed the first one with its own rate.
+    vqgan = torch.load(stage1 / "checkpoints" / "vqgan_last.pt", weights_only=True)
+    gpt = torch.load(stage2 / "checkpoints" / "transformer_last.pt", weights_only=True)
+    assert vqgan["step"] == tiny.vqgan_steps and gpt["step"] == tiny.gpt_steps
+    # The learning rates' step decay: the last phase resumed the first one with its own rate.
     assert [group["lr"] for group in vqgan["opt_vq"]["param_groups"]] == [tiny.vqgan_lr[-1][1]]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "results" / "vqgan_metrics.jsonl").open()]
-    assert steps == [until_step for until_step, _ in tiny.vqgan_lr]  # one log line at the end of each phase
-    assert Path(gpt["vqgan_checkpoint"]) == (tmp_path / "checkpoints" / "vqgan_last.pt").resolve()
+    assert {group["lr"] for group in gpt["optimizer"]["param_groups"]} == {tiny.gpt_lr[-1][1]}
+    assert gpt["optimizer"]["state"][0]["step"] == tiny.gpt_steps  # one optimizer state throughout
+    assert Path(gpt["vqgan_checkpoint"]) == (stage1 / "checkpoints" / "vqgan_last.pt").resolve()
     assert summary["val_bits_per_token"] is not None and 0 < summary["val_bits_per_token"] < 20
 
     # The samples, and the enlarged copies of both pictures.
-    assert len(list((tmp_path / "samples").glob("sample_*.png"))) == tiny.num_samples
-    for small, large in ((tmp_path / "results" / "reconstructions.png", summary["reconstructions"]),
-                         (tmp_path / "samples" / "grid.png", summary["samples"])):
+    assert len(list((stage2 / "samples").glob("sample_*.png"))) == tiny.num_samples
+    for small, large in ((stage1 / "results" / "reconstructions.png", summary["reconstructions"]),
+                         (stage2 / "samples" / "grid.png", summary["samples"])):
         a, b = pixels(small), pixels(large)
         assert b.shape == (tiny.enlarge * a.shape[0], tiny.enlarge * a.shape[1], 3)
         assert np.array_equal(b[::tiny.enlarge, ::tiny.enlarge], a)
+
+
+@pytest.mark.xdist_group("tiny_demo")
+def test_the_demo_stopped_in_stage1_says_what_it_saved_and_continues_where_it_stopped(tiny_demo):
+    tmp_path, summary, ((out1, err1, trained1), (out2, err2, trained2)) = tiny_demo
+    ckpt = tmp_path / "stage1" / "checkpoints" / "vqgan_last.pt"
+    assert isinstance(summary, dict)  # the second run finished
+    # The first run: SIGTERM in step 3 of phase 1 (steps 1-4), said at once, saved after the step, exit 143.
+    assert trained1 == [1, 2, 3]
+    assert "SIGTERM received: saving and stopping after the current step." in err1
+    assert f"Saved {ckpt} at step 3 (received SIGTERM)." in out1
+    again = f"`python demo.py --tiny --out-dir {tmp_path} --device cpu` continues from there."
+    said = [line for line in out1.splitlines() if line.startswith("The demo stopped")]
+    assert said == [f"The demo stopped during stage 1 (SIGTERM). Saved: the flowers, stage 1 at step 3 of 6 ({ckpt})"
+                    f". {again}"]
+    assert "Traceback" not in out1 + err1 + out2 + err2
+    # The second run trained steps 4 to 6 only: the rest of phase 1, then phase 2.
+    assert "==== Stage 1: the VQGAN, steps 4 to 6 (about" in out2 and f"Resumed from {ckpt} at step 3." in out2
+    assert trained2 == [4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stage1" / "results" / "vqgan_metrics.jsonl").open()]
+    assert steps == [3, 4, 6]  # logged at the stop and at the end of each phase, none twice
+    assert load_checkpoint(ckpt)["opt_vq"]["state"][0]["step"] == 6  # one optimizer state throughout
+
+
+@pytest.mark.xdist_group("tiny_demo")
+def test_each_stage_keeps_its_own_config_and_tensorboard_run(tiny_demo):
+    tmp_path, _, _ = tiny_demo
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    vqgan = json.loads((stage1 / "results" / "vqgan_config.json").read_text())
+    gpt = json.loads((stage2 / "results" / "transformer_config.json").read_text())
+    train_dir = str(tmp_path / "data" / f"train-32px-{demo.TINY.train_images}")
+    assert (vqgan["out_dir"], vqgan["dataset_path"], vqgan["max_steps"], vqgan["latent_dim"]) == \
+        (str(stage1), train_dir, demo.TINY.vqgan_steps, TINY_VQGAN["latent_dim"])  # the last phase's flags
+    assert (gpt["out_dir"], gpt["checkpoint_path"], gpt["max_steps"], gpt["n_layer"]) == \
+        (str(stage2), str(stage1 / "checkpoints" / "vqgan_last.pt"), demo.TINY.gpt_steps, TINY_GPT["n_layer"])
+    assert not list(tmp_path.rglob("config.json"))
+    # A TensorBoard run per stage, each with only its own curves: stage 1's two phases and its resume in one.
+    runs = {path.parent.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("events.out.tfevents.*")}
+    assert runs == {"stage1/tensorboard/vqgan", "stage2/tensorboard/transformer"}
+    vqgan_tags = set(EventAccumulator(str(stage1 / "tensorboard" / "vqgan")).Reload().Tags()["scalars"])
+    gpt_tags = set(EventAccumulator(str(stage2 / "tensorboard" / "transformer")).Reload().Tags()["scalars"])
+    assert "l1" in vqgan_tags and "bits_per_token" not in vqgan_tags
+    assert "bits_per_token" in gpt_tags and "l1" not in gpt_tags
 
 
 def run_cli(*flags):

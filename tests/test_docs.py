@@ -25,7 +25,8 @@ CANNOT_RUN_HERE = {
     r"^python bench\.py\s*(#|$)": "tests/test_bench.py::test_quick_bench_runs_and_writes_json",  # the paper's config
     r"^python gpu_check\.py\s*(#|$)": "tests/test_gpu_check.py::test_every_planned_command_parses_in_its_script",
     r"--nproc_per_node [48] ": "tests/test_distributed.py::test_two_processes_train_like_one",  # 4 or 8 GPUs
-    r"--nnodes 2": "tests/test_distributed.py::test_two_processes_train_like_one",  # two machines
+    r"--nnodes 2": "tests/test_distributed.py::test_two_nodes_train_like_two_processes_on_one",  # two machines
+    r"^srun ": "tests/test_distributed.py::test_stage2_as_two_slurm_tasks_with_token_cache_and_validation_split",
     r"--num-samples 50000": "tests/test_eval_transformer.py::test_eval_end_to_end_on_a_tiny_checkpoint",  # a data set
     r"vqgan_imagenet_f16": "tests/test_eval_vqgan.py::test_eval_on_a_taming_checkpoint",  # a released checkpoint
 }

@@ -206,3 +206,38 @@ def test_static_decode_step_samples_the_same_tokens():
         model._run(dynamic[:, :10], cache, 0)
         static = model.decode_step(dynamic[:, 10:11], cache, torch.tensor(10))
         torch.testing.assert_close(static, model(dynamic[:, :11])[0][:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_sampling_holds_bf16_weights_and_one_cache_and_graph_for_every_batch(monkeypatch):
+    """GPT.compile_decode(bf16) (sample_transformer.py --compile): the Linear weights cast once, with autocast's logits;
+    a second, smaller batch is padded into the first batch's cache, so nothing is compiled again (CPU stand-in of the
+    CUDA graph: dynamo's graphs counted with a pass-through backend)."""
+    graphs, compile_ = [], torch.compile
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: compile_(fn, backend=counting_backend,
+                                                                                      dynamic=dynamic))
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    reference = tiny_gpt()
+    reference.load_state_dict(model.state_dict())
+    model.compile_decode(torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["blocks.0.attn.query.weight"] == dtypes["blocks.1.mlp.0.bias"] == dtypes["head.weight"] == \
+        torch.bfloat16
+    assert dtypes["tok_emb.weight"] == dtypes["pos_emb"] == dtypes["ln_f.weight"] == torch.float32
+    idx = torch.randint(0, 50, (3, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(idx)[0], reference(idx)[0])  # autocast rounds the fp32 weights the same way
+        start = torch.tensor([[0], [1], [2]])
+        first = model.generate(start, 30, top_k=1)
+        cache = model.decode_cache
+        pointers = [t.data_ptr() for layer in cache for t in layer.values()]
+        second = model.generate(start[:2], 30, top_k=1)  # a last batch of 2: padded to 3 rows
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert model.decode_cache is cache and [t.data_ptr() for layer in cache for t in layer.values()] == pointers
+    assert torch.equal(second, first[:2]) and not torch.equal(first[0], first[1])

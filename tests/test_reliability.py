@@ -113,6 +113,22 @@ def _become_script(argv, stdout_path, stderr_path):
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
+def _become_script_with_slow_steps(argv, stdout_path, stderr_path, marks):
+    """Body of a fork-server child: _become_script, each training step taking 5 s more; it writes
+    <marks>.start<step> as it begins and <marks>.end<step> as it ends."""
+    real_train_step = loss.train_step
+
+    def slow_train_step(stage1, x, step, *args, **kwargs):
+        Path(f"{marks}.start{step}").touch()
+        time.sleep(5)
+        result = real_train_step(stage1, x, step, *args, **kwargs)
+        Path(f"{marks}.end{step}").touch()
+        return result
+
+    loss.train_step = slow_train_step  # the script imports it from loss when it runs
+    _become_script(argv, stdout_path, stderr_path)
+
+
 def _save_forever(path, first_step):
     """Body of a fork-server child: save checkpoints of changing size to one path, back to back, until killed."""
     torch.set_num_threads(1)
@@ -130,7 +146,7 @@ def checkpoint_weights(step):
 def fork_server():
     """A multiprocessing context whose children fork from a server that has already imported training_vqgan."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "training_vqgan"])
+    context.set_forkserver_preload([__name__, "training_vqgan", "albumentations"])  # data.py imports it lazily
     with pytest.MonkeyPatch.context() as patch:  # the server's environment, read once when it starts
         patch.setenv("OMP_NUM_THREADS", "1")
         paths = [str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]  # for the preload
@@ -142,14 +158,14 @@ def fork_server():
 
 
 class ScriptRun:
-    """One run of training_vqgan.py in a child of the fork server."""
+    """One run of training_vqgan.py in a child of the fork server (body: _become_script, or another with more args)."""
 
-    def __init__(self, fork_server, argv, log_prefix):
+    def __init__(self, fork_server, argv, log_prefix, body=_become_script, *body_args):
         self.stdout_path, self.stderr_path = Path(f"{log_prefix}.out"), Path(f"{log_prefix}.err")
         self.stdout_path.touch()
         self.stderr_path.touch()
-        self.proc = fork_server.Process(target=_become_script,
-                                        args=(list(map(str, argv)), str(self.stdout_path), str(self.stderr_path)))
+        self.proc = fork_server.Process(target=body, args=(list(map(str, argv)), str(self.stdout_path),
+                                                           str(self.stderr_path), *body_args))
         self.proc.start()
 
     def stdout(self):
@@ -186,8 +202,8 @@ def script(fork_server, tmp_path):
     """start(argv, name) runs the script in a child, logging to tmp_path/name.out and .err; none outlives the test."""
     runs = []
 
-    def start(argv, name):
-        runs.append(ScriptRun(fork_server, argv, tmp_path / name))
+    def start(argv, name, *body):
+        runs.append(ScriptRun(fork_server, argv, tmp_path / name, *body))
         return runs[-1]
 
     yield start
@@ -220,13 +236,15 @@ def test_bad_files_are_skipped_and_named_odd_images_are_converted(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), *script_flags(data, out, "--epochs", 2)], cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in bad:  # named once, though both epochs met it
-        assert result.stderr.count(f"Skipping unreadable image '{path}'") == 1, path
+    lines = re.split(r"[\r\n]", result.stderr)  # a progress bar redraws with \r
+    for path in bad:  # named once, though both epochs met it, in a line of its own that says why
+        named = [line for line in lines if str(path) in line]
+        assert len(named) == 1 and named[0].startswith(f"Skipping unreadable image '{path}': "), named
     assert not [path for path in converted if str(path) in result.stderr]
-    assert "Traceback" not in result.stderr
+    # The project's own line, not a warning of torch's DataLoader (its file and source line).
+    assert not [line for line in lines if "Warning" in line or "site-packages" in line or "Traceback" in line]
     # At the end, the count of files, not of reads (two epochs read each bad file twice).
-    assert result.stdout.splitlines()[-1] == ("Skipped 3 unreadable image file(s) during training "
-                                              "(named in the warnings above).")
+    assert result.stdout.splitlines()[-1] == "Skipped 3 unreadable image file(s) during training (named above)."
     assert load_checkpoint(out / "checkpoints" / "vqgan_last.pt")["step"] == 10  # no batch was lost
 
 
@@ -234,9 +252,10 @@ def test_batches_with_no_readable_file_are_counted(train_here, tmp_path, capsys)
     """With --batch-size 1 each bad file is a batch of its own, which the loader gives as None."""
     data = make_demo_flowers(tmp_path / "data", num_images=4, size=40)
     write_corrupt_files(data)
-    with pytest.warns(UserWarning, match="Skipping unreadable image"):
-        train_here(script_flags(data, tmp_path / "out", "--batch-size", 1, "--max-steps", 8))  # two epochs
-    assert capsys.readouterr().out.splitlines()[-1].startswith("Skipped 3 unreadable image file(s)")
+    train_here(script_flags(data, tmp_path / "out", "--batch-size", 1, "--max-steps", 8))  # two epochs
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[-1].startswith("Skipped 3 unreadable image file(s)")
+    assert printed.err.count("Skipping unreadable image") == 3
 
 
 def failing_setup(case, tmp_path, flowers):
@@ -251,6 +270,11 @@ def failing_setup(case, tmp_path, flowers):
     if case == "only corrupt files":  # two batches a pass, both unreadable: must stop, not loop
         write_corrupt_files(tmp_path / "corrupt", copies=3)
         return tmp_path / "corrupt", out, [], [str(tmp_path / "corrupt"), "no usable batch"]
+    if case == "too few readable files":  # 3 files, but only 1 of them counts towards a batch of 4
+        make_demo_flowers(tmp_path / "few", num_images=1, size=40)
+        write_corrupt_files(tmp_path / "few")
+        (tmp_path / "few" / "text0.png").unlink()
+        return tmp_path / "few", out, [], ["1 readable training items (of 3 files)", "--batch-size 4"]
     if case == "out-dir under a file":  # root may write anywhere, but not inside a file
         (tmp_path / "a_file").write_text("")
         return flowers, tmp_path / "a_file" / "out", [], [str(tmp_path / "a_file" / "out"), "--out-dir"]
@@ -261,8 +285,8 @@ def failing_setup(case, tmp_path, flowers):
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", ["missing folder", "empty folder", "only corrupt files", "out-dir under a file",
-                                  "image size", "device"])
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "only corrupt files", "too few readable files",
+                                  "out-dir under a file", "image size", "device"])
 def test_a_run_that_cannot_start_ends_with_one_error_line(script, flowers, tmp_path, case):
     data, out, extra, expected = failing_setup(case, tmp_path, flowers)
     run = script(script_flags(data, out, "--max-steps", 1000, *extra), "run")
@@ -330,6 +354,27 @@ def test_sigkill_at_random_moments_then_resume_and_sigterm_sigint_save(script, f
     # Nothing else was lost on the way: a log with no gap or repeat, and the optimizer state went on throughout.
     assert logged_steps(out) == list(range(1, resumed_from + 1))
     assert load_checkpoint(ckpt_path)["opt_vq"]["state"][0]["step"] == resumed_from
+
+
+def test_ctrl_c_says_at_once_that_the_run_saves_after_the_step_and_a_second_stops_it_unsaved(script, flowers,
+                                                                                               tmp_path):
+    """Steps of 5 s: the first SIGINT's line comes while its step still runs; a second SIGINT ends the run at once,
+    before that step ends, saving nothing."""
+    out, marks = tmp_path / "run", tmp_path / "mark"
+    run = script(script_flags(flowers, out, "--max-steps", 100, "--save-every", 1000), "sigint",
+                 _become_script_with_slow_steps, str(marks))
+    run.wait_for(lambda: Path(f"{marks}.start0").exists(), "first step")
+    run.kill(signal.SIGINT)
+    said = "Ctrl-C (SIGINT) received: saving and stopping after the current step. Press Ctrl-C again to stop at " \
+           "once, without saving."
+    run.wait_for(lambda: said in run.stderr(), "line on the first Ctrl-C", timeout=4)
+    assert not Path(f"{marks}.end0").exists()  # said while the step still runs
+    run.kill(signal.SIGINT)
+    assert run.wait(timeout=4) == 130
+    assert not Path(f"{marks}.end0").exists() and not (out / "checkpoints").exists()  # at once, nothing saved
+    stderr = run.stderr()
+    assert "Traceback" not in stderr and stderr.count(said) == 1
+    assert "Stopped at once: a second SIGINT came before the save; nothing was saved." in stderr
 
 
 def test_a_kill_while_saving_leaves_the_old_or_the_new_checkpoint(fork_server, tmp_path):
@@ -475,3 +520,46 @@ def test_divergence_before_any_save_says_nothing_was_saved(train_here, flowers, 
     with pytest.raises(FloatingPointError, match="2 non-finite losses in a row: stopping. Nothing was saved"):
         train_here(script_flags(flowers, tmp_path / "run", "--max-steps", 5, "--max-nonfinite-steps", 2))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_a_nan_in_the_first_micro_batch_leaves_weights_and_codebook_unchanged(train_here, flowers, tmp_path,
+                                                                            monkeypatch, quantizer):
+    """--grad-accum 2: the first micro-batch of step 1 is NaN, the second finite. The guard must see the first
+    (a guard on the last loss alone applies the NaN gradients: vq's weights turn NaN) and put back what the forward
+    changed (the EMA codebook's averages and codes, usage and dead-code counts, the discriminator's BatchNorm)."""
+    models, states = [], {}  # states[call]: the whole state when train_step is called the call-th time
+
+    class RecordedVQGAN(VQGAN):
+        def __init__(self, config):
+            super().__init__(config)
+            models.append(self)
+
+    real_train_step = training_vqgan.train_step
+
+    def train_step(stage1, x, step, grad_accum=1):
+        call = len(states) + 1
+        states[call] = {**{f"vqgan.{k}": v.clone() for k, v in stage1.vqgan.state_dict(keep_vars=True).items()},
+                        **{f"disc.{k}": v.clone() for k, v in stage1.disc.state_dict().items()},
+                        **{f"buffer.{k}": v.clone() for k, v in stage1.vqgan.named_buffers()},
+                        "train_steps": torch.tensor(stage1.vqgan.quantize.train_steps)}
+        return real_train_step(stage1, x * float("nan") if call == 3 else x, step, grad_accum)
+
+    monkeypatch.setattr(training_vqgan, "VQGAN", RecordedVQGAN)
+    monkeypatch.setattr(training_vqgan, "train_step", train_step)
+    train_here(script_flags(flowers, tmp_path / "run", "--max-steps", 3, "--grad-accum", 2, "--disc-start", 0,
+                            "--quantizer", quantizer, "--restart-dead-codes", "--restart-every", 1,
+                            "--batch-size", 2))
+    assert len(states) == 8  # steps 0 and 1 (skipped) and two more good steps, two micro-batches each
+
+    def changed(a, b):
+        return sorted(name for name in a if not torch.equal(a[name], b[name]))
+
+    assert changed(states[3], states[5]) == []  # the skipped step left everything as it found it
+    moved = changed(states[1], states[3])  # a good step does change weights, codebook and statistics
+    assert "vqgan.quantize.embedding.weight" in moved and any(name.endswith(".running_mean") for name in moved)
+    assert "buffer.quantize.window_counts" in moved and "train_steps" in moved
+    if quantizer == "ema":
+        assert {"vqgan.quantize.cluster_size", "vqgan.quantize.embed_avg"} <= set(moved)
+    final = models[0].state_dict()
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())

@@ -1,5 +1,5 @@
-"""A run remembers itself: --resume takes the run's flags from its checkpoint, config.json and --config, TensorBoard
-event files, and one line (never a traceback) for the expected failures of a start."""
+"""A run remembers itself: --resume takes the run's flags from its checkpoint, its config file and --config, TensorBoard
+event files in a run named by the stage, and one line (never a traceback) for the expected failures of a start."""
 import json
 import sys
 import urllib.error
@@ -14,7 +14,7 @@ import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import parse_flags, run_script
 from demo_flowers import make_demo_flowers
-from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS
+from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, script_error
 from vqgan import VQGAN, VQGANConfig
 
 # a run with non-default model, loss and data flags, which a resume must not need again
@@ -55,12 +55,14 @@ def test_a_changed_model_flag_is_refused_naming_it(first_run):
 @pytest.mark.xdist_group("first_run")
 def test_config_json_round_trips(first_run, tmp_path):
     out, first = first_run
-    saved = json.loads((out / "config.json").read_text())  # the last start's flags (the resume's, if it ran first)
+    path = out / "results" / "vqgan_config.json"  # named by the stage: stage 2 in the same --out-dir keeps it
+    assert not (out / "config.json").exists()
+    saved = json.loads(path.read_text())  # the last start's flags (the resume's, if it ran first)
     assert {k: v for k, v in saved.items() if k not in ("max_steps", "learning_rate", "resume")} == \
         {k: v for k, v in vars(first).items() if k not in ("max_steps", "learning_rate", "resume")}
-    again = parse_flags(training_vqgan.build_parser(), ["--config", str(out / "config.json"), "--out-dir",
-                                                        str(tmp_path), "--seed", "7"])
-    expected = dict(saved, out_dir=str(tmp_path), seed=7, config=str(out / "config.json"), resume=False)
+    again = parse_flags(training_vqgan.build_parser(), ["--config", str(path), "--out-dir", str(tmp_path), "--seed",
+                                                        "7"])
+    expected = dict(saved, out_dir=str(tmp_path), seed=7, config=str(path), resume=False)
     assert vars(again) == expected  # the file's flags, then the command line's; a new run in a new folder
     (tmp_path / "bad.json").write_text(json.dumps({"no_such_flag": 1}))
     with pytest.raises(Exception, match="no_such_flag"):
@@ -70,7 +72,7 @@ def test_config_json_round_trips(first_run, tmp_path):
 @pytest.mark.xdist_group("first_run")
 def test_tensorboard_has_every_logged_scalar_and_the_grids(first_run):
     out, _ = first_run
-    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    events = EventAccumulator(str(out / "tensorboard" / "vqgan")).Reload()  # a run of its own: stage 2's is beside it
     scalars = set(events.Tags()["scalars"])
     assert {"loss", "l1", "q_loss", "g_loss", "d_loss", "lam", "usage", "perplexity", "lr"} <= scalars
     logged = [json.loads(line) for line in (out / "results" / "vqgan_metrics.jsonl").read_text().splitlines()]
@@ -124,3 +126,38 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes_with_its_default_or
         training_transformer.main(parser.parse_args(flags + ["--resume", "--max-steps", "2"]))
     training_transformer.main(parser.parse_args(flags + ["--resume", "--max-steps", "2", "--class-dropout", "0"]))
     assert load_checkpoint(path)["step"] == 2
+
+
+@pytest.mark.parametrize("script", [training_vqgan, training_transformer], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("out_dir", ["missing", "empty"])
+def test_resume_without_a_checkpoint_refuses_and_writes_nothing(script, out_dir, tmp_path, monkeypatch, capsys):
+    """A mistyped --out-dir with --resume: one sentence naming the path looked for; no run config, no TensorBoard
+    folder, no demo data set (the default --dataset-path is relative to the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    if out_dir == "empty":
+        (tmp_path / "runs" / "my_rnu").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    path = tmp_path / "runs" / "my_rnu" / "checkpoints" / f"{script.RUN_NAME}_last.pt"
+    argv = ["--resume", "--out-dir", str(tmp_path / "runs" / "my_rnu"), "--device", "cpu"]
+    assert script_error(script, argv, capsys) == f"--resume found no checkpoint at {path}: check --out-dir, or " \
+                                                 f"pass --resume auto to start afresh when there is none."
+    if script is training_vqgan:  # main() called with parsed flags (a notebook) refuses as well, before writing
+        with pytest.raises(CheckpointError, match="--resume found no checkpoint"):
+            script.main(script.build_parser().parse_args(argv))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_resume_auto_starts_afresh_then_continues(flowers, tmp_path, capsys):
+    """What a requeued cluster job runs: the same command, once with no checkpoint and once with one."""
+    out = tmp_path / "run"
+    argv = [*TINY_FLAGS, "--dataset-path", str(flowers), "--out-dir", str(out), "--resume", "auto", "--sample-every",
+            "100"]
+    path = out / "checkpoints" / "vqgan_last.pt"
+    for max_steps in (1, 2):
+        run_script(training_vqgan.main, training_vqgan.build_parser(), argv + ["--max-steps", str(max_steps)])
+    printed = capsys.readouterr().out
+    assert f"--resume auto: no checkpoint at {path}: starting afresh." in printed
+    assert f"Resumed from {path} at step 1." in printed
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(path)["opt_vq"]["state"][0]["step"] == 2
+    with pytest.raises(SystemExit):
+        training_vqgan.build_parser().parse_args(["--resume", "yes"])  # "auto" is the only value

@@ -150,3 +150,12 @@ def test_recompute_is_on_for_the_cpu_only_unless_asked():
     assert on_cpu_default(False, cpu) is False
     assert on_cpu_default(True, cuda) is True
     assert training_vqgan.build_parser().parse_args(["--no-recompute"]).recompute is False
+
+
+def test_compiled_wrappers_are_kept():
+    """--compile: Stage1 keeps torch.compile'd wrappers (truth-testing one raised TypeError, so --compile failed)."""
+    vqgan, disc = VQGAN(VQGANConfig(**TINY)), Discriminator(DiscriminatorConfig(ndf=16, n_layers=2))
+    compiled_vqgan, compiled_disc = torch.compile(vqgan), torch.compile(disc)  # lazy: nothing is compiled here
+    stage1 = Stage1(vqgan, disc, None, LossConfig(), vqgan_wrapped=compiled_vqgan, disc_wrapped=compiled_disc)
+    assert stage1.vqgan_wrapped is compiled_vqgan and stage1.disc_wrapped is compiled_disc
+    assert Stage1(vqgan, disc, None, LossConfig()).vqgan_wrapped is vqgan

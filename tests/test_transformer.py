@@ -1,15 +1,19 @@
 """Stage 2: token handling of VQGANTransformer, and the training and sampling scripts end to end."""
 import json
 import signal
+import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
+import data
 import sample_transformer
+import training_run
 import training_transformer
 import training_vqgan
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cli import config_from_flags
 from demo_flowers import make_demo_flowers
 from helpers import STAGE2_FLAGS, TINY, TINY_FLAGS, TINY_GPT, script_error
 from transformer import TransformerConfig, VQGANTransformer, corrupt
@@ -125,7 +129,7 @@ def test_stage1_stage2_sampling_end_to_end(tmp_path):
     assert len(int8) == 2 and int8[0].shape == (3, 32, 32) and int8[0].abs().max() <= 1
 
 
-def test_conditional_and_precomputed_tokens(tmp_path):
+def test_conditional_and_precomputed_tokens(tmp_path, monkeypatch):
     for name, seed in (("roses", 0), ("tulips", 1)):
         make_demo_flowers(tmp_path / "data" / name, num_images=8, size=32, seed=seed)
     torch.manual_seed(0)
@@ -134,8 +138,27 @@ def test_conditional_and_precomputed_tokens(tmp_path):
     out = tmp_path / "stage2"
     flags = STAGE2_FLAGS + ["--dataset-path", str(tmp_path / "data"), "--checkpoint-path", str(stage1),
                             "--out-dir", str(out), "--conditional", "--precompute-tokens", "--max-steps", "2",
-                            "--sample-every", "2"]
+                            "--sample-every", "2", "--num-workers", "3"]
+    # Spies: the workers each loader is asked for (built without them here), and how the loop copies labels.
+    workers, label_copies, build_loader, to = [], [], data.build_loader, torch.Tensor.to
+
+    def loader_spy(dataset, batch_size, train=True, num_workers=0, **kwargs):
+        workers.append((train, num_workers))
+        return build_loader(dataset, batch_size, train=train, **kwargs)
+
+    def to_spy(tensor, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == training_transformer.__file__ and tensor.dtype == torch.long \
+                and tensor.dim() == 1:
+            label_copies.append(kwargs.get("non_blocking", False))
+        return to(tensor, *args, **kwargs)
+
+    for module in (data, training_run, training_transformer):
+        monkeypatch.setattr(module, "build_loader", loader_spy)
+    monkeypatch.setattr(torch.Tensor, "to", to_spy)
     training_transformer.main(training_transformer.build_parser().parse_args(flags))
+    monkeypatch.undo()
+    assert (True, 3) in workers and (False, 3) in workers and all(n == 3 for _, n in workers)  # validation too
+    assert label_copies and all(label_copies)  # from pinned memory, without waiting for the copy
     caches = sorted(p.name for p in stage1.parent.glob("tokens_*.pt"))
     assert len(caches) == 2 and caches[0].startswith("tokens_train_32px_")
     train_cache = load_checkpoint(stage1.parent / caches[0])
@@ -173,6 +196,14 @@ def test_impossible_stage2_flags_are_rejected(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_the_dropout_flag_sets_the_gpts_three_dropouts():
+    args = training_transformer.build_parser().parse_args(["--dropout", "0.1"])
+    config = config_from_flags(TransformerConfig, args, image_size=32, num_classes=0)
+    assert (config.embd_pdrop, config.resid_pdrop, config.attn_pdrop) == (0.1, 0.1, 0.1)
+    assert config_from_flags(TransformerConfig, training_transformer.build_parser().parse_args([]), image_size=32,
+                             num_classes=0).attn_pdrop == 0  # the paper's: no dropout
+
+
 def test_missing_stage1_checkpoint_is_one_sentence(tmp_path):
     flags = STAGE2_FLAGS + ["--checkpoint-path", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)]
     with pytest.raises(CheckpointError, match="No stage-1 checkpoint at .*python training_vqgan.py"):
@@ -187,3 +218,27 @@ def test_canvas_sampling_through_the_static_decode_step_is_unchanged():
     model.gpt.decode_fn = model.gpt.decode_step
     torch.manual_seed(3)
     assert torch.equal(model.sample_canvas(2, (10, 12)), expected)
+    cache = model.gpt.decode_cache
+    greedy = model.sample_canvas(1, (10, 12), top_k=1)  # one row, padded into the 2-row cache kept from above
+    assert model.gpt.decode_cache is cache and model.gpt.decode_rows == 2
+    model.gpt.decode_fn = None
+    assert torch.equal(greedy, model.sample_canvas(1, (10, 12), top_k=1))
+
+
+def test_compiled_canvas_sampling_compiles_once_for_every_batch_and_window():
+    """sample_transformer.py --compile: the sliding-window sampler's compiled step is compiled once, for a batch of 2
+    and a padded batch of 1 on a canvas whose window moves (its token input was a strided slice of the window, whose
+    strides changed at every position: each one recompiled until dynamo gave up at 8)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_model().eval()
+    model.gpt.decode_fn = torch.compile(model.gpt.decode_step, backend=counting_backend, dynamic=False)
+    model.sample_canvas(2, (10, 12), top_k=1)
+    model.sample_canvas(1, (10, 12), top_k=1)
+    torch._dynamo.reset()
+    assert len(graphs) == 1

@@ -1,6 +1,10 @@
 """Tests for utils.py, checkpoint.py and the device choice: devices, checkpoints, grids, plots and the metrics log."""
 import argparse
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,12 +133,17 @@ def test_metrics_log_resume_and_truncate(tmp_path):
     assert utils.MetricsLog(path).history == {} and path.read_text() == ''  # a fresh run starts over
 
 
-def test_save_checkpoint_removes_partial_files_of_killed_saves(tmp_path):
-    path = tmp_path / 'ckpt.pt'
-    stale = tmp_path / 'ckpt.pt.deadbeef.tmp'  # what a process killed halfway through a save leaves
-    stale.write_bytes(b'half a checkpoint')
-    other = tmp_path / 'other.pt.cafe.tmp'
-    other.write_bytes(b'')
+def test_save_checkpoint_removes_partial_files_of_killed_saves_only(tmp_path):
+    """Of the temporary files beside a checkpoint, those of killed saves go; those another running process (another
+    job saving the same token cache) or another host is writing stay."""
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True,
+                          check=True)
+    host, path = socket.gethostname(), tmp_path / 'ckpt.pt'
+    killed = [tmp_path / f'ckpt.pt.{host}-{gone.stdout.strip()}-deadbeef.tmp', tmp_path / 'ckpt.pt.deadbeef.tmp']
+    running = [tmp_path / f'ckpt.pt.{host}-{os.getppid()}-cafecafe.tmp', tmp_path / 'ckpt.pt.node-7-1-cafecafe.tmp',
+               tmp_path / 'other.pt.cafe.tmp']
+    for partial in killed + running:
+        partial.write_bytes(b'half a checkpoint')
     checkpoint.save_checkpoint({'step': 1}, path)
-    assert not stale.exists() and other.exists()
+    assert [p.exists() for p in killed + running] == [False, False, True, True, True]
     assert checkpoint.load_checkpoint(path)['step'] == 1
