@@ -1,9 +1,11 @@
-"""Speed and memory: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s, and
-sliding-window sampling per token on canvases of 1x1, 2x2 and 4x4 training sizes.
+"""Speed and memory: stage-1 training images/s, stage-2 training tokens/s, sampling tokens/s and images/s,
+sliding-window sampling per token on canvases of 1x1, 2x2 and 4x4 training sizes, and sampling by the ar and the
+maskgit objective side by side.
 
     python bench.py                                          # the paper's config on the default device
     python bench.py --quick                                  # the tiny models of presets.py: seconds on a CPU
     python bench.py --device cpu --batch-size 2 --steps 3 --warmup 1 --threads 2
+    python bench.py --config medium --skip-stage1 --skip-stage2 --skip-sampling --skip-window  # ar against maskgit
 
 Each section runs in a fresh process, so that its peak memory (the CUDA allocator's peak, or the process's peak RSS
 on the CPU) is its own. Warm-up steps are never timed; the first one counts the FLOPs of a step (matmuls,
@@ -12,23 +14,27 @@ TFLOP/s and, on a GPU of known bf16 peak, the model-FLOPs utilisation (MFU). On 
 with the load columns beside them.
 """
 import argparse
+import copy
 import json
 import math
 import multiprocessing
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
+import maskgit
 from cli import BASE_LEARNING_RATE, ScriptParser, run_script
 from config import check_positive
 from discriminator import Discriminator
 from loss import LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from measure import (LoadProbe, bf16_peak_flops, count_flops_of_shapes, peak_memory, synchronize, throughput,
-                     time_steps)
+from measure import (LoadProbe, bf16_peak_flops, count_flops, count_flops_of_shapes, peak_memory, synchronize,
+                     throughput, time_steps)
 from mingpt import GPT, GPTConfig
 from presets import TINY_GPT, TINY_VQGAN
 from runtime import (PRECISIONS, autocast, make_scaler, memory_format, on_cpu_default, optimizer_step, pick_device,
@@ -41,16 +47,19 @@ CONFIGS = {
     "paper": dict(vqgan=dict(), gpt=dict(n_layer=24, n_head=16, n_embd=1024)),
     # for a quick look, the tiny models of presets.py: 32x32 images, f=4 (8x8 = 64 tokens), 64 codes, a 2-layer GPT
     "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT),
+    # the paper's tokenizer with an 8-layer, 512-wide GPT: the ar against maskgit comparison of docs/maskgit.md
+    "medium": dict(vqgan=dict(), gpt=dict(n_layer=8, n_head=8, n_embd=512)),
 }
 # Estimates by hand for the paper config, beside the counted FLOPs: one training step per 256x256 image (encoder 138 G
 # and decoder 253 G forward, VGG16 40 G, PatchGAN 6 G, x ~3 with the backward) and per token of the 24-layer GPT.
 ESTIMATED_FLOPS = {"paper": {"stage1": 1.34e12, "stage2": 1.9e9}}
 DEFAULT_SIZES = {  # batch sizes and timed sampling runs when not given
-    "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3),
-    "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1),
+    "cuda": dict(batch_size=16, gpt_batch_size=32, sample_batch_size=64, sample_runs=3, maskgit_batch_sizes=[1, 64]),
+    "cpu": dict(batch_size=2, gpt_batch_size=2, sample_batch_size=1, sample_runs=1, maskgit_batch_sizes=[1]),
 }
+MASKGIT_STEPS = [maskgit.DEFAULT_STEPS, 12]  # the ar against maskgit section: MaskGIT's 8, and 12
 SAMPLING_TOP_K = 100  # taming's sampling default; filtering costs next to nothing
-SECTIONS = ("stage1", "stage2", "sampling", "window")
+SECTIONS = ("stage1", "stage2", "sampling", "window", "maskgit")
 
 # ---- the three sections ----
 
@@ -196,6 +205,73 @@ def bench_window(args, device, precision):
             "step_s": sum(c["generate_s"] for c in canvases.values())}
 
 
+def bench_maskgit(args, device, precision):
+    """Sampling one grid per image by both objectives, the same GPT size, canvas and batch: ar with its KV cache (a
+    pass per token; on the CPU also with int8 weights) and maskgit's iterative decoding at each of --maskgit-steps
+    (a pass over every token per step). The GPT alone: the VQGAN decode is the same for both (the sampling section).
+    Both run eager (--compile does not reach this section).
+
+    The first run of each sampler is untimed; the timed runs are interleaved, so that a change of the machine's load
+    reaches every sampler alike, and each sampler's median is compared with ar's. FLOPs per image are counted on one
+    forward over the grid (torch's counter sees nothing under inference_mode): ar's cached passes add up to one such
+    forward (its attention to half of it), maskgit's steps to one each.
+    """
+    config, grid = models_config(args)
+    tokens, codes = grid * grid, config.num_codebook_vectors
+    ar = build_gpt(config, grid, args, device).eval()
+    # the unconditional maskgit model of VQGANTransformer: codes, an unused start token, then [MASK]
+    bidirectional = GPT(GPTConfig(**{**CONFIGS[args.config]["gpt"], "block_size": tokens}, vocab_size=codes + 2,
+                                  causal=False)).to(device).eval()
+
+    def generate(n, gpt=ar):
+        """ar: a pass per token with the KV cache, from the start token."""
+        start = torch.full((n, 1), codes, dtype=torch.long, device=device)
+        return gpt.generate(start, tokens, top_k=SAMPLING_TOP_K, vocab_limit=codes)
+
+    def decode(n, steps):
+        """maskgit: the whole grid in `steps` passes (sample_canvas at the training size)."""
+        blank = torch.zeros(n, tokens, dtype=torch.long, device=device)  # every token is drawn
+        return maskgit.decode(bidirectional, blank, torch.ones(tokens, dtype=torch.bool), steps, codes + 1, codes,
+                              top_k=SAMPLING_TOP_K)
+
+    samplers = {("ar", "fp32", None): generate}
+    if device.type == "cpu":  # sample_transformer.py --quantize int8
+        samplers["ar", "int8", None] = partial(generate, gpt=copy.deepcopy(ar).quantize_int8())
+    for steps in args.maskgit_steps:
+        samplers["maskgit", "fp32", steps] = partial(decode, steps=steps)
+
+    def seconds(sampler, n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(precision, device):
+            sampler(n)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    grid_tokens = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    with torch.no_grad(), autocast(precision, device):
+        forward_flops = {"ar": count_flops(lambda: ar(grid_tokens)),
+                         "maskgit": count_flops(lambda: bidirectional(grid_tokens))}
+    rows = []
+    for n in args.maskgit_batch_sizes:
+        for sampler in samplers.values():  # untimed: a full run each
+            seconds(sampler, n)
+        runs = {key: [] for key in samplers}
+        for _ in range(args.sample_runs):
+            for key, sampler in samplers.items():
+                runs[key].append(seconds(sampler, n))
+        ar_s = statistics.median(runs["ar", "fp32", None])
+        for (objective, weights, steps), times in runs.items():
+            median = statistics.median(times)
+            passes = len(maskgit.masked_after(tokens, steps)) if steps else tokens
+            forwards = passes if steps else 1  # over the whole grid
+            rows.append({"objective": objective, "weights": weights, "steps": steps, "batch_size": n,
+                         "passes": passes, "tokens": tokens, "runs_s": times, "median_s": median,
+                         "s_per_image": median / n, "tokens_per_s": n * tokens / median,
+                         "flops_per_image": forwards * forward_flops[objective], "speedup_vs_ar": ar_s / median})
+    return {"rows": rows, "step_s": sum(sum(r["runs_s"]) for r in rows)}
+
+
 # ---- FLOPs of a config without running it (gpu_check.py's estimates) ----
 
 def config_flops(vqgan_config, gpt, perceptual=True):
@@ -233,7 +309,8 @@ def config_flops(vqgan_config, gpt, perceptual=True):
             "forward_per_token": count_flops_of_shapes(forward) / tokens}
 
 
-BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window}
+BENCHES = {"stage1": bench_stage1, "stage2": bench_stage2, "sampling": bench_sampling, "window": bench_window,
+           "maskgit": bench_maskgit}
 
 
 def run_section(name, args):
@@ -275,7 +352,7 @@ def markdown_table(results):
             "peak memory | load before, after | other processes (cores) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     titles = {"stage1": "stage-1 training", "stage2": "stage-2 GPT training", "sampling": "sampling",
-              "window": "sliding-window sampling"}
+              "window": "sliding-window sampling", "maskgit": "sampling"}
     for name in SECTIONS:
         r = results.get(name)
         if r is None:
@@ -289,6 +366,16 @@ def markdown_table(results):
             weights = ", int8 weights" if r.get("quantize") == "int8" else ""
             rows.append(f"| {titles[name]} ({r['tokens']} tokens{weights}) | {r['batch_size']} | {step} | {speed} "
                         f"| - | - | - | {memory} | {load} |")
+            continue
+        if name == "maskgit":
+            for row in r["rows"]:
+                how = (f"maskgit, {row['steps']} steps" if row["objective"] == "maskgit" else
+                       f"ar, KV cache{', int8 weights' if row['weights'] == 'int8' else ''}")
+                rows.append(f"| {titles[name]} ({how}, {row['tokens']} tokens) | {row['batch_size']} | "
+                            f"{row['median_s']:.3f} | {row['s_per_image']:.3f} s per image, "
+                            f"{rate(row['tokens_per_s'])} tokens/s, {row['passes']} passes, "
+                            f"{row['speedup_vs_ar']:.2f}x ar | {row['flops_per_image'] / 1e9:.4g} | - | - | {memory} "
+                            f"| {load} |")
             continue
         if name == "window":
             for canvas, c in r["canvases"].items():
@@ -313,8 +400,9 @@ def main(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_positive(args, "batch_size", "gpt_batch_size", "sample_batch_size", "steps", "sample_runs")
-    if min(args.window_scales) <= 0:
-        raise ValueError(f"--window-scales must be positive, got {args.window_scales}.")
+    for name in ("window_scales", "maskgit_steps", "maskgit_batch_sizes"):
+        if min(getattr(args, name)) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
     if args.quantize == "int8" and device.type != "cpu" and not args.skip_sampling:
         raise ValueError("--quantize int8 is a CPU sampling path (torch's int8 kernel); on CUDA use --precision bf16.")
     if args.compile and args.warmup < 2:
@@ -336,6 +424,8 @@ def main(args):
                          "Stage 2 trains on random tokens, as with --precompute-tokens (no VQGAN encode per step).",
                          f"Sampling uses top_k={SAMPLING_TOP_K}; images/s includes VQGAN.decode_indices.",
                          "Sliding-window sampling: the GPT alone (no decode), every token of each canvas.",
+                         "ar against maskgit: the GPT alone (no decode), median seconds of the interleaved runs; "
+                         "GFLOP per image: full forwards over the grid, counted (ar's cached passes make one).",
                          "FLOPs are counted with torch's FLOP formulas (matmuls, convolutions, attention, "
                          "forward and backward); MFU is against the device's dense bf16 peak."]}
     for name in sections:
@@ -383,6 +473,11 @@ def build_parser():
     a("--steps", type=int, default=5, help="timed training steps per stage")
     a("--warmup", type=int, default=2, help="untimed steps first (sampling: one short generation)")
     a("--sample-runs", type=int, default=None, help="timed sampling runs; default: 3 on CUDA, 1 on the CPU")
+    a("--maskgit-steps", type=int, nargs="+", default=MASKGIT_STEPS,
+      help="the ar against maskgit section: maskgit's decoding passes to measure")
+    a("--maskgit-batch-sizes", type=int, nargs="+", default=None,
+      help="the ar against maskgit section: images sampled at once, each batch size in turn (default: 1 and 64 on "
+           "CUDA, 1 on the CPU)")
     a("--window-scales", type=int, nargs="+", default=[1, 2, 4],
       help="sliding-window sampling on canvases of these multiples of the training grid (each way)")
     a("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice")

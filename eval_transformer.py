@@ -1,5 +1,6 @@
 """Measure a stage-2 model: sample N images and compare them with reference images (FID, IS, KID, precision/recall),
-and the GPT's validation loss on the reference images' codes.
+and the GPT's validation loss on the reference images' codes (bits per token for ar; for maskgit, nats per masked
+token at fixed masking ratios).
 
     python eval_transformer.py --checkpoint-path checkpoints/transformer_last.pt --reference data/val
     python eval_transformer.py ... --num-samples 50000 --top-k 600 --out-json results/topk600.json
@@ -7,10 +8,11 @@ and the GPT's validation loss on the reference images' codes.
     python eval_transformer.py ... --num-samples 50000 --reference VIRTUAL_imagenet256_labeled.npz --save-npz s.npz
                                                               # ADM's reference batch; the samples for its evaluator
 
-Samples are drawn as sample_transformer.py draws them (batched, KV-cached) at the model's training size; reference
-images are resized (shorter side) and centre-cropped to that size. Both go to the feature network as 8-bit images.
-The reference features are cached beside the JSON, keyed by the folder's files, the image size and the network, so a
-sweep over sampling settings computes them once. Numbers are comparable only under the same printed protocol.
+Samples are drawn as sample_transformer.py draws them (batched; KV-cached, or in maskgit's --steps passes) at the
+model's training size; reference images are resized (shorter side) and centre-cropped to that size. Both go to the
+feature network as 8-bit images. The reference features are cached beside the JSON, keyed by the folder's files, the
+image size and the network, so a sweep over sampling settings computes them once. Numbers are comparable only under
+the same printed protocol.
 An ADM reference batch (.npz) counts by its mu/sigma statistics as given (FID only), or with --npz-images by its arr_0
 images like a folder; --save-npz writes the samples as ADM's evaluator reads them (docs/share.md: which FID compares
 with which paper).
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 import adm_npz
 import eval_vqgan
+import maskgit
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
 from config import check_positive
@@ -238,9 +241,10 @@ def feature_dim(extractor, image_size, device):
 
 
 @torch.no_grad()
-def sample_features(model, args, extractor, device, precision, num_grid):
-    """Features (N, D) and logits (N, C) of --num-samples new images (None without a network), and the first num_grid
-    of them; with --save-npz the images also go to ADM's sample file (arr_0 uint8 N x H x W x 3, arr_1 labels)."""
+def sample_features(model, sample_canvas, args, extractor, device, precision, num_grid):
+    """Features (N, D) and logits (N, C) of --num-samples new images drawn by sample_canvas (maskgit.canvas_sampler;
+    None without a network), and the first num_grid of them; with --save-npz the images also go to ADM's sample file
+    (arr_0 uint8 N x H x W x 3, arr_1 labels)."""
     features, logits, grid = [], [], []
     H, W = (s * model.vqgan.config.downsample_factor for s in model.latent_hw)
     images_u8 = np.empty((args.num_samples, H, W, 3), np.uint8) if args.save_npz else None  # 9.8 GB at 50000 x 256^2
@@ -249,8 +253,8 @@ def sample_features(model, args, extractor, device, precision, num_grid):
         n = min(args.batch_size, args.num_samples - first)
         labels = class_labels(model, args, first, n, device)
         with autocast(precision, device):
-            tokens = model.sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale)  # (n, h, w)
+            tokens = sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale)  # (n, h, w)
             images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
         if extractor is not None:
             pool, logit = extract(extractor, images)
@@ -267,17 +271,29 @@ def sample_features(model, args, extractor, device, precision, num_grid):
             torch.cat(grid)[:num_grid] if grid else None)
 
 
+def masked_loss_names(model):
+    """maskgit's validation losses: nats per masked token at each fixed masking ratio (not a likelihood, so no bits
+    per token); none for ar."""
+    if model.config.objective != "maskgit":
+        return []
+    return [maskgit.validation_key(ratio) for ratio in maskgit.VALIDATION_RATIOS]
+
+
 @torch.no_grad()
-def validation_loss(model, reference, batch_size, num_workers, device, precision, max_batches):
-    """Mean cross-entropy (nats per token) of the GPT on the codes of the reference centre crops, or (None, why)."""
+def validation_losses(model, reference, batch_size, num_workers, device, precision, max_batches):
+    """The GPT's mean validation losses on the codes of the reference centre crops ({name: nats}, as
+    VQGANTransformer.validation_losses names them), or ({}, why not)."""
+    names = masked_loss_names(model) or ["val_bits_per_token"]
+    null = f"{', '.join(names)} {'are' if len(names) > 1 else 'is'} null"
     try:
         dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
     except DataError as err:  # a class-conditional model, but no class sub-folders
-        return None, f"val_bits_per_token is null: {err}"
+        return {}, f"{null}: {err}"
     if model.num_classes and dataset.classes != list(model.classes or []):
-        return None, (f"val_bits_per_token is null: the class sub-folders of {reference} ({', '.join(dataset.classes)}"
-                      f") are not the model's classes ({', '.join(model.classes or [])}).")
-    total, count = 0.0, 0
+        return {}, (f"{null}: the class sub-folders of {reference} ({', '.join(dataset.classes)}) are not the model's "
+                    f"classes ({', '.join(model.classes or [])}).")
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(0)  # maskgit: the same masked positions in every run
     for i, batch in enumerate(build_loader(dataset, batch_size, train=False, num_workers=num_workers)):
         if max_batches is not None and i >= max_batches:
             break
@@ -285,10 +301,14 @@ def validation_loss(model, reference, batch_size, num_workers, device, precision
             continue
         x = batch["image"].to(device)
         labels = batch["label"].to(device) if "label" in batch else None
-        with autocast(precision, device):
-            _, loss = model(model.encode_to_indices(x), labels)  # the model is in eval mode: no input noise
-        total, count = total + loss.float().item() * len(x), count + len(x)
-    return (total / count, None) if count else (None, "val_bits_per_token is null: no reference image was read.")
+        with autocast(precision, device):  # the model is in eval mode: no input noise
+            losses = model.validation_losses(model.encode_to_indices(x), labels, generator)
+        for name, loss in losses.items():
+            totals[name] = totals.get(name, 0.0) + loss.float().item() * len(x)
+        count += len(x)
+    if not count:
+        return {}, f"{null}: no reference image was read."
+    return {name: total / count for name, total in totals.items()}, None
 
 
 # ---- main ----
@@ -301,6 +321,7 @@ def main(args, feature_extractor=None):
     model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
                                              ema=not args.no_ema, user="eval_transformer.py").to(device)
     check_args(args, model)
+    sample_canvas = maskgit.canvas_sampler(model, args.steps, args.choice_temperature)  # by the objective
     if not Path(args.reference).is_file():
         find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
     out_json = Path(args.out_json)
@@ -320,7 +341,7 @@ def main(args, feature_extractor=None):
             notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
     if extractor is not None or args.save_npz:  # the samples of an .npz for ADM's evaluator need no features here
         seed_everything(args.seed)
-        gen, gen_logits, grid = sample_features(model, args, extractor, device, precision, args.num_grid)
+        gen, gen_logits, grid = sample_features(model, sample_canvas, args, extractor, device, precision, args.num_grid)
         num_samples = args.num_samples
         if args.num_grid > 0:
             save_image_grid(grid, out_json.with_name(f"{out_json.stem}_samples.png"), nrow=min(8, len(grid)))
@@ -336,12 +357,13 @@ def main(args, feature_extractor=None):
             notes.append(f"fid on {min(num_samples, num_ref or math.inf)} images is biased upwards (fewer than the "
                          f"2048 feature dimensions); compare only values under the same protocol.")
 
-    val_loss = None
+    val = {}
     if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
-        val_loss, note = validation_loss(model, args.reference, args.batch_size, args.num_workers, device, precision,
-                                         args.val_batches)
+        val, note = validation_losses(model, args.reference, args.batch_size, args.num_workers, device, precision,
+                                      args.val_batches)
         if note:
             notes.append(note)
+    val_loss = val.get("val_loss")  # ar's
     # A features file (.pt) names the folder it was computed from.
     protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
                     image_size=size, feature_extractor=getattr(extractor, "name", None),
@@ -351,13 +373,14 @@ def main(args, feature_extractor=None):
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
                     prc_neighborhood=PRC_NEIGHBORHOOD)
-    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                    class_id=args.class_id, seed=args.seed, ema=model.uses_ema)
+    sampling = dict(objective=model.config.objective, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                    cfg_scale=args.cfg_scale, class_id=args.class_id, seed=args.seed, ema=model.uses_ema)
+    if model.config.objective == "maskgit":
+        sampling.update(sample_canvas.keywords)  # --steps and --choice-temperature, their defaults filled in
     result = dict(**metrics, val_loss=val_loss, val_bits_per_token=None if val_loss is None else val_loss / math.log(2),
-                  num_samples=num_samples, protocol=protocol, sampling=sampling,
-                  checkpoint=str(args.checkpoint_path), reference_cache=None if cache is None else str(cache),
-                  samples_npz=args.save_npz,
-                  notes=notes)
+                  **{name: val.get(name) for name in masked_loss_names(model)}, num_samples=num_samples,
+                  protocol=protocol, sampling=sampling, checkpoint=str(args.checkpoint_path),
+                  reference_cache=None if cache is None else str(cache), samples_npz=args.save_npz, notes=notes)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
 
     for key, value in protocol.items():
@@ -380,8 +403,12 @@ def print_table(result):
 
     rows = [("samples", str(result["num_samples"])), ("FID", fmt("fid", ".4g")),
             ("Inception Score", fmt("isc", ".4g", "isc_std")), ("KID", fmt("kid", ".3g", "kid_std")),
-            ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f")),
-            ("val bits per token", fmt("val_bits_per_token", ".3f"))]
+            ("precision", fmt("precision", ".3f")), ("recall", fmt("recall", ".3f"))]
+    if result["sampling"]["objective"] == "maskgit":  # nats per masked token at each fixed ratio
+        rows += [(f"val loss, {round(100 * ratio)}% masked", fmt(maskgit.validation_key(ratio), ".3f"))
+                 for ratio in maskgit.VALIDATION_RATIOS]
+    else:
+        rows.append(("val bits per token", fmt("val_bits_per_token", ".3f")))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -414,6 +441,10 @@ def build_parser():
     a("--class-id", type=int, default=None,
       help="sample this class only; a class-conditional model otherwise samples every class in turn")
     a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (a model with a null class)")
+    a("--steps", type=int, default=None,
+      help="maskgit checkpoints: decoding passes, 1 to the grid's token count (default: 8, MaskGIT's)")
+    a("--choice-temperature", type=float, default=None,
+      help="maskgit checkpoints: Gumbel noise on the confidence that keeps tokens, annealed to 0 (default: 4.5)")
     a("--seed", type=int, default=0, help="random seed of the sampling")
     a("--no-ema", action="store_true", help="use the trained weights, not the checkpoint's EMA weights")
     a("--features", choices=["inception", "random-conv"], default="inception",

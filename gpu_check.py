@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench import CONFIGS, DEFAULT_SIZES, config_flops, markdown_table
+from bench import CONFIGS, DEFAULT_SIZES, MASKGIT_STEPS, config_flops, markdown_table
 from cli import ScriptParser, run_script
 from demo_flowers import make_demo_flowers
 from packages import download_wheels, install_wheels, missing_compiler, missing_packages
@@ -148,8 +148,8 @@ def plan(args, run_dir, device_type, gpus, flops, bench_flops):
 
 
 def bench_step(args, device_type, flops, objective=None):
-    """bench.py on its config in one process: stage 1, stage 2 and sampling; or, with an objective, compiled
-    sampling alone. Never its sliding-window section (a minute per canvas at the paper size)."""
+    """bench.py on its config in one process: stage 1, stage 2, sampling and ar against maskgit; or, with an
+    objective, compiled sampling alone. Never its sliding-window section (a minute per canvas at the paper size)."""
     config = SIZES["quick" if args.quick else "full"]["bench"]
     sizes, vq = DEFAULT_SIZES[device_type], VQGANConfig(**CONFIGS[config]["vqgan"])
     tokens, n_layer = (vq.image_size // vq.downsample_factor) ** 2, CONFIGS[config]["gpt"]["n_layer"]
@@ -166,12 +166,21 @@ def bench_step(args, device_type, flops, objective=None):
                     launches=(per_run * runs + 8) * per_token_launches(n_layer, objective is not None, device_type))
     if objective is not None:  # a deep GPT is a long graph: one compile allowance per 12 layers
         return Step(f"bench.py sampling ({objective}), --compile", command + ["--compile", "--skip-stage1",
-                                                                           "--skip-stage2", *flags],
+                                                                           "--skip-stage2", "--skip-maskgit", *flags],
                     compiles=max(1, n_layer // 12), other_s=build_s / 2, **sampling)
     # stage 1 and 2: the warm-up steps, the timed ones, and the eager step that counts the FLOPs
     train = (warmup + timed + 1) * (sizes["batch_size"] * flops["stage1_per_image"] +
                                     sizes["gpt_batch_size"] * tokens * flops["stage2_per_token"])
-    return Step("bench.py", command, flops=train + sampling["flops"], launches=sampling["launches"], other_s=build_s)
+    # ar against maskgit, eager, each sampler once untimed and `runs` times timed at each batch size: ar a pass per
+    # token (on the CPU also with int8 weights), maskgit a pass over the grid per step; and two counted forwards
+    ar_rows, passes, runs_all = 2 if device_type == "cpu" else 1, sum(MASKGIT_STEPS), runs + 1
+    images = runs_all * sum(sizes["maskgit_batch_sizes"])
+    versus = dict(flops=(images * (ar_rows + passes) + 2) * tokens * flops["forward_per_token"],
+                  launches=runs_all * len(sizes["maskgit_batch_sizes"]) * (
+                      ar_rows * tokens * per_token_launches(n_layer, False, device_type) +
+                      passes * (n_layer * LAUNCHES_PER_LAYER + LAUNCHES_PER_TOKEN)))
+    return Step("bench.py", command, flops=train + sampling["flops"] + versus["flops"],
+                launches=sampling["launches"] + versus["launches"], other_s=build_s)
 
 
 def estimate(step, costs):

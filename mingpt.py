@@ -22,6 +22,7 @@ class GPTConfig:
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
+    causal: bool = True  # False: every token attends to every other (a bidirectional model, maskgit.py)
 
     def __post_init__(self):
         """Refuse impossible sizes once, naming the field."""
@@ -31,11 +32,12 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention that can read and extend a per-layer key/value cache."""
+    """Multi-head self-attention, causal unless config.causal is False, that can read and extend a per-layer
+    key/value cache."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.causal = config.n_head, config.causal
         self.block_size = config.block_size
         self.key = nn.Linear(config.n_embd, config.n_embd)
         self.query = nn.Linear(config.n_embd, config.n_embd)
@@ -66,7 +68,7 @@ class CausalSelfAttention(nn.Module):
         # a single new token may see every cached key; a longer chunk starts at position 0 (checked in GPT._run),
         # where SDPA's top-left aligned causal mask is the right one
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=T > 1, dropout_p=self.attn_drop.p if self.training else 0.0
+            q, k, v, is_causal=T > 1 and self.causal, dropout_p=self.attn_drop.p if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
@@ -212,6 +214,9 @@ class GPT(nn.Module):
 
         vocab_limit: sample only ids below it (special tokens such as a start token are never generated).
         """
+        if not self.config.causal:
+            raise ValueError("A bidirectional GPT does not generate token by token: sample it by iterative decoding "
+                             "(maskgit.py).")
         if idx.size(1) + max_new_tokens - 1 > self.config.block_size:  # the last new token is never fed back
             raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens needs a block_size of "
                              f"at least {idx.size(1) + max_new_tokens - 1}, not {self.config.block_size}")

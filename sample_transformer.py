@@ -5,6 +5,7 @@
     python sample_transformer.py ... --input-image me.png --mask mask.png # regenerate the white part of the mask
     python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
+    python sample_transformer.py ... --steps 12                          # a maskgit checkpoint: 12 decoding passes
 """
 import time
 
@@ -19,6 +20,7 @@ from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
 from data import DataError
+from maskgit import canvas_sampler
 from runtime import PRECISIONS, autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
 from utils import check_writable, save_image_grid, to_image_range
@@ -126,21 +128,26 @@ def check_args(args, model):
         raise ValueError(f"--class-id {args.class_id} is not a class of this model "
                          f"({model.num_classes} classes)." if model.num_classes else
                          "--class-id needs a model trained with --conditional.")
+    if args.compile and model.config.objective == "maskgit":
+        raise ValueError("--compile compiles the one-token step of autoregressive sampling; a maskgit checkpoint "
+                         "samples without it.")
+    canvas_sampler(model, args.steps, args.choice_temperature)  # --steps and --choice-temperature fit the model
 
 
 def draw(model, args, codes, regenerate, device, precision):
     """Token grids (N, Hc, Wc) and images [(3, H, W) in [-1, 1]] of --num-samples draws on the canvas of `regenerate`
     (keeping `codes` (1, Hc, Wc) where it is False), --batch-size at a time, with a progress bar."""
     images, grids = [], []
+    sample_canvas = canvas_sampler(model, args.steps, args.choice_temperature)  # by the checkpoint's objective
     with tqdm(total=args.num_samples, desc="sampling") as bar:
         while len(images) < args.num_samples:
             n = min(args.batch_size, args.num_samples - len(images))
             labels = torch.full((n,), args.class_id, device=device) if args.class_id is not None else None
             with autocast(precision, device):
-                grid = model.sample_canvas(n, tuple(regenerate.shape), temperature=args.temperature, top_k=args.top_k,
-                                           top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale,
-                                           codes=None if codes is None else codes.expand(n, -1, -1),
-                                           regenerate=regenerate)  # (n, Hc, Wc)
+                grid = sample_canvas(n, tuple(regenerate.shape), temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale,
+                                     codes=None if codes is None else codes.expand(n, -1, -1),
+                                     regenerate=regenerate)  # (n, Hc, Wc)
                 batch = model.indices_to_image(grid)  # the whole canvas in one decode
             grids.append(grid.cpu())
             images += list(batch.float().cpu())
@@ -199,7 +206,8 @@ def build_parser():
     a("--class-id", type=int, default=None, help="the class to sample, for a model trained with --conditional")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="canvas in pixels, multiples of f, at least the training size (default); larger ones are sampled with "
-           "a sliding window of the training size")
+           "a sliding window of the training size (maskgit: windows at half-window strides, each decoded in --steps "
+           "passes)")
     a("--input-image", default=None, help="an image to complete, resized and centre-cropped to --size")
     a("--mask", default=None, help="with --input-image: a PNG of the canvas size; every token whose f x f cell holds "
       "a white pixel (grey level 128 or more) is regenerated")
@@ -209,6 +217,11 @@ def build_parser():
     a("--cfg-scale", type=float, default=None,
       help="classifier-free guidance: sample from uncond + S x (cond - uncond); needs a model trained with "
            "--class-dropout; 1 is plain conditional sampling")
+    a("--steps", type=int, default=None,
+      help="maskgit checkpoints: decoding passes per window, 1 to the grid's token count (default: 8, MaskGIT's)")
+    a("--choice-temperature", type=float, default=None,
+      help="maskgit checkpoints: scale of the Gumbel noise added to the confidence that chooses the tokens to keep, "
+           "annealed to 0 over the passes (default: 4.5, MaskGIT's; 0: keep the most probable)")
     a("--seed", type=int, default=0, help="random seed")
     a("--out-dir", default="samples", help="where the PNGs go")
     a("--device", default=None, help="cuda, cpu ... (default: CUDA when available)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import maskgit
 from checkpoint import CheckpointError, checkpoint_path
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
 from config import check_positive
@@ -17,7 +18,7 @@ from data import ImageFolder, build_loader, cached_tokens, collate_images, find_
 from demo_flowers import write_default_demo_set
 from runtime import autocast, barrier, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
-from transformer import TransformerConfig, VQGANTransformer
+from transformer import OBJECTIVES, TransformerConfig, VQGANTransformer
 from utils import save_plots
 from vqgan import VQGAN
 
@@ -70,24 +71,35 @@ def check_args(args):
 
 @torch.no_grad()
 def evaluate(transformer, loader, run, max_batches):
-    """Mean validation cross-entropy (nats per token) over up to max_batches batches; None without val data."""
+    """Mean validation losses over up to max_batches batches ({} without val data): ar's cross-entropy (val_loss, nats
+    per token) and bits per token; maskgit's cross-entropy on the masked tokens at each of maskgit.VALIDATION_RATIOS,
+    the same positions in every evaluation."""
     transformer.eval()
-    losses = []
+    generator = torch.Generator().manual_seed(0)  # maskgit: the masked positions of each batch, the same every time
+    losses = {}
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         if batch is None:
             continue
         with autocast(run.precision, run.device):
-            _, loss = transformer(batch_indices(batch, transformer, run), batch_labels(batch, run))
-        losses.append(loss.float())
+            indices = batch_indices(batch, transformer, run)
+            batch_losses = transformer.validation_losses(indices, batch_labels(batch, run), generator)
+        for key, loss in batch_losses.items():
+            losses.setdefault(key, []).append(loss.float())
     transformer.train()
-    return torch.stack(losses).mean().item() if losses else None
+    means = {key: torch.stack(values).mean().item() for key, values in losses.items()}
+    if "val_loss" in means:
+        means["val_bits_per_token"] = means["val_loss"] / math.log(2)
+    return means
 
 
-# The panels of results/transformer_losses.png: (title, logged values, log scale).
-PLOTS = [("cross-entropy (nats per token)", ["loss", "val_loss"], False),
-         ("bits per token", ["bits_per_token", "val_bits_per_token"], False), ("learning rate", ["lr"], True)]
+# The panels of results/transformer_losses.png for each objective: (title, logged values, log scale).
+PLOTS = {"ar": [("cross-entropy (nats per token)", ["loss", "val_loss"], False),
+                ("bits per token", ["bits_per_token", "val_bits_per_token"], False), ("learning rate", ["lr"], True)],
+         "maskgit": [("masked-token cross-entropy (nats)",
+                      ["loss", *map(maskgit.validation_key, maskgit.VALIDATION_RATIOS)], False),
+                     ("learning rate", ["lr"], True)]}
 
 
 def show_progress(run, transformer, ema, images, top_k):
@@ -95,7 +107,8 @@ def show_progress(run, transformer, ema, images, top_k):
     weights if kept); plots."""
     with ema.applied(transformer.gpt) if ema else nullcontext():
         show_samples(run, transformer, images, top_k)
-    save_plots(run.log.history, run.results / "transformer_losses.png", PLOTS, title="stage 2")
+    save_plots(run.log.history, run.results / "transformer_losses.png", PLOTS[transformer.config.objective],
+               title="stage 2")
 
 
 def show_samples(run, transformer, images, top_k):
@@ -174,11 +187,13 @@ def main(args):
         if ema:
             ema.update(gpt)
         loss = loss.detach().float()
-        run.end_step(dict(loss=loss, bits_per_token=loss / math.log(2)), bar_keys=("loss",), lr=lr)
+        # maskgit's loss is on masked tokens, a bound on no likelihood: no bits per token
+        run.end_step(dict(loss=loss) if config.objective == "maskgit" else
+                     dict(loss=loss, bits_per_token=loss / math.log(2)), bar_keys=("loss",), lr=lr)
         if run.is_main and run.due(args.sample_every):
-            val = evaluate(transformer, val_loader, run, args.val_batches) if val_loader is not None else None
-            if val is not None:  # the bar keeps showing it until the next evaluation
-                run.record(("val_loss",), val_loss=val, val_bits_per_token=val / math.log(2))
+            val = evaluate(transformer, val_loader, run, args.val_batches) if val_loader is not None else {}
+            if val:  # the bar keeps showing them until the next evaluation
+                run.record([key for key in val if key != "val_bits_per_token"], **val)
             show_progress(run, transformer, ema, shown, args.sample_top_k)
     return run.finish()
 
@@ -201,10 +216,17 @@ def build_parser():
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value")
     a("--pkeep", type=float, default=1.0,
       help="probability of keeping each input index, else a random code replaces it (the targets stay clean)")
+    a("--objective", choices=OBJECTIVES, default="ar",
+      help="ar: predict each token from those before it (taming's GPT, sampled token by token); maskgit: the same "
+           "blocks without the causal mask predict masked tokens (a cosine-schedule share of each grid), sampled in "
+           "a few passes (docs/maskgit.md)")
+    a("--label-smoothing", type=float, default=None,
+      help="maskgit: label smoothing of the cross-entropy on the masked tokens (default: 0.1, MaskGIT's; ar: none)")
     a("--n-layer", type=int, default=24, help="transformer blocks")
     a("--n-head", type=int, default=16, help="attention heads")
     a("--n-embd", type=int, default=1024, help="embedding width")
-    a("--block-size", type=int, default=256, help="longest sequence; at least the h*w tokens of the latent grid")
+    a("--block-size", type=int, default=256,
+      help="longest sequence; at least the h*w tokens of the latent grid (h*w + 1 for a --conditional maskgit model)")
     a("--dropout", type=float, default=0.0, help="embedding, residual and attention dropout")
     a("--conditional", action="store_true", help="one start token per class (the sub-folders of the data set)")
     a("--class-dropout", type=float, default=None, help="with --conditional: how often a learned null class "

@@ -1,11 +1,13 @@
 """Stage 2: VQGANTransformer = a frozen stage-1 VQGAN that turns images into codebook indices + a GPT over them."""
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+import maskgit
 from checkpoint import CheckpointError, load_weights, read_checkpoint, write_model_folder
 from config import ConfigError, check_positive, config_from_dict
 from mingpt import GPT, GPTConfig, pad_rows, sample_next, static_cache
@@ -20,10 +22,14 @@ def corrupt(indices, pkeep, num_codebook_vectors):
     return torch.where(keep, indices, torch.randint_like(indices, num_codebook_vectors))
 
 
+OBJECTIVES = ("ar", "maskgit")
+
+
 @dataclass
 class TransformerConfig:
     """Stage 2: the GPT over a VQGAN's token grid; the defaults are taming's ImageNet transformer."""
     image_size: Optional[int] = None  # training crop; None: the VQGAN's training size
+    objective: str = "ar"  # ar: next-token prediction (taming); maskgit: masked tokens, bidirectional (maskgit.py)
     n_layer: int = 24
     n_head: int = 16
     n_embd: int = 1024
@@ -34,6 +40,7 @@ class TransformerConfig:
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
+    label_smoothing: float = 0.0  # maskgit's cross-entropy on the masked tokens (MaskGIT: 0.1)
 
     def __post_init__(self):
         """Refuse impossible values once, naming the field (GPTConfig checks the GPT's sizes)."""
@@ -45,6 +52,12 @@ class TransformerConfig:
             raise ConfigError("class_dropout", f"must be in [0, 1), got {self.class_dropout}.")
         if self.class_dropout and not self.num_classes:
             raise ConfigError("class_dropout", "needs a class-conditional model (`num_classes` > 0).")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}.")
+        if self.label_smoothing and self.objective != "maskgit":
+            raise ConfigError("label_smoothing", "is a setting of the maskgit objective (`objective` maskgit).")
 
     @staticmethod
     def flag_values(args):
@@ -52,8 +65,11 @@ class TransformerConfig:
         class_dropout = args.class_dropout
         if class_dropout is None:  # a null class for classifier-free guidance when class-conditional
             class_dropout = 0.1 if args.conditional else 0.0
+        label_smoothing = args.label_smoothing
+        if label_smoothing is None:
+            label_smoothing = maskgit.DEFAULT_LABEL_SMOOTHING if args.objective == "maskgit" else 0.0
         return dict(embd_pdrop=args.dropout, resid_pdrop=args.dropout, attn_pdrop=args.dropout,
-                    class_dropout=class_dropout)
+                    class_dropout=class_dropout, label_smoothing=label_smoothing)
 
 
 def window_origin(i, j, canvas_hw, window_hw):
@@ -99,7 +115,9 @@ class VQGANTransformer(nn.Module):
     """Tokens are the codebook indices in raster order, preceded by a start token that is never a code.
 
     Vocabulary: codes 0 .. K-1, then the start token K (unconditional) or one start token per class,
-    K .. K + num_classes - 1 (class-conditional), then with class_dropout > 0 the null class K + num_classes.
+    K .. K + num_classes - 1 (class-conditional), then with class_dropout > 0 the null class K + num_classes, and
+    last, for the maskgit objective, the [MASK] token. A maskgit model reads the whole grid, after its class token
+    when class-conditional (maskgit.py).
     """
 
     def __init__(self, vqgan, config: TransformerConfig):
@@ -113,17 +131,22 @@ class VQGANTransformer(nn.Module):
             raise ConfigError("image_size", f"{self.image_size} must divide by the stage-1 downsampling factor {f}.")
         self.latent_hw = (self.image_size // f, self.image_size // f)  # the token grid (h, w)
         self.num_tokens = self.latent_hw[0] * self.latent_hw[1]
-        if config.block_size < self.num_tokens:
+        class_token = config.objective == "maskgit" and config.num_classes > 0  # maskgit reads it before the grid
+        if config.block_size < self.num_tokens + class_token:
+            reads = ("its class token and all of them (maskgit)" if class_token else
+                     "the start token and all indices but the last")
             raise ConfigError("block_size", f"{config.block_size} is smaller than the {self.num_tokens} tokens of a "
-                                            f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads the "
-                                            f"start token and all indices but the last).")
+                                            f"{self.latent_hw[0]}x{self.latent_hw[1]} latent grid (the GPT reads "
+                                            f"{reads}).")
         self.pkeep, self.num_classes = config.pkeep, config.num_classes
         self.null_token = self.num_codebook_vectors + config.num_classes if config.class_dropout > 0 else None
         num_start_tokens = max(1, config.num_classes) + (self.null_token is not None)
-        self.gpt = GPT(GPTConfig(vocab_size=self.num_codebook_vectors + num_start_tokens,
+        self.mask_token = self.num_codebook_vectors + num_start_tokens if config.objective == "maskgit" else None
+        vocab_size = self.num_codebook_vectors + num_start_tokens + (self.mask_token is not None)
+        self.gpt = GPT(GPTConfig(vocab_size=vocab_size,
                                  block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                                  n_embd=config.n_embd, embd_pdrop=config.embd_pdrop, resid_pdrop=config.resid_pdrop,
-                                 attn_pdrop=config.attn_pdrop))
+                                 attn_pdrop=config.attn_pdrop, causal=config.objective == "ar"))
 
     @classmethod
     def from_checkpoint(cls, path, vqgan_path=None, trust=False, ema=True, user="VQGANTransformer.from_checkpoint"):
@@ -197,14 +220,26 @@ class VQGANTransformer(nn.Module):
         return self.vqgan.decode_indices(grid).clamp(-1, 1)  # the whole canvas in one decode
 
     def forward(self, indices, labels=None):
-        """Next-token logits (B, h*w, V) and loss: the input is the start token + the (noised) indices but the last."""
+        """Next-token logits (B, h*w, V) and loss: the input is the start token + the (noised) indices but the last.
+
+        maskgit: code logits and the loss on the masked tokens of a cosine-schedule share (maskgit.training_loss)."""
         noisy = corrupt(indices, self.pkeep, self.num_codebook_vectors) if self.training else indices
         starts = self.start_tokens(len(indices), labels, indices.device)  # (B, 1)
         if self.training and self.null_token is not None:  # learn p(x) beside p(x | class) for guidance
             dropped = torch.rand(starts.shape, device=starts.device) < self.config.class_dropout
             starts = starts.masked_fill(dropped, self.null_token)
+        if self.config.objective == "maskgit":
+            return maskgit.training_loss(self, starts if self.num_classes else None, noisy, indices)
         tokens = torch.cat([starts, noisy[:, :-1]], dim=1)
         return self.gpt(tokens, targets=indices)  # targets stay clean
+
+    @torch.no_grad()
+    def validation_losses(self, indices, labels=None, generator=None):
+        """A batch's validation losses (0-d tensors) by name, the model in eval mode: ar's cross-entropy val_loss (nats
+        per token), maskgit's on the masked tokens at fixed ratios, positions drawn by generator (maskgit.py)."""
+        if self.config.objective == "maskgit":
+            return maskgit.validation_losses(self, indices, labels, generator)
+        return dict(val_loss=self(indices, labels)[1])
 
     @torch.no_grad()
     def sample_indices(self, n, temperature=1.0, top_k=None, top_p=None, labels=None, prefix=None):
@@ -253,7 +288,13 @@ class VQGANTransformer(nn.Module):
         """Input, its reconstruction, a completion of its top half, and a free sample, each (B, 3, H, W)."""
         indices = self.encode_to_indices(x)
         half = self.num_tokens // 2 // self.latent_hw[1] * self.latent_hw[1]  # whole rows of the top half
-        completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, prefix=indices[:, :half])
-        free = self.sample_indices(len(x), temperature, top_k, top_p, labels)
+        if self.config.objective == "maskgit":  # iterative decoding; the completion keeps the top half's codes
+            sample = partial(maskgit.sample_canvas, self, len(x), temperature=temperature, top_k=top_k, top_p=top_p,
+                             labels=labels)
+            bottom = torch.arange(self.num_tokens).view(self.latent_hw) >= half  # (h, w): regenerated
+            completion, free = sample(codes=indices.view(-1, *self.latent_hw), regenerate=bottom), sample()
+        else:
+            completion = self.sample_indices(len(x), temperature, top_k, top_p, labels, prefix=indices[:, :half])
+            free = self.sample_indices(len(x), temperature, top_k, top_p, labels)
         return dict(input=x.clamp(-1, 1), reconstruction=self.indices_to_image(indices),
                     half_completion=self.indices_to_image(completion), sample=self.indices_to_image(free))

@@ -76,3 +76,27 @@ def test_each_section_takes_its_device_as_training_does(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [torch.device("cpu")] and result["items_per_s"] > 0
+
+
+def test_maskgit_section_measures_both_objectives_in_one_run():
+    """ar (fp32 and int8 weights) and maskgit at each step count, at each batch size, in one process."""
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(bench.build_parser().parse_args(
+            ["--quick", "--device", "cpu", "--in-process", "--skip-stage1", "--skip-stage2", "--skip-sampling",
+             "--skip-window", "--maskgit-steps", "2", "8", "--maskgit-batch-sizes", "1", "2", "--sample-runs", "2",
+             "--threads", "1", "--out-json", ""]))
+    finally:
+        torch.set_num_threads(threads)
+    rows = results["maskgit"]["rows"]
+    assert [(r["batch_size"], r["objective"], r["weights"], r["steps"], r["passes"]) for r in rows] == [
+        (n, *row) for n in (1, 2) for row in
+        (("ar", "fp32", None, 64), ("ar", "int8", None, 64), ("maskgit", "fp32", 2, 2), ("maskgit", "fp32", 8, 8))]
+    assert all(len(r["runs_s"]) == 2 and r["s_per_image"] == r["median_s"] / r["batch_size"] for r in rows)
+    assert rows[0]["speedup_vs_ar"] == 1.0 and rows[2]["speedup_vs_ar"] == rows[0]["median_s"] / rows[2]["median_s"]
+    # a maskgit step is one forward over the grid; ar's 64 cached passes add up to one (at least 2 FLOPs per weight
+    # of its Linear layers for each of the 64 tokens)
+    linear_weights = TINY_GPT["n_layer"] * 12 * TINY_GPT["n_embd"] ** 2 + TINY_GPT["n_embd"] * (64 + 1)
+    assert rows[3]["flops_per_image"] == 4 * rows[2]["flops_per_image"] > rows[0]["flops_per_image"] > \
+        2 * 64 * linear_weights
+    assert "| sampling (maskgit, 8 steps, 64 tokens) | 2 |" in bench.markdown_table(results)

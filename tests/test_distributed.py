@@ -20,7 +20,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE, run_script
 from demo_flowers import FLOWER_LABELS, make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
-from helpers import STAGE2_FLAGS, TINY
+from helpers import STAGE2_FLAGS, TINY, write_tiny_checkpoints
 from helpers import TINY_FLAGS as SHARED_TINY_FLAGS
 from loss import hinge_d_loss
 from runtime import Dist, no_sync, wrap_model
@@ -407,6 +407,26 @@ def test_rows_of_unequal_shares_reach_rank_0_then_every_rank(tmp_path):
     assert same_tensors(ranks[0]["gathered"], expected) == [] and ranks[1]["gathered"] is None
     assert same_tensors(ranks[0]["only_rank1"], rank1) == [] and ranks[1]["only_rank1"] is None
     assert all(same_tensors(r["everyone"], expected) == [] and r["nobody"] == {} for r in ranks)
+
+
+def test_stage2_maskgit_two_processes(tmp_path):
+    """training_transformer.py --objective maskgit under torchrun (gloo): the ranks end with the saved weights of the
+    bidirectional GPT, and rank 0 validates at the fixed masking ratios."""
+    data = make_demo_flowers(tmp_path / "flowers", num_images=12, size=32)
+    _, stage1, _ = write_tiny_checkpoints(tmp_path / "tiny")
+    out = tmp_path / "stage2"
+    rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--dataset-path", data,
+                            "--checkpoint-path", stage1, "--objective", "maskgit", "--val-fraction", 0.2,
+                            "--max-steps", 2, "--sample-every", 2, "--out-dir", out)
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["objective"] == "maskgit"
+    records = [json.loads(line) for line in (out / "results" / "transformer_metrics.jsonl").read_text().splitlines()]
+    assert {"val_loss_mask50", "val_loss_mask90"} <= set(records[-1])
+    gpt0 = {k[len("gpt."):]: v for k, v in rank0[0].items() if k.startswith("gpt.")}
+    gpt1 = {k[len("gpt."):]: v for k, v in rank1[0].items() if k.startswith("gpt.")}
+    assert gpt0.keys() == ckpt["model"].keys()
+    for name in gpt0:
+        assert torch.equal(gpt0[name], gpt1[name]) and torch.equal(ckpt["model"][name], gpt1[name]), name
 
 
 def _discriminator_forwards(rank, store, out):
