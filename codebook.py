@@ -124,16 +124,19 @@ class Codebook(Quantizer):
 
     - codebook_dim: look up in a low-dimensional space through linear projections in and out (ViT-VQGAN, LlamaGen).
     - l2_norm: l2-normalise codes and inputs, so that the nearest code is the one of highest cosine similarity.
-    - restart_dead_codes: every `restart_every` training steps, re-seed the codes whose share of the hits since the
-      last check is below `dead_threshold` of the uniform share 1/K, with randomly chosen encoder outputs of the
-      current batch. Each check starts a new count, so a re-seeded code is judged on the steps after its restart.
+    - restart_dead_codes: every `restart_every` (25) training steps, re-seed the codes whose share of the hits since
+      the last check is below `dead_threshold` (10%) of the uniform share 1/K, with randomly chosen encoder outputs
+      of the current batch. Each check starts a new count, so a re-seeded code is judged on the steps after its
+      restart. Frequent checks and a threshold well above zero leave no code rare for long, however fast the encoder
+      moves away from it (that is, at any learning rate): the collapse of the first steps is undone at the first
+      check, and a code whose share fades is re-seeded within `restart_every` steps of falling below 10%.
     - rotation_trick: the encoder's gradient through the rotation onto its code instead of a copy (rotate_onto).
     - kmeans_init: at the first training step, the codes become k-means centres of the batch's encoder outputs
       (of all ranks' batches, computed on rank 0 and broadcast).
     """
 
     def __init__(self, *, num_codebook_vectors=1024, latent_dim=256, beta=0.25, codebook_dim=None, l2_norm=False,
-                 restart_dead_codes=False, restart_every=100, dead_threshold=0.03, usage_window=100,
+                 restart_dead_codes=False, restart_every=25, dead_threshold=0.1, usage_window=100,
                  rotation_trick=False, kmeans_init=False):
         super().__init__(num_codebook_vectors, usage_window)
         self.beta = beta
@@ -147,6 +150,8 @@ class Codebook(Quantizer):
 
         self.restart_dead_codes, self.rotation_trick, self.kmeans_init = restart_dead_codes, rotation_trick, kmeans_init
         self.restart_every, self.dead_threshold = restart_every, dead_threshold
+        # Not saved, by design: after --resume the count starts afresh and the first check comes `restart_every`
+        # steps later (train_steps restarts at 0), judged on the steps since the resume.
         self.register_buffer("hits_since_check", torch.zeros(num_codebook_vectors), persistent=False)
         if kmeans_init:  # saved, so that a resumed run does not initialise again
             self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))

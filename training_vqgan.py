@@ -175,9 +175,9 @@ def build_parser():
     a("--codebook-l2-norm", action="store_true",
       help="cosine-similarity lookup: codes and inputs l2-normalised")
     a("--restart-dead-codes", action="store_true",
-      help="at each check, re-seed the dead codes (under 3%% of the uniform share of the hits since the last check) "
-           "with encoder outputs drawn from the current batch; under torchrun the hits are summed over ranks")
-    a("--restart-every", type=int, default=100, help="steps between dead-code checks")
+      help="at each check, re-seed the dead codes (under 10%% of the uniform share of the hits since the last "
+           "check) with encoder outputs drawn from the current batch; under torchrun the hits are summed over ranks")
+    a("--restart-every", type=int, default=25, help="steps between dead-code checks")
     a("--quantizer", choices=QUANTIZERS, default="vq",
       help="vq: the paper's learned codebook; ema: each code the moving average of the encoder outputs it is "
            "picked for; fsq: finite scalar quantization (--fsq-levels); lfq: lookup-free, signs as bits (--lfq-bits); "

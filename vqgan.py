@@ -36,7 +36,7 @@ class VQGANConfig:
     codebook_dim: int = 0  # 0: look codes up in the latent space itself (the paper)
     codebook_l2_norm: bool = False
     restart_dead_codes: bool = False
-    restart_every: int = 100
+    restart_every: int = 25
     rotation_trick: bool = False
     kmeans_init: bool = False
     codebook_ema_decay: float = 0.99

@@ -115,9 +115,43 @@ def restart_codebook(**kw):
     torch.manual_seed(0)
     cb = Codebook(num_codebook_vectors=8, latent_dim=3, codebook_dim=2, l2_norm=True, restart_dead_codes=True,
                   restart_every=10, **kw).train()
-    # hits since the last check, 1009 in all: dead below 0.03 x 1009 / 8 = 3.78 hits
-    cb.hits_since_check.copy_(torch.tensor([200.0, 0, 200, 5, 1, 200, 3, 200]))  # code 3 rare but alive
+    # hits since the last check, 800 in all: dead below 0.1 x 800 / 8 = 10 hits (below 3 under the 3% rule before)
+    cb.hits_since_check.copy_(torch.tensor([200.0, 0, 200, 12, 5, 200, 9, 174]))  # code 3 rare but alive
     return cb
+
+
+def test_dead_below_a_tenth_of_the_uniform_share_checked_every_25_steps():
+    cb = Codebook(num_codebook_vectors=8, latent_dim=2, restart_dead_codes=True).train()  # the defaults
+    cb.hits_since_check.copy_(torch.tensor([300.0, 10, 9, 0, 200, 100, 100, 81]))  # 800: the line is at 10 hits
+    assert cb.dead_codes().tolist() == [False, False, True, True, False, False, False, False]
+    before = cb.embedding.weight.detach().clone()
+    cb.train_steps = 24
+    cb(torch.randn(1, 2, 4, 4))
+    assert torch.equal(cb.embedding.weight, before)  # not a check step
+    cb.hits_since_check.copy_(torch.tensor([300.0, 10, 9, 0, 200, 100, 100, 81]))
+    cb(torch.randn(1, 2, 4, 4))  # step 25
+    changed = (cb.embedding.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [2, 3]
+
+
+def test_a_fading_code_is_reseeded_at_the_next_check():
+    """Code 0 falls from the uniform share to a fifteenth of it after step 25: judged on the 25 steps since the
+    last check against a tenth of the uniform share, it is re-seeded at step 50. (The 3% rule, judging 100 steps,
+    would find it at 30% of the uniform share at step 100 and keep it.)"""
+    cb = Codebook(num_codebook_vectors=4, latent_dim=2, restart_dead_codes=True).train()
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    cb.embedding.weight.data = codes.clone()
+    for _ in range(25):
+        cb(as_map(codes[[0, 1, 2, 3] * 15]))  # 60 vectors: a quarter of the hits each
+    assert cb.hits_since_check.tolist() == [375.0] * 4
+    for _ in range(25):
+        cb(as_map(codes[[0] + [1, 2, 3] * 19 + [1, 2]]))  # code 0: 1 of 60 hits, 6.7% of the uniform share
+    assert torch.equal(cb.embedding.weight, codes)  # the check at step 25 found every code alive
+    assert cb.hits_since_check.tolist() == [25.0, 500.0, 500.0, 475.0]
+    batch = torch.cat([codes[1:], torch.tensor([[5.0, 5.0], [-5.0, 5.0]])])
+    cb(as_map(batch))  # step 50: a check
+    assert torch.equal(cb.embedding.weight[1:], codes[1:])
+    assert cb.embedding.weight[0].tolist() in batch.tolist()
 
 
 def test_restart_reseeds_exactly_the_dead_codes_from_the_batch():
@@ -226,7 +260,8 @@ def test_usage_window_keeps_the_last_steps_only():
 def _on_rank(rank, world_size, store_path, out_path):
     """One rank: different batches and random streams per rank; save the codes and statistics it ends with.
 
-    Restarts every 2 steps over 6 steps of the VQ codebook, then one step of the EMA codebook."""
+    Restarts every 2 steps over 6 steps of the VQ codebook; one check of the default rule on the hits of
+    RANK_HITS; one step of the EMA codebook; one k-means initialisation."""
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # the same initial codes on every rank, as DDP's first broadcast makes them
     cb = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2, restart_dead_codes=True,
@@ -237,13 +272,26 @@ def _on_rank(rank, world_size, store_path, out_path):
     for _ in range(6):
         cb(torch.randn(2, 3, 2, 2) + 3 * rank)
     torch.manual_seed(0)
+    ruled = Codebook(num_codebook_vectors=8, latent_dim=2, restart_dead_codes=True).train()  # the default rule
+    ruled.hits_since_check.copy_(RANK_HITS[rank])
+    ruled.train_steps = 100  # a check, also for a rule that checks every 100 steps
+    torch.manual_seed(200 + rank)
+    batch = torch.randn(1, 2, 4, 4) + 3 * rank  # no vector of one rank's batch is in the other's
+    ruled(batch)
+    torch.manual_seed(0)
     ema = EMACodebook(num_codebook_vectors=8, latent_dim=2).train()
     ema(ema_batch(rank))
     km = Codebook(num_codebook_vectors=4, latent_dim=2, kmeans_init=True).train()
     km(kmeans_batch(rank))  # k-means of both ranks' rows, computed on rank 0 (whose random picks follow the batch)
     torch.save({"codes": cb.embedding.weight.detach(), "hits": judged[-1], **ema.state_dict(),
+                "ruled_codes": ruled.embedding.weight.detach(), "ruled_batch": batch.permute(0, 2, 3, 1).reshape(-1, 2),
                 "kmeans_codes": km.embedding.weight.detach()}, f"{out_path}.{rank}")
     dist.destroy_process_group()
+
+
+# Each rank's hits since the last check. Summed (760): dead below 0.1 x 760 / 8 = 9.5 hits, codes 5 (8) and 6 (0).
+# Rank 1 alone (360, dead below 4.5) would pick codes 4 (2) and 6; the 3% rule before, code 6 only.
+RANK_HITS = (torch.tensor([50.0, 50, 50, 50, 50, 0, 0, 150]), torch.tensor([50.0, 50, 50, 50, 2, 8, 0, 150]))
 
 
 def ema_batch(rank):
@@ -274,6 +322,17 @@ def test_restarts_agree_across_ranks(two_ranks):
     torch.manual_seed(0)
     initial = Codebook(num_codebook_vectors=16, latent_dim=3, codebook_dim=2).embedding.weight.detach()
     assert (r0["codes"] != initial).any(dim=1).sum() > 0  # codes were restarted
+
+
+@pytest.mark.xdist_group("two_ranks")
+def test_both_ranks_reseed_the_codes_dead_on_the_summed_hits_with_the_same_outputs(two_ranks):
+    r0, r1 = two_ranks
+    torch.testing.assert_close(r0["ruled_codes"], r1["ruled_codes"], rtol=0, atol=0)
+    torch.manual_seed(0)
+    initial = Codebook(num_codebook_vectors=8, latent_dim=2).embedding.weight.detach()
+    assert (r0["ruled_codes"] != initial).any(dim=1).nonzero().flatten().tolist() == [5, 6]
+    new = r0["ruled_codes"][[5, 6]].tolist()
+    assert all(row in r0["ruled_batch"].tolist() for row in new) and new[0] != new[1]  # rank 0's outputs, broadcast
 
 
 @pytest.mark.xdist_group("two_ranks")
