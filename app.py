@@ -1,5 +1,6 @@
-"""Try a trained model in the browser: sample images, inpaint or outpaint an uploaded image, reconstruct one through
-stage 1 and see its tokens. A Gradio page on this machine only (127.0.0.1); it runs on the CPU.
+"""Try a trained model in the browser: sample images, inpaint or outpaint an uploaded image, draw images for an
+uploaded condition (a model trained with --cond-path), reconstruct one through stage 1 and see its tokens. A Gradio
+page on this machine only (127.0.0.1); it runs on the CPU.
 
     python app.py --checkpoint-path checkpoints/transformer_last.pt    # then open http://127.0.0.1:7860
     python app.py --checkpoint-path models/flowers                      # a model folder of export.py (or a Hub id)
@@ -23,7 +24,7 @@ from data import DataError
 from eval_vqgan import psnr
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
-from utils import to_image_range
+from utils import for_display, to_image_range
 from vqgan import VQGAN
 
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before any work
@@ -38,15 +39,16 @@ THEME = gr.themes.Soft()
 
 # ---- what the page's controls become ----
 
-def sampling_flags(model, num_images, top_k, temperature, class_name, cfg_scale, size=None):
+def sampling_flags(model, num_images, top_k, temperature, class_name, cfg_scale, size=None, cond_image=None):
     """sample_transformer.py's flags for the page's settings, checked by its own check_args."""
     classes = class_names(model)  # the page's dropdown offers these only
     args = sample_transformer.build_parser().parse_args([])
     args.num_samples, args.batch_size = int(num_images), min(int(num_images), PAGE_BATCH)
     args.top_k, args.temperature = (int(top_k) or None), float(temperature)  # top-k 0: all codes
     args.class_id = classes.index(class_name) if classes else None
-    args.cfg_scale = float(cfg_scale) if model.null_token is not None and cfg_scale and cfg_scale != 1 else None
+    args.cfg_scale = float(cfg_scale) if model.guidable and cfg_scale and cfg_scale != 1 else None
     args.size = None if size is None else [int(s) for s in size]
+    args.cond_image = cond_image
     sample_transformer.check_args(args, model)
     return args
 
@@ -167,6 +169,27 @@ class Demo:
                   f"({regenerate.shape[0]}x{regenerate.shape[1]} tokens), {len(images)} images.")
         return to_pixels(shown), [to_pixels(image) for image in images], status
 
+    def condition(self, path, num_images, top_k, temperature, seed, class_name, cfg_scale,
+                  progress=gr.Progress(track_tqdm=True)):  # the page's bar follows draw()'s tqdm bar
+        """Images for an uploaded condition file, on a canvas of its size (sliding windows over both grids beyond the
+        training size), read and tokenized as sample_transformer.py --cond-image reads it."""
+        if path is None:
+            raise page_error(f"Upload a condition first: {condition_words(self.model)}.")
+        with Image.open(path) as image:  # the header only: the size limits before any work
+            upload(image, "condition")
+        args = sampling_flags(self.model, num_images, top_k, temperature, class_name, cfg_scale, cond_image=path)
+        cond = sample_transformer.load_condition(path, self.model).to(self.device)  # (1, C, H, W)
+        size = sample_transformer.canvas_size(args, self.model, cond.shape[-2:])
+        with autocast(self.precision, self.device):
+            codes = self.model.encode_condition(cond)  # (1, Hc', Wc')
+        seed_everything(int(seed))
+        regenerate = torch.ones(size[0] // self.f, size[1] // self.f, dtype=torch.bool)
+        _, images = sample_transformer.draw(self.model, args, None, regenerate, self.device, self.precision, codes)
+        shown = for_display(cond.cpu(), self.model.cond_kind)[0]
+        return to_pixels(shown), [to_pixels(image) for image in images], \
+            f"{len(images)} images of {size[0]}x{size[1]} pixels for the condition's {codes.shape[1]}x" \
+            f"{codes.shape[2]} tokens."
+
     @torch.no_grad()
     def reconstruct(self, image):
         """The image's centre crop at the training size, encoded to tokens and decoded, and which codes it used."""
@@ -191,13 +214,14 @@ class Demo:
         if not self.stage2:
             return f"Stage-1 VQGAN `{self.name}`: {c.image_size}x{c.image_size} images, {tokens}."
         g, m = self.model.config, self.model
-        kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
+        kind = f"{m.num_classes} classes" if m.num_classes else "unconditional" if m.cond_kind is None else ""
+        kind += f"{', ' if kind else ''}{m.cond_kind} conditions" if m.cond_kind else ""
         return (f"`{self.name}`: {m.image_size}x{m.image_size} images, {tokens}, a {g.n_layer}-layer GPT ({kind}); "
                 f"on {self.device.type.upper()}.")
 
 
 def sampling_controls(demo):
-    """The settings shared by the sample and complete tabs, as a list of components (in the functions' order)."""
+    """The settings shared by the sampling tabs, as a list of components (in the functions' order)."""
     m = demo.model
     classes = class_names(m)
     num_images = gr.Slider(1, 16, value=8, step=1, label="number of images")
@@ -207,16 +231,35 @@ def sampling_controls(demo):
     seed = gr.Number(value=0, precision=0, label="seed")
     class_name = gr.Dropdown(classes, value=classes[0] if classes else None, label="class", visible=bool(classes))
     cfg_scale = gr.Slider(1.0, 10.0, value=1.0, step=0.5, label="guidance scale (1: none)",
-                          visible=m.null_token is not None)
+                          visible=m.guidable)
     return [num_images, top_k, temperature, seed, class_name, cfg_scale]
 
 
+def condition_words(model):
+    """What a model's conditions are, for the page."""
+    return dict(segmentation=f"a label map, a PNG whose pixel values are classes 0 to "
+                             f"{model.cond_vqgan.config.num_labels - 1}",
+                gray="a one-channel map such as depth (8 or 16 bits)",
+                rgb="an image such as a low-resolution copy").get(model.cond_kind, model.cond_kind)
+
+
 def condition_tab(demo, settings):
-    """Where conditional synthesis plugs in: a model with a condition stage (segmentation, depth or low-resolution
-    images; being built) gets a tab here to upload a condition image and sample images for it, through
-    sample_transformer's own conditional sampler. Models without one get no tab."""
-    if getattr(demo.model, "cond_stage", None) is None:
-        return None
+    """A model with an image condition: upload a condition file and draw images for it (any size whose sides divide
+    by the tokenizers' factors; beyond the training size the windows of both grids slide together)."""
+    m = demo.model
+    with gr.Tab("Condition"):
+        gr.Markdown(f"Upload a condition, {condition_words(m)}, of {m.image_size}x{m.image_size} pixels or larger: "
+                    f"the images are drawn on a canvas of its size.")
+        with gr.Row():
+            condition = gr.File(label="condition", file_types=["image"], type="filepath")
+            button = gr.Button("Draw for it", variant="primary", elem_id="condition-button")
+        with gr.Row():
+            shown = gr.Image(label="condition as read", format="png", elem_classes="pixels")
+            gallery = gr.Gallery(label="samples", columns=4, format="png", object_fit="contain", height="auto",
+                                 elem_classes="pixels")
+        status = gr.Markdown()
+        button.click(user_errors(demo.condition), [condition, *settings], [shown, gallery, status],
+                     api_name="condition")
 
 
 def build_app(demo):
@@ -230,10 +273,11 @@ def build_app(demo):
                     settings = sampling_controls(demo)
             with gr.Column(scale=3):
                 with gr.Tabs():
-                    if demo.stage2:
+                    if demo.stage2 and demo.model.cond_vqgan is not None:  # every draw needs a condition
+                        condition_tab(demo, settings)
+                    elif demo.stage2:
                         sample_tab(demo, settings)
                         complete_tab(demo, settings)
-                        condition_tab(demo, settings)
                     reconstruct_tab(demo)
     return app
 

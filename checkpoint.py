@@ -143,6 +143,7 @@ KINDS = {
     "stage2": ("a stage-2 (transformer) {}", "sample_transformer.py, eval_transformer.py, app.py and export.py"),
     "taming": ("a taming-transformers VQGAN checkpoint", "eval_vqgan.py and export.py with --taming-config model.yaml"),
     "taming-stage2": ("a taming-transformers transformer (Net2NetTransformer) checkpoint",
+                      "sample_transformer.py and eval_transformer.py with --taming-config model.yaml, and "
                       "eval_vqgan.py and export.py with --taming-config model.yaml --taming-stage (its VQ models)"),
 }
 WANTED = {  # what a script needs, in the words of the error
@@ -188,11 +189,23 @@ class Checkpoint:
     @property
     def config(self):
         """The model's config dict."""
-        return (self.folder if self.folder is not None else self.entries)["config"]
+        return self.info["config"]
+
+    @property
+    def info(self):
+        """What a stage-2 model recorded beside its weights (classes, cond_kind ...): a file's dict or config.json."""
+        return self.folder if self.folder is not None else self.entries
 
     def stage1_path(self):
         """Where a stage-2 checkpoint's stage-1 model is: the folder's sub-folder, or the path saved in training."""
         return self.path / self.folder["vqgan"] if self.folder is not None else Path(self.entries["vqgan_checkpoint"])
+
+    def cond_path(self):
+        """Where a stage-2 checkpoint's condition tokenizer is (the folder's sub-folder, or the path saved in
+        training); None for a model without an image condition."""
+        if self.folder is not None:
+            return self.path / self.folder["cond"] if self.folder.get("cond") else None
+        return Path(self.entries["cond_checkpoint"]) if self.entries.get("cond_checkpoint") else None
 
     def uses_ema(self, ema=True):
         """Whether weights(ema) are EMA weights."""

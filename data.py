@@ -190,24 +190,97 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def arrays(self, index):
+        """The item's arrays for the transform, {'image': ...}; an Unreadable for a file that cannot be decoded."""
         path = self.paths[index]
-        try:
-            array = self.read(path)
-        except DataError:  # readable but wrong (a class out of range): the user must fix it, not skip it
-            raise
-        except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
-            return Unreadable(str(path), unreadable_reason(error, path))
+        return read_or_unreadable(path, lambda: {'image': self.read(path)})
+
+    def tensors(self, arrays):
+        """The transformed arrays as the item's tensors."""
+        return {'image': map_to_tensor(arrays['image'], self.kind, self.num_labels)}  # (C, H, W)
+
+    def __getitem__(self, index):
+        arrays = self.arrays(index)
+        if isinstance(arrays, Unreadable):
+            return arrays
         if self.train and hasattr(self.transform, 'set_random_seed'):
             # albumentations >= 2 keeps its own generator, seeded once from the OS: forked workers would share
             # it and seed_everything would not reach it (1.x used Python's `random`, which DataLoader seeds).
             # Torch's generator is seeded per worker by DataLoader, so each item's seed is drawn from it.
             self.transform.set_random_seed(int(torch.randint(2**31, ()).item()))
-        array = self.transform(image=array)['image']  # (H, W, C) or, for label maps, (H, W)
-        item = {'image': map_to_tensor(array, self.kind, self.num_labels)}
+        item = self.tensors(self.transform(**arrays))  # one random crop and flip for every array of the item
         if self.with_labels:
             item['label'] = self.labels[index]
         return item
+
+
+def read_or_unreadable(path, read):
+    """read(), or an Unreadable naming the file when it cannot be decoded; a DataError (readable but wrong, such as a
+    class out of range) is the user's to fix and is raised."""
+    try:
+        return read()
+    except DataError:
+        raise
+    except Exception as error:  # PIL reports bad files as OSError, SyntaxError, ValueError, ...
+        return Unreadable(str(path), unreadable_reason(error, path))
+
+
+def find_partners(paths, root, cond_root):
+    """For each image path under root, the file under cond_root with the same relative path and stem (any supported
+    extension), or None."""
+    try:
+        found = find_images(cond_root)
+    except DataError as error:
+        raise DataError(f"--cond-path: {error}") from None
+    partners = {}
+    for path in found:
+        key = path.relative_to(cond_root).with_suffix('')
+        if key in partners:
+            raise DataError(f"Two condition files have the stem of {key}: '{partners[key]}' and '{path}'.")
+        partners[key] = path
+    return [partners.get(Path(p).relative_to(root).with_suffix('')) for p in paths]
+
+
+class PairedFolder(ImageFolder):
+    """RGB images, each with its condition: the file of the same relative path and stem under cond_root, read as
+    `cond_kind` (rgb, gray or segmentation with num_labels classes), of the image's size. One random crop and flip
+    for both; a label map is resized by nearest neighbour only. Images without a condition file are left out and
+    listed in `missing`."""
+
+    def __init__(self, root, cond_root, image_size, train=True, with_labels=False, paths=None, cond_kind='rgb',
+                 num_labels=0):
+        super().__init__(root, image_size, train=train, with_labels=with_labels, paths=paths)
+        self.cond_root = Path(cond_root)
+        partners = find_partners(self.paths, self.root, self.cond_root)
+        self.missing = [path for path, partner in zip(self.paths, partners) if partner is None]
+        if len(self.missing) == len(self.paths):
+            example = self.cond_root / self.paths[0].relative_to(self.root).with_suffix('.png')
+            raise DataError(f"--cond-path {self.cond_root} holds a condition for none of the {len(self.paths)} images "
+                            f"of {self.root} (the condition of {self.paths[0].name} would be {example}, or the same "
+                            f"stem with another image extension).")
+        keep = [i for i, partner in enumerate(partners) if partner is not None]
+        self.paths, self.cond_paths = [self.paths[i] for i in keep], [partners[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep] if with_labels else []
+        self.cond = ImageFolder(cond_root, image_size, train, kind=cond_kind, num_labels=num_labels,
+                                paths=self.cond_paths)  # reads them as its kind
+        self.transform.add_targets({'cond': 'mask' if cond_kind == 'segmentation' else 'image'})  # nearest: masks
+
+    def arrays(self, index):
+        path, cond_path = self.paths[index], self.cond_paths[index]
+        image = read_or_unreadable(path, lambda: np.array(load_rgb(path)))  # whole: the draft decode would shrink it
+        if isinstance(image, Unreadable):
+            return image
+        cond = read_or_unreadable(cond_path, lambda: self.cond.read(cond_path))
+        if isinstance(cond, Unreadable):
+            return cond
+        if image.shape[:2] != cond.shape[:2]:  # named by the image, the pair's file the dataset lists
+            return Unreadable(str(path), f"it is {image.shape[1]}x{image.shape[0]} pixels, its condition "
+                                         f"'{cond_path}' {cond.shape[1]}x{cond.shape[0]}")
+        return {'image': image, 'cond': cond}
+
+    def tensors(self, arrays):
+        return {'image': map_to_tensor(arrays['image'], 'rgb'),
+                'cond': map_to_tensor(arrays['cond'], self.cond.kind, self.cond.num_labels)}
 
 
 def collate_images(batch):
@@ -215,8 +288,10 @@ def collate_images(batch):
     good = [item for item in batch if isinstance(item, dict)]
     if not good:
         return None
-    # 'image' (3, H, W) from image folders, or 'indices' (h*w,) from a stage-2 token cache
-    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'indices') if key in good[0]}
+    # 'image' (C, H, W) and 'cond' (C', H, W) from image folders, or 'indices' (h*w,) and 'cond_indices' from a
+    # stage-2 token cache
+    out = {key: torch.stack([item[key] for item in good]) for key in ('image', 'cond', 'indices', 'cond_indices')
+           if key in good[0]}
     if 'label' in good[0]:
         out['label'] = torch.tensor([item['label'] for item in good], dtype=torch.long)
     out['skipped'] = len(batch) - len(good)
@@ -226,6 +301,11 @@ def collate_images(batch):
 def collate_with_unreadable(batch):
     """collate_images' batch and the batch's Unreadable items: what a worker process sends to the main process."""
     return collate_images(batch), [item for item in batch if isinstance(item, Unreadable)]
+
+
+def say_unreadable(path, reason):
+    """Name an unreadable file on stderr, in a line of its own above any progress bar."""
+    tqdm.write(f"Skipping unreadable image '{path}': {reason}.", file=sys.stderr)
 
 
 MAX_NAMED_UNREADABLE = 10  # a loader names this many unreadable files, one line each; more are only counted
@@ -247,7 +327,7 @@ class Loader(torch.utils.data.DataLoader):
                 if path not in self.unreadable:
                     self.unreadable[path] = reason
                     if len(self.unreadable) <= MAX_NAMED_UNREADABLE:
-                        tqdm.write(f"Skipping unreadable image '{path}': {reason}.", file=sys.stderr)
+                        say_unreadable(path, reason)
                     else:
                         unnamed += 1
             yield batch
@@ -308,10 +388,11 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 class TokenRows(torch.utils.data.Dataset):
-    """Pre-computed index rows (N, h*w) and labels, as dicts like those of ImageFolder."""
+    """Pre-computed index rows (N, h*w), labels (N,) or None and condition rows (N, hc*wc) or None, as dicts like
+    those of ImageFolder and PairedFolder."""
 
-    def __init__(self, indices, labels):
-        self.indices, self.labels = indices, labels
+    def __init__(self, indices, labels, cond_indices=None):
+        self.indices, self.labels, self.cond_indices = indices, labels, cond_indices
 
     def __len__(self):
         return len(self.indices)
@@ -320,35 +401,47 @@ class TokenRows(torch.utils.data.Dataset):
         item = {"indices": self.indices[i].long()}
         if self.labels is not None:
             item["label"] = int(self.labels[i])
+        if self.cond_indices is not None:
+            item["cond_indices"] = self.cond_indices[i].long()
         return item
 
 
-def token_cache_path(stage1_path, image_size, paths, split):
+def token_cache_path(stage1_path, image_size, paths, split, cond=None):
     """Cache file next to the stage-1 checkpoint (or model folder), keyed by its bytes, the image size and the image
-    list."""
+    list; for paired data, cond = (condition checkpoint, condition file list, --cond-downsample) is part of the key
+    too."""
     h = hashlib.sha256()
-    stage1_path = Path(stage1_path)
-    for file in sorted(stage1_path.iterdir()) if stage1_path.is_dir() else [stage1_path]:
-        if not file.is_file():
-            continue
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    h.update(f"{image_size}|".encode() + "\n".join(map(str, paths)).encode())
+    checkpoints, key = [Path(stage1_path)], f"{image_size}|" + "\n".join(map(str, paths))
+    if cond is not None:
+        cond_checkpoint, cond_paths, downsample = cond
+        checkpoints.append(Path(cond_checkpoint))
+        key += f"|condition 1/{downsample}|" + "\n".join(map(str, cond_paths))
+    for checkpoint in checkpoints:
+        for file in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else [checkpoint]:
+            if not file.is_file():
+                continue
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+    h.update(key.encode())
     return Path(stage1_path).parent / f"tokens_{split}_{image_size}px_{h.hexdigest()[:16]}.pt"
 
 
 @torch.no_grad()
 def encode_images(encode, dataset, batch_size, num_workers, items=None):
-    """Rows of `encode` on each image of `dataset` (or of its `items`) followed by its mirror image: {"indices":
-    (2N, h*w) int32, "labels": (2N,) when the dataset has labels}; None when no image is readable."""
+    """Rows of `encode` (a batch's {"image": ..., "cond": ...} -> {name: rows}) on each item of `dataset` (or of its
+    `items`) followed by its mirror image: {"indices": (2N, h*w) int32, "cond_indices": (2N, hc*wc) int32 for pairs,
+    "labels": (2N,) when the dataset has labels}; None when no item is readable."""
     dataset = dataset if items is None else torch.utils.data.Subset(dataset, items)
     parts = {}
     for batch in tqdm(build_loader(dataset, batch_size, train=False, num_workers=num_workers), desc="encoding tokens"):
         if batch is None:
             continue
-        views = torch.stack([encode(batch["image"]).int().cpu(), encode(batch["image"].flip(-1)).int().cpu()], 1)
-        parts.setdefault("indices", []).append(views.flatten(0, 1))  # (2B, h*w): image 0, its mirror, image 1, ...
+        views = [encode({key: batch[key].flip(-1) if flip else batch[key] for key in ("image", "cond") if key in batch})
+                 for flip in (False, True)]  # an image and its condition are mirrored together
+        for name in views[0]:
+            rows = torch.stack([views[0][name].int().cpu(), views[1][name].int().cpu()], 1)
+            parts.setdefault(name, []).append(rows.flatten(0, 1))  # (2B, ...): item 0, its mirror, item 1, ...
         if "label" in batch:
             parts.setdefault("labels", []).append(batch["label"].repeat_interleave(2))
     return {key: torch.cat(values) for key, values in parts.items()} if parts else None
@@ -381,4 +474,6 @@ def cached_tokens(cache, images, encode, batch_size, num_workers, every_rank=Tru
             print(f"Wrote the token cache {cache}.")
     if distributed and every_rank:
         rows = broadcast_rows(rows)
-    return TokenRows(rows["indices"], rows.get("labels")) if rows is not None else None
+    if rows is None:
+        return None
+    return TokenRows(rows["indices"], rows.get("labels"), rows.get("cond_indices"))

@@ -7,6 +7,8 @@ token at fixed masking ratios).
     python eval_transformer.py ... --features random-conv    # no Inception weights: a fixed stand-in network
     python eval_transformer.py ... --num-samples 50000 --reference VIRTUAL_imagenet256_labeled.npz --save-npz s.npz
                                                               # ADM's reference batch; the samples for its evaluator
+    python eval_transformer.py ... --cond-path data/val_labels --segmenter checkpoints/segmenter.pt  # conditions
+    python eval_transformer.py --checkpoint-path last.ckpt --taming-config model.yaml ...  # taming's Net2Net models
 
 Samples are drawn as sample_transformer.py draws them (batched; KV-cached, or in maskgit's --steps passes) at the
 model's training size; reference images are resized (shorter side) and centre-cropped to that size. Both go to the
@@ -16,6 +18,11 @@ the same printed protocol.
 An ADM reference batch (.npz) counts by its mu/sigma statistics as given (FID only), or with --npz-images by its arr_0
 images like a folder; --save-npz writes the samples as ADM's evaluator reads them (docs/share.md: which FID compares
 with which paper).
+
+With --cond-path (the reference images' conditions, paired by relative path and stem), sample i is drawn for the
+condition of pair i (in turn) by a model with an image condition, and every model's sample i is compared with pair i:
+the PSNR to its image and, with --segmenter (segmenter.py) for label maps, the mean IoU between its segmentation and
+the label map. For a model that reads no condition these are the chance levels the conditional figures are judged by.
 """
 import hashlib
 import importlib.util
@@ -33,12 +40,15 @@ from tqdm import tqdm
 import adm_npz
 import eval_vqgan
 import maskgit
+import sample_transformer
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import ScriptParser, run_script
 from config import check_positive
-from data import DataError, ImageFolder, build_loader, find_images
+from data import (DataError, ImageFolder, PairedFolder, Unreadable, build_loader, collate_images, find_images,
+                  say_unreadable)
+from eval_vqgan import confusion_matrix, segmentation_scores
 from runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from transformer import VQGANTransformer
+from segmenter import PixelClassifier
 from utils import save_image_grid, to_image_range
 
 # torch-fidelity's defaults (those of the papers that introduced each metric).
@@ -47,7 +57,8 @@ KID_SUBSETS = 100          # KID: the polynomial-kernel MMD averaged over 100 ra
 KID_SUBSET_SIZE = 1000     # ... of 1000 features each (fewer when a set is smaller)
 PRC_NEIGHBORHOOD = 3       # precision/recall: each point's manifold ball reaches its 3rd nearest neighbour
 MIN_IMAGES = PRC_NEIGHBORHOOD + 1  # a 3rd nearest neighbour needs 4 points per set
-METRIC_KEYS = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall")
+METRIC_KEYS = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "psnr_to_reference",
+               "sample_pixel_accuracy", "sample_mean_iou")
 
 
 # ---- feature networks: (B, 3, H, W) uint8 -> (pool features (B, D), logits (B, C)), with a .name ----
@@ -221,9 +232,19 @@ def check_args(args, model):
     if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
         raise ValueError(f"--class-id {args.class_id} is not a class of this model ({model.num_classes} classes)."
                          if model.num_classes else "--class-id needs a model trained with --conditional.")
-    if args.cfg_scale is not None and model.null_token is None:
-        raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it with "
-                         "--conditional --class-dropout P (P > 0).")
+    if args.cfg_scale is not None and not model.guidable:
+        raise ValueError("This model was trained without a null class or a null condition, so it cannot use "
+                         "--cfg-scale: train it with --conditional --class-dropout P or --cond-dropout P (P > 0).")
+    if model.cond_vqgan is not None and not args.cond_path:
+        raise ValueError(f"This model draws images for conditions ({model.cond_kind}): pass the reference images' "
+                         f"conditions with --cond-path.")
+    if args.cond_path and not Path(args.reference).is_dir():
+        raise ValueError(f"--cond-path pairs the reference images with their conditions: --reference must be their "
+                         f"folder, not the file {args.reference}.")
+    if args.segmenter and not args.cond_path:
+        raise ValueError("--segmenter compares samples with label maps: pass the reference images' with --cond-path.")
+    if args.segmenter and model.cond_kind not in (None, "segmentation"):
+        raise ValueError(f"--segmenter needs label maps as conditions; this model's are {model.cond_kind}.")
 
 
 def class_labels(model, args, first, n, device):
@@ -240,35 +261,65 @@ def feature_dim(extractor, image_size, device):
     return extract(extractor, torch.zeros(1, 3, image_size, image_size, device=device))[0].shape[1]
 
 
+def pairs_of(model, args, segmenter):
+    """The reference pairs of --cond-path (PairedFolder at the model's size, centre crops), read as the model's
+    condition kind, or as label maps for the segmenter; None without --cond-path."""
+    if not args.cond_path:
+        return None
+    kind = model.cond_kind or ("segmentation" if segmenter is not None else "rgb")
+    num_labels = model.cond_vqgan.config.num_labels if model.cond_vqgan is not None else \
+        segmenter.num_labels if segmenter is not None else 0
+    return PairedFolder(args.reference, args.cond_path, model.image_size, train=False, cond_kind=kind,
+                        num_labels=num_labels)
+
+
 @torch.no_grad()
-def sample_features(model, sample_canvas, args, extractor, device, precision, num_grid):
+def sample_features(model, sample_canvas, args, extractor, device, precision, num_grid, pairs=None, segmenter=None):
     """Features (N, D) and logits (N, C) of --num-samples new images drawn by sample_canvas (maskgit.canvas_sampler;
     None without a network), and the first num_grid of them; with --save-npz the images also go to ADM's sample file
-    (arr_0 uint8 N x H x W x 3, arr_1 labels)."""
-    features, logits, grid = [], [], []
+    (arr_0 uint8 N x H x W x 3, arr_1 labels). With pairs (sample i drawn for, and compared with, pair i mod M;
+    unreadable pairs left out): the samples' PSNR to their pair's image (N,) and the confusion matrix of their
+    segmentation against the pairs' label maps (segmenter). Returns (features, logits, grid, PSNRs, confusion, N)."""
+    features, logits, grid, psnrs, confusion = [], [], [], [], None
     H, W = (s * model.vqgan.config.downsample_factor for s in model.latent_hw)
     images_u8 = np.empty((args.num_samples, H, W, 3), np.uint8) if args.save_npz else None  # 9.8 GB at 50000 x 256^2
-    labels_all = []
+    labels_all, done, unreadable = [], 0, set()
     for first in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling", dynamic_ncols=True):
         n = min(args.batch_size, args.num_samples - first)
+        batch = [] if pairs is None else [pairs[(first + k) % len(pairs)] for k in range(n)]
+        for item in batch:
+            if isinstance(item, Unreadable) and item.path not in unreadable:  # named once, however often drawn
+                unreadable.add(item.path)
+                say_unreadable(*item)
+        items = None if pairs is None else collate_images(batch)
+        if pairs is not None and items is None:
+            continue  # every pair of this batch was unreadable
+        n = n if items is None else len(items["image"])
         labels = class_labels(model, args, first, n, device)
         with autocast(precision, device):
+            condition = {} if model.cond_vqgan is None else dict(cond=model.encode_condition(items["cond"].to(device)))
             tokens = sample_canvas(n, model.latent_hw, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale)  # (n, h, w)
+                                   top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale, **condition)  # (n, h, w)
             images = model.indices_to_image(tokens).float()  # (n, 3, H, W) in [-1, 1]
         if extractor is not None:
             pool, logit = extract(extractor, images)
             features.append(pool)
             logits.append(logit)
         if images_u8 is not None:  # the 8-bit images the feature network saw
-            images_u8[first:first + n] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            images_u8[done:done + n] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
             labels_all += [] if labels is None else labels.tolist()
+        if items is not None:
+            psnrs.append(eval_vqgan.psnr(to_image_range(images), to_image_range(items["image"].to(device))))
+        if segmenter is not None:
+            counts = confusion_matrix(items["cond"].argmax(1), segmenter.segment(images).cpu(), segmenter.num_labels)
+            confusion = counts if confusion is None else confusion + counts
         if sum(map(len, grid)) < num_grid:
             grid.append(images.cpu())
+        done += n
     if images_u8 is not None:
-        adm_npz.write_samples(args.save_npz, images_u8, labels_all if model.num_classes else None)
+        adm_npz.write_samples(args.save_npz, images_u8[:done], labels_all if model.num_classes else None)
     return (torch.cat(features) if features else None, torch.cat(logits) if logits else None,
-            torch.cat(grid)[:num_grid] if grid else None)
+            torch.cat(grid)[:num_grid] if grid else None, torch.cat(psnrs).cpu() if psnrs else None, confusion, done)
 
 
 def masked_loss_names(model):
@@ -280,13 +331,18 @@ def masked_loss_names(model):
 
 
 @torch.no_grad()
-def validation_losses(model, reference, batch_size, num_workers, device, precision, max_batches):
-    """The GPT's mean validation losses on the codes of the reference centre crops ({name: nats}, as
-    VQGANTransformer.validation_losses names them), or ({}, why not)."""
+def validation_losses(model, reference, batch_size, num_workers, device, precision, max_batches, cond_path=None):
+    """The GPT's mean validation losses on the codes of the reference centre crops (and of their conditions under
+    cond_path) ({name: nats}, as VQGANTransformer.validation_losses names them), or ({}, why not)."""
     names = masked_loss_names(model) or ["val_bits_per_token"]
     null = f"{', '.join(names)} {'are' if len(names) > 1 else 'is'} null"
     try:
-        dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
+        if model.cond_vqgan is not None:
+            dataset = PairedFolder(reference, cond_path, model.image_size, train=False,
+                                   with_labels=bool(model.num_classes), cond_kind=model.cond_kind,
+                                   num_labels=model.cond_vqgan.config.num_labels)
+        else:
+            dataset = ImageFolder(reference, model.image_size, train=False, with_labels=bool(model.num_classes))
     except DataError as err:  # a class-conditional model, but no class sub-folders
         return {}, f"{null}: {err}"
     if model.num_classes and dataset.classes != list(model.classes or []):
@@ -302,7 +358,8 @@ def validation_losses(model, reference, batch_size, num_workers, device, precisi
         x = batch["image"].to(device)
         labels = batch["label"].to(device) if "label" in batch else None
         with autocast(precision, device):  # the model is in eval mode: no input noise
-            losses = model.validation_losses(model.encode_to_indices(x), labels, generator)
+            cond = model.encode_condition(batch["cond"].to(device)) if "cond" in batch else None
+            losses = model.validation_losses(model.encode_to_indices(x), labels, generator, cond)
         for name, loss in losses.items():
             totals[name] = totals.get(name, 0.0) + loss.float().item() * len(x)
         count += len(x)
@@ -318,9 +375,10 @@ def main(args, feature_extractor=None):
     set_threads(args.threads)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
-                                             ema=not args.no_ema, user="eval_transformer.py").to(device)
+    model = sample_transformer.load_model(args, device, user="eval_transformer.py")
     check_args(args, model)
+    segmenter = PixelClassifier.from_checkpoint(args.segmenter).to(device) if args.segmenter else None
+    pairs = pairs_of(model, args, segmenter)
     sample_canvas = maskgit.canvas_sampler(model, args.steps, args.choice_temperature)  # by the objective
     if not Path(args.reference).is_file():
         find_images(args.reference)  # a missing or empty folder is an error before anything is sampled
@@ -341,15 +399,19 @@ def main(args, feature_extractor=None):
             notes.append(f"{saved['skipped']} unreadable reference image(s) were skipped.")
     if extractor is not None or args.save_npz:  # the samples of an .npz for ADM's evaluator need no features here
         seed_everything(args.seed)
-        gen, gen_logits, grid = sample_features(model, sample_canvas, args, extractor, device, precision, args.num_grid)
-        num_samples = args.num_samples
+        gen, gen_logits, grid, psnrs, confusion, num_samples = sample_features(
+            model, sample_canvas, args, extractor, device, precision, args.num_grid, pairs, segmenter)
+        if psnrs is not None:
+            metrics["psnr_to_reference"] = psnrs.mean().item()
+        if confusion is not None:
+            metrics["sample_pixel_accuracy"], metrics["sample_mean_iou"], _ = segmentation_scores(confusion)
         if args.num_grid > 0:
             save_image_grid(grid, out_json.with_name(f"{out_json.stem}_samples.png"), nrow=min(8, len(grid)))
         if args.save_npz:
             print(f"Wrote the {num_samples} samples to {args.save_npz} (arr_0" + (", arr_1 labels" if model.num_classes
                                                                                  else "") + ") for ADM's evaluator.")
     if extractor is not None:
-        metrics = fidelity_metrics(gen, ref, gen_logits, statistics)
+        metrics.update(fidelity_metrics(gen, ref, gen_logits, statistics))
         if statistics is not None:
             notes.append(f"kid, precision and recall are null: {args.reference} gives statistics, not features (pass "
                          f"--npz-images to use its arr_0 images).")
@@ -360,7 +422,7 @@ def main(args, feature_extractor=None):
     val = {}
     if Path(args.reference).is_dir() and args.val_batches != 0:  # images, not a statistics file
         val, note = validation_losses(model, args.reference, args.batch_size, args.num_workers, device, precision,
-                                      args.val_batches)
+                                      args.val_batches, args.cond_path)
         if note:
             notes.append(note)
     val_loss = val.get("val_loss")  # ar's
@@ -372,7 +434,9 @@ def main(args, feature_extractor=None):
                     + f"; samples drawn at {size}x{size}; 8-bit images to the feature network",
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
                     kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(args.num_samples, num_ref or math.inf),
-                    prc_neighborhood=PRC_NEIGHBORHOOD)
+                    prc_neighborhood=PRC_NEIGHBORHOOD,
+                    pairs=None if pairs is None else dict(conditions=str(Path(args.cond_path).resolve()),
+                                                          num_pairs=len(pairs), segmenter=args.segmenter))
     sampling = dict(objective=model.config.objective, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                     cfg_scale=args.cfg_scale, class_id=args.class_id, seed=args.seed, ema=model.uses_ema)
     if model.config.objective == "maskgit":
@@ -409,6 +473,9 @@ def print_table(result):
                  for ratio in maskgit.VALIDATION_RATIOS]
     else:
         rows.append(("val bits per token", fmt("val_bits_per_token", ".3f")))
+    if result["protocol"]["pairs"] is not None:
+        rows += [("PSNR to the pair's image", fmt("psnr_to_reference", ".2f")),
+                 ("mean IoU to the pair's labels", fmt("sample_mean_iou", ".4f"))]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -422,8 +489,12 @@ def build_parser():
     a = p.add_argument
     a("--checkpoint-path", required=True,
       help="a stage-2 checkpoint (transformer_last.pt), or a stage-2 model folder of export.py (local or a Hub id)")
-    a("--vqgan-checkpoint", default=None,
-      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
+    sample_transformer.add_model_flags(a)
+    a("--cond-path", default=None, help="the reference images' conditions (same relative path and stem): a model "
+      "with an image condition draws sample i for pair i in turn, and sample i is compared with pair i (PSNR; mean "
+      "IoU with --segmenter) (default: none)")
+    a("--segmenter", default=None, help="a segmenter.py checkpoint: the samples' segmentation against the label maps "
+      "of --cond-path gives sample_mean_iou (default: none)")
     a("--reference", required=True,
       help="folder of reference images (searched recursively), a reference_*.pt features file written before, or an "
            "ADM reference batch .npz (its mu/sigma statistics: FID only; or with --npz-images its arr_0 images)")

@@ -63,7 +63,13 @@ def describe_transformer(model):
     guidance = f", classifier-free guidance (null class at rate {c.class_dropout})" if model.null_token is not None \
         else ""
     conditioning = f"{c.num_classes} classes ({', '.join(classes or [])}){guidance}" if c.num_classes else \
-        "unconditional"
+        "unconditional" if model.cond_vqgan is None else ""
+    if model.cond_vqgan is not None:
+        (hc, wc), own = model.cond_hw, model.cond_vqgan is model.vqgan
+        conditioning += (f"{', and ' if conditioning else ''}{model.cond_kind} image conditions: {hc} x {wc} tokens "
+                         f"from {'the image tokenizer itself' if own else 'the tokenizer in cond/'}"
+                         + (f", shrunk {c.cond_downsample}x first" if c.cond_downsample > 1 else "")
+                         + (f"; guidance (null condition at rate {c.cond_dropout})" if c.cond_dropout else ""))
     return [("image size", f"{model.image_size} x {model.image_size} ({h} x {w} tokens); larger canvases with a "
                            f"sliding window"),
             ("GPT", f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, block size {c.block_size}"),
@@ -206,14 +212,23 @@ def transformer_card(model, ckpt, name, ema):
                "samples a grid of codes token by token, and the VQGAN in vqgan/ decodes it into an image. Trained "
                "with this project's `training_transformer.py`.")
     class_flag = " --class-id 0" if model.num_classes else ""
+    labels = ", labels=torch.tensor([0, 0, 0, 0])" if model.num_classes else ""
+    imports, condition, cond = "", "", ""
+    if model.cond_kind is not None:  # the condition file read as sample_transformer.py --cond-image reads it
+        kind, num_labels = model.cond_kind, model.cond_vqgan.config.num_labels
+        class_flag += " --cond-image condition.png"
+        imports = "\nfrom data import map_to_tensor, read_map"
+        condition = (f"\ncondition = map_to_tensor(read_map(\"condition.png\", \"{kind}\", {num_labels}), \"{kind}\", "
+                     f"{num_labels})[None]  # (1, C, H, W) of the training size; sample_transformer.py takes any")
+        cond = ", cond=model.encode_condition(condition)"
     usage = f"""With this project's code (its root folder on the Python path):
 
 ```python
 import torch
-from transformer import VQGANTransformer
+from transformer import VQGANTransformer{imports}
 
-model = VQGANTransformer.from_pretrained("{name}")  # a local folder or a Hub id
-tokens = model.sample_canvas(4, top_k=100{", labels=torch.tensor([0, 0, 0, 0])" if model.num_classes else ""})
+model = VQGANTransformer.from_pretrained("{name}")  # a local folder or a Hub id{condition}
+tokens = model.sample_canvas(4, top_k=100{labels}{cond})
 images = model.indices_to_image(tokens)  # (4, 3, H, W) in [-1, 1]
 ```
 
@@ -264,16 +279,21 @@ def export(args):
             model = VQGANTransformer.from_checkpoint(ckpt, args.vqgan_checkpoint, trust=args.trust_checkpoint, ema=ema,
                                                      user="export.py")
             stage1 = read_checkpoint(args.vqgan_checkpoint or ckpt.stage1_path(), trust=args.trust_checkpoint)
+            tokenizers = {"vqgan": (model.vqgan, stage1)}  # sub-folder: (model, checkpoint), each with its card
+            if model.cond_vqgan is not None and model.cond_vqgan is not model.vqgan:
+                tokenizers["cond"] = (model.cond_vqgan, read_checkpoint(ckpt.cond_path(), trust=args.trust_checkpoint))
+            info = {sub: dict(weights="ema" if saved.uses_ema(ema) else "trained",
+                              step=saved.entries.get("step") if saved.entries else None, source=saved.path.name)
+                    for sub, (_, saved) in tokenizers.items()}
             model.save_pretrained(partial, weights="ema" if ckpt.uses_ema(ema) else "trained",
-                                  step=ckpt.entries.get("step"), source=ckpt.path.name,
-                                  vqgan_info=dict(weights="ema" if stage1.uses_ema(ema) else "trained",
-                                                  step=stage1.entries.get("step") if stage1.entries else None,
-                                                  source=stage1.path.name))
+                                  step=ckpt.entries.get("step"), source=ckpt.path.name, vqgan_info=info["vqgan"],
+                                  cond_info=info.get("cond"))
             (partial / CARD_FILE).write_text(transformer_card(model, ckpt, name, ema))
-            if stage1.folder is not None:  # exported before: keep its card
-                shutil.copyfile(stage1.path / CARD_FILE, partial / "vqgan" / CARD_FILE)
-            else:
-                (partial / "vqgan" / CARD_FILE).write_text(vqgan_card(model.vqgan, stage1, f"{name}/vqgan", ema))
+            for sub, (tokenizer, saved) in tokenizers.items():
+                if saved.folder is not None:  # exported before: keep its card
+                    shutil.copyfile(saved.path / CARD_FILE, partial / sub / CARD_FILE)
+                else:
+                    (partial / sub / CARD_FILE).write_text(vqgan_card(tokenizer, saved, f"{name}/{sub}", ema))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         partial.rename(out)

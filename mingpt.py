@@ -307,12 +307,21 @@ class GPT(nn.Module):
         """A GPT in eval mode with the weights of a taming-transformers checkpoint (keys transformer.*)."""
         with open(config_path) as f:
             hparams = yaml.safe_load(f)["model"]["params"]["transformer_config"]["params"]
-        if hparams.get("n_unmasked", 0) != 0:
-            raise ValueError("taming GPTs with n_unmasked > 0 (a bidirectional prefix) are not supported")
-        model = cls(GPTConfig(**{k: hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}))
-        state_dict = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "transformer."
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
-                      if k.startswith(prefix) and not k.endswith(".attn.mask")}  # the mask is our is_causal
-        model.load_state_dict(state_dict)
+        model = cls(taming_gpt_config(hparams))
+        model.load_state_dict(taming_gpt_weights(torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                                                 ["state_dict"]))
         return model.eval()
+
+
+def taming_gpt_config(hparams):
+    """GPTConfig from the `transformer_config.params` of a taming-transformers config."""
+    if hparams.get("n_unmasked", 0) != 0:
+        raise ValueError("taming GPTs with n_unmasked > 0 (a bidirectional prefix) are not supported")
+    return GPTConfig(**{k: hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+
+
+def taming_gpt_weights(state_dict):
+    """Our GPT's state dict from a taming-transformers state dict (its transformer.* keys)."""
+    prefix = "transformer."
+    return {k[len(prefix):]: v for k, v in state_dict.items()
+            if k.startswith(prefix) and not k.endswith(".attn.mask")}  # the mask is our is_causal

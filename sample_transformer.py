@@ -5,8 +5,11 @@
     python sample_transformer.py ... --input-image me.png --mask mask.png # regenerate the white part of the mask
     python sample_transformer.py ... --input-image me.png --pad 64 0 64 0 # outpaint 64 pixels left and right
     python sample_transformer.py ... --class-id 3 --cfg-scale 3           # classifier-free guidance
+    python sample_transformer.py ... --cond-image layout.png --target-image photo.png  # an image condition (any size)
+    python sample_transformer.py --checkpoint-path last.ckpt --taming-config model.yaml ...  # taming's Net2Net models
     python sample_transformer.py ... --steps 12                          # a maskgit checkpoint: 12 decoding passes
 """
+import math
 import time
 
 import torch
@@ -16,22 +19,26 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import net2net
 from checkpoint import checkpoint_path
 from cli import ScriptParser, run_script
 from config import check_positive
-from data import DataError
+from data import DataError, map_to_tensor, read_map
 from maskgit import canvas_sampler
 from runtime import PRECISIONS, autocast, pick_device, resolve_precision, seed_everything, set_threads
 from transformer import VQGANTransformer
-from utils import check_writable, save_image_grid, to_image_range
+from utils import check_writable, for_display, save_image_grid, to_image_range
 
 
 # ---- the canvas and what to keep of an input image ----
 
-def canvas_size(args, model):
-    """(H, W) pixels of --size (default: the training size), each a multiple of the downsampling factor f."""
+def canvas_size(args, model, cond_hw=None):
+    """(H, W) pixels of --size (default: the condition's size less --pad, else the training size), each a multiple of
+    the downsampling factor f."""
     f = model.vqgan.config.downsample_factor
-    size = tuple(args.size) if args.size else (model.image_size, model.image_size)
+    left, top, right, bottom = args.pad or (0, 0, 0, 0)
+    size = tuple(args.size) if args.size else (cond_hw[0] - top - bottom, cond_hw[1] - left - right) if cond_hw \
+        else (model.image_size, model.image_size)
     if any(s % f for s in size):
         raise ValueError(f"--size {size[0]} {size[1]} must be a multiple of the downsampling factor {f} in both "
                          f"directions.")
@@ -109,6 +116,42 @@ def masked_input(model, codes, regenerate):
     return image.masked_fill(regenerate.repeat_interleave(f, 0).repeat_interleave(f, 1), 0.0)
 
 
+def load_condition(path, model):
+    """The condition image at path as the model reads it, (1, C, H, W); H and W must be multiples of f (and of the
+    condition's own factor times --cond-downsample)."""
+    try:
+        array = read_map(path, model.cond_kind, model.cond_vqgan.config.num_labels)
+    except (OSError, SyntaxError, ValueError) as err:  # missing, unreadable, not an image, truncated
+        reason = getattr(err, "strerror", None) or "not an image file PIL can read"
+        raise DataError(f"Cannot read the condition image {path} ({reason}).") from None
+    height, width = array.shape[:2]
+    f, S, fc = (model.vqgan.config.downsample_factor, model.config.cond_downsample,
+                model.cond_vqgan.config.downsample_factor)
+    multiple = math.lcm(f, S * fc)
+    if height % multiple or width % multiple:
+        why = f"the downsampling factor f = {f}" + (f" and --cond-downsample {S} x the condition tokenizer's {fc}"
+                                                     if multiple != f else "")
+        raise ValueError(f"The condition image {path} is {height}x{width} pixels; both sides must be multiples of "
+                         f"{multiple} ({why}).")
+    return map_to_tensor(array, model.cond_kind, model.cond_vqgan.config.num_labels)[None]
+
+
+def result_grid(images, cond=None, target=None, kind=None):
+    """The samples (N, 3, H, W), 8 to a row; with a condition (1, C, H, W) a row for it above them and with a target
+    image (1, 3, H, W) a row for it below, each drawn first in its row. (grid, row labels)."""
+    nrow = min(8, len(images))
+    if cond is None:
+        return images, nrow, None
+    blank = torch.ones_like(images[:1]).expand(nrow - 1, -1, -1, -1)  # white
+    pad = torch.ones_like(images[:1]).expand(-len(images) % nrow, -1, -1, -1)
+    rows = [for_display(cond, kind), blank, images, pad]
+    labels = ["condition", "samples"] + [""] * (-(-len(images) // nrow) - 1)
+    if target is not None:
+        rows += [target, blank]
+        labels.append("ground truth")
+    return torch.cat(rows), nrow, labels
+
+
 def check_args(args, model):
     check_positive(args, "num_samples", "batch_size", "temperature")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -116,9 +159,16 @@ def check_args(args, model):
     if model.num_classes and args.class_id is None:
         raise ValueError(f"This model is class-conditional: pass --class-id between 0 and {model.num_classes - 1}"
                          f" ({', '.join(model.classes or [])}).")
-    if args.cfg_scale is not None and model.null_token is None:
-        raise ValueError("This model was trained without a null class, so it cannot use --cfg-scale: train it with "
-                         "--conditional --class-dropout P (P > 0).")
+    if args.cfg_scale is not None and not model.guidable:
+        raise ValueError("This model was trained without a null class or a null condition, so it cannot use "
+                         "--cfg-scale: train it with --conditional --class-dropout P or --cond-dropout P (P > 0).")
+    if args.cond_image and model.cond_vqgan is None:
+        raise ValueError("--cond-image needs a model trained with an image condition (training_transformer.py "
+                         "--cond-path); this one has none.")
+    if model.cond_vqgan is not None and not args.cond_image:
+        raise ValueError(f"This model draws images for a condition ({model.cond_kind}): pass one with --cond-image.")
+    if args.target_image and not args.cond_image:
+        raise ValueError("--target-image is the ground truth of a --cond-image; pass the condition too.")
     if (args.mask or args.pad) and not args.input_image:
         raise ValueError("--mask and --pad regenerate part of an input image: pass one with --input-image.")
     if args.input_image and bool(args.mask) == bool(args.pad):
@@ -134,9 +184,19 @@ def check_args(args, model):
     canvas_sampler(model, args.steps, args.choice_temperature)  # --steps and --choice-temperature fit the model
 
 
-def draw(model, args, codes, regenerate, device, precision):
+def load_model(args, device, user="sample_transformer.py"):
+    """Our stage-2 checkpoint, or with --taming-config a taming-transformers Net2NetTransformer."""
+    if args.taming_config:
+        return net2net.from_taming(args.checkpoint_path, args.taming_config, trust=args.trust_checkpoint,
+                                   user=f"{user} --taming-config").to(device)
+    return VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
+                                            ema=not args.no_ema, user=user, cond_path=args.cond_checkpoint).to(device)
+
+
+def draw(model, args, codes, regenerate, device, precision, cond=None):
     """Token grids (N, Hc, Wc) and images [(3, H, W) in [-1, 1]] of --num-samples draws on the canvas of `regenerate`
-    (keeping `codes` (1, Hc, Wc) where it is False), --batch-size at a time, with a progress bar."""
+    (keeping `codes` (1, Hc, Wc) where it is False), for the condition codes `cond` (1, Hc', Wc') of the whole canvas
+    if the model has an image condition, --batch-size at a time, with a progress bar."""
     images, grids = [], []
     sample_canvas = canvas_sampler(model, args.steps, args.choice_temperature)  # by the checkpoint's objective
     with tqdm(total=args.num_samples, desc="sampling") as bar:
@@ -144,10 +204,11 @@ def draw(model, args, codes, regenerate, device, precision):
             n = min(args.batch_size, args.num_samples - len(images))
             labels = torch.full((n,), args.class_id, device=device) if args.class_id is not None else None
             with autocast(precision, device):
+                condition = {} if cond is None else dict(cond=cond)  # maskgit models take no image condition
                 grid = sample_canvas(n, tuple(regenerate.shape), temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, labels=labels, cfg_scale=args.cfg_scale,
                                      codes=None if codes is None else codes.expand(n, -1, -1),
-                                     regenerate=regenerate)  # (n, Hc, Wc)
+                                     regenerate=regenerate, **condition)  # (n, Hc, Wc)
                 batch = model.indices_to_image(grid)  # the whole canvas in one decode
             grids.append(grid.cpu())
             images += list(batch.float().cpu())
@@ -159,10 +220,10 @@ def main(args):
     set_threads(args.threads)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint_path, args.vqgan_checkpoint, trust=args.trust_checkpoint,
-                                             ema=not args.no_ema, user="sample_transformer.py").to(device)
+    model = load_model(args, device)
     check_args(args, model)
-    size = canvas_size(args, model)
+    cond = load_condition(args.cond_image, model).to(device) if args.cond_image else None  # (1, C, H, W)
+    size = canvas_size(args, model, None if cond is None else cond.shape[-2:])
     if args.quantize == "int8":
         model.gpt.quantize_int8()
     if args.compile:
@@ -175,13 +236,24 @@ def main(args):
         with autocast(precision, device):
             codes, regenerate = completion_grid(args, model, size, device)
             save_image(to_image_range(masked_input(model, codes, regenerate)), out_dir / "masked_input.png")
+    cond_codes = None
+    if cond is not None:
+        canvas = (regenerate.shape[0] * f, regenerate.shape[1] * f)
+        if tuple(cond.shape[-2:]) != canvas:
+            raise ValueError(f"The condition image {args.cond_image} is {cond.shape[-2]}x{cond.shape[-1]} pixels, "
+                             f"the canvas {canvas[0]}x{canvas[1]} (--size plus --pad): they must be the same.")
+        with autocast(precision, device):
+            cond_codes = model.encode_condition(cond)  # (1, Hc', Wc'): the condition on the whole canvas
 
     start = time.perf_counter()
-    grids, images = draw(model, args, codes, regenerate, device, precision)
+    grids, images = draw(model, args, codes, regenerate, device, precision, cond_codes)
     elapsed = time.perf_counter() - start
     for i, image in enumerate(images):
         save_image(to_image_range(image), out_dir / f"sample_{i:04d}.png")
-    save_image_grid(torch.stack(images), out_dir / "grid.png", nrow=min(8, len(images)))
+    target = load_input_image(args.target_image, tuple(cond.shape[-2:])) if args.target_image else None
+    grid, nrow, row_labels = result_grid(torch.stack(images), None if cond is None else cond.cpu(), target,
+                                         model.cond_kind)
+    save_image_grid(grid, out_dir / "grid.png", nrow=nrow, row_labels=row_labels)
     torch.save(grids, out_dir / "indices.pt")  # (N, Hc, Wc) int64: re-decode or inspect them
     rate = len(images) / elapsed
     print(f"{len(images)} samples of {images[0].shape[1]}x{images[0].shape[2]} in {elapsed:.1f} s ({rate:.2f} "
@@ -189,13 +261,27 @@ def main(args):
     return images
 
 
+def add_model_flags(a):
+    """The flags of load_model beside --checkpoint-path (sample_transformer.py's and eval_transformer.py's)."""
+    a("--vqgan-checkpoint", default=None,
+      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
+    a("--cond-checkpoint", default=None, help="the condition tokenizer, if it moved since stage-2 training (default: "
+      "the path stored in the stage-2 checkpoint)")
+    a("--taming-config", default=None, help="the model.yaml of a taming-transformers Net2NetTransformer checkpoint "
+      "given as --checkpoint-path (its last.ckpt): unconditional, class (Labelator), segmentation, depth or RGB "
+      "conditions (default: --checkpoint-path is one of ours)")
+
+
 def build_parser():
     p = ScriptParser("Sample images from a trained VQGAN transformer.")
     a = p.add_argument
     a("--checkpoint-path", default=str(checkpoint_path(".", "transformer")),
       help="a stage-2 checkpoint, or a stage-2 model folder of export.py (a local folder or a Hub model id)")
-    a("--vqgan-checkpoint", default=None,
-      help="the stage-1 checkpoint, if it moved since stage-2 training (default: the path stored in the stage-2 one)")
+    add_model_flags(a)
+    a("--cond-image", default=None, help="for a model with an image condition: the condition to draw images for (a "
+      "label map PNG, a depth map, an RGB image: the kind the model was trained on); the canvas is its size, and a "
+      "larger one is sampled with the sliding window over condition and image together")
+    a("--target-image", default=None, help="the ground truth of --cond-image, drawn in grid.png's last row")
     a("--num-samples", type=int, default=16, help="images to generate")
     a("--batch-size", type=int, default=16, help="images sampled in parallel")
     a("--temperature", type=float, default=1.0, help="softmax temperature (lower: safer, less varied)")

@@ -29,14 +29,22 @@ def script_error(script, argv, capsys):
     return lines[0][len("error: "):]
 
 
-def write_tiny_checkpoints(folder, ema=False, classes=None, **gpt):
+# A tokenizer of label maps for TINY's 32x32 images: f = 8 (4x4 condition tokens), 16 codes.
+TINY_LABELS = dict(image_size=32, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                   latent_dim=8, num_codebook_vectors=16)
+
+
+def write_tiny_checkpoints(folder, ema=False, classes=None, num_labels=0, **gpt):
     """The tiny models' checkpoints as the training scripts write them: (stage-2 model, stage-1 path, stage-2 path).
 
     ema: both carry an `ema` entry whose weights differ from the trained ones; classes: names of a class-conditional
-    model's classes."""
+    model's classes; num_labels > 0: the GPT reads label maps of that many classes, tokenized by a TINY_LABELS model
+    saved as checkpoints/labels_last.pt (the block grows to 1 + 16 + 63 tokens)."""
     torch.manual_seed(0)
-    config = TransformerConfig(**{**TINY_GPT, **gpt}, num_classes=len(classes or []))
-    model = VQGANTransformer(VQGAN(VQGANConfig(**TINY)), config).eval()
+    config = TransformerConfig(**{**TINY_GPT, **(dict(block_size=80) if num_labels else {}), **gpt},
+                               num_classes=len(classes or []))
+    labels = VQGAN(VQGANConfig(**TINY_LABELS, image_kind="segmentation", num_labels=num_labels)) if num_labels else None
+    model = VQGANTransformer(VQGAN(VQGANConfig(**TINY)), config, labels).eval()
     model.classes = classes
     folder = Path(folder)
     vq_path, path = folder / "checkpoints" / "vqgan_last.pt", folder / "checkpoints" / "transformer_last.pt"
@@ -47,8 +55,13 @@ def write_tiny_checkpoints(folder, ema=False, classes=None, **gpt):
     save_checkpoint(dict(model=model.vqgan.state_dict(), ema=halved(model.vqgan), config=asdict(model.vqgan.config),
                          step=5, args=dict(dataset_path="data/flowers", image_size=32, ema_decay=0.9 if ema else None)),
                     vq_path)
+    cond = {}
+    if num_labels:
+        cond = dict(cond_checkpoint=str(folder / "checkpoints" / "labels_last.pt"), cond_kind="segmentation")
+        save_checkpoint(dict(model=labels.state_dict(), config=asdict(labels.config), step=4,
+                             args=dict(dataset_path="data/flowers_labels", image_size=32)), cond["cond_checkpoint"])
     save_checkpoint(dict(model=model.gpt.state_dict(), ema=halved(model.gpt), config=asdict(model.config), step=3,
-                         vqgan_checkpoint=str(vq_path), classes=classes,
+                         vqgan_checkpoint=str(vq_path), classes=classes, **cond,
                          args=dict(dataset_path="data/flowers", n_layer=config.n_layer, max_steps=3, epochs=100,
                                    conditional=bool(classes))), path)
     return model, vq_path, path

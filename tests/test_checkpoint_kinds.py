@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 TAMING = REPO / "tests" / "fixtures" / "taming_tiny"
 STAGE1 = "is a stage-1 (VQGAN) checkpoint, which eval_vqgan.py, training_transformer.py --checkpoint-path, app.py " \
          "and export.py read"
-TAMING2 = "is a taming-transformers transformer (Net2NetTransformer) checkpoint, which eval_vqgan.py and export.py " \
-          "with --taming-config model.yaml --taming-stage (its VQ models) read"
+TAMING2 = "is a taming-transformers transformer (Net2NetTransformer) checkpoint, which sample_transformer.py and " \
+          "eval_transformer.py with --taming-config model.yaml, and eval_vqgan.py and export.py with --taming-config " \
+          "model.yaml --taming-stage (its VQ models) read"
 STAGE2 = "is a stage-2 (transformer) checkpoint, which sample_transformer.py, eval_transformer.py, app.py and " \
          "export.py read"
 NEEDS_STAGE1 = "needs a stage-1 checkpoint from training_vqgan.py (or a stage-1 model folder from export.py)"
@@ -80,6 +81,11 @@ WRONG_KINDS = [
     (eval_vqgan, f"--checkpoint-path {{stage1}} --taming-config {TAMING / 'model.yaml'} --dataset-path {{flowers}}",
      f"{STAGE1}; --taming-config needs a taming-transformers VQGAN checkpoint (its last.ckpt) or a "
      f"taming-transformers Net2NetTransformer checkpoint."),
+    (sample_transformer, f"--checkpoint-path {{stage2}} --taming-config {TAMING / 'transformer.yaml'}",
+     f"{STAGE2}; sample_transformer.py --taming-config needs a taming-transformers Net2NetTransformer checkpoint."),
+    (eval_transformer, f"--checkpoint-path {{taming}} --taming-config {TAMING / 'model.yaml'} --reference {{flowers}}",
+     "is a taming-transformers VQGAN checkpoint, which eval_vqgan.py and export.py with --taming-config model.yaml "
+     "read; eval_transformer.py --taming-config needs a taming-transformers Net2NetTransformer checkpoint."),
     (app, "--checkpoint-path {taming2}",
      f"{TAMING2}; app.py {NEEDS_STAGE2} or a stage-1 checkpoint"),
     (export, "--checkpoint-path {other} --out {out}",

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,62 @@ def test_each_stage_keeps_its_own_config_and_tensorboard_run(tiny_demo):
     gpt_tags = set(EventAccumulator(str(stage2 / "tensorboard" / "transformer")).Reload().Tags()["scalars"])
     assert "l1" in vqgan_tags and "bits_per_token" not in vqgan_tags
     assert "bits_per_token" in gpt_tags and "l1" not in gpt_tags
+
+
+@pytest.mark.xdist_group("tiny_demo")
+def test_tiny_conditional_demo_builds_on_the_default_run(tiny_demo, tmp_path, capsys):
+    tiny, c = demo.TINY, demo.COND_TINY
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_demo[0], out)  # with its files' times: the finished stages stay finished
+    stage1_ckpt, gpt_ckpt = demo.stage_checkpoints(out)
+    before = gpt_ckpt.stat().st_mtime_ns
+    summary = demo.main(demo.build_parser().parse_args(["--tiny", "--conditional", "--out-dir", str(out), "--device",
+                                                        "cpu"]))
+    printed = capsys.readouterr().out
+    for stage in ("Stage 1", "Stage 2", "Sampling"):
+        assert f"==== {stage}: " in printed and "(finished by an earlier run)" in printed.split(f"==== {stage}: ")[1]
+    assert gpt_ckpt.stat().st_mtime_ns == before  # stage 2's GPT is the unconditional baseline, kept
+
+    train, heldout = demo.data_dirs(out, tiny)
+    for folder in (train, heldout):  # a label map (classes of FLOWER_LABELS) beside every flower
+        assert [p.name for p in find_images(demo.labels_dir(folder))] == [p.name for p in find_images(folder)]
+    labels_ckpt, cond_ckpt, _ = demo.conditional_checkpoints(out)
+    labels = torch.load(labels_ckpt, weights_only=True)
+    assert (labels["config"]["image_kind"], labels["config"]["num_labels"]) == ("segmentation", 4)
+    assert labels["step"] == c.labels_steps
+    cond, plain = torch.load(cond_ckpt, weights_only=True), torch.load(gpt_ckpt, weights_only=True)
+    assert cond["cond_kind"] == "segmentation" and cond["step"] == plain["step"] == tiny.gpt_steps
+    assert {group["lr"] for group in cond["optimizer"]["param_groups"]} == {tiny.gpt_lr[-1][1]}  # stage 2's phases
+    assert Path(cond["cond_checkpoint"]) == labels_ckpt.resolve()
+    assert Path(cond["vqgan_checkpoint"]) == stage1_ckpt.resolve()  # the image stage 1 of stage1/
+    same = ("n_layer", "n_head", "n_embd", "pkeep", "embd_pdrop")  # the same GPT, but for the block it reads
+    assert [cond["config"][k] for k in same] == [plain["config"][k] for k in same]
+    assert (cond["config"]["block_size"], plain["config"]["block_size"]) == (c.block_size, TINY_GPT["block_size"])
+    assert cond["config"]["cond_embedding"] == "separate"  # the layout codes' own rows (docs/conditional.md)
+    assert "--block-size" in printed and printed.count(f"--block-size {c.block_size}") >= 1
+    assert not any(line.count("--block-size") > 1 for line in printed.splitlines() if line.startswith("$ python"))
+
+    results = summary["conditional"]["results"]
+    for name in ("conditional", "unconditional"):  # both GPTs measured on the held-out pairs
+        saved = json.loads((out / "conditional" / "results" / f"eval_{name}.json").read_text())
+        assert saved == results[name] and saved["protocol"]["pairs"]["num_pairs"] == tiny.heldout_images
+        for key in ("val_bits_per_token", "psnr_to_reference", "sample_mean_iou"):
+            assert math.isfinite(saved[key]), (name, key)
+    assert 0 <= summary["conditional"]["segmenter"]["pixel_accuracy"] <= 1
+
+    cell = tiny.image_size + 2  # make_grid's padding
+    assert pixels(summary["conditional"]["pictures"][0]).shape == \
+        (tiny.enlarge * (c.layouts * cell + 2), tiny.enlarge * ((c.samples_per_layout + 2) * cell + 2), 3)
+    large = torch.load(out / "conditional" / "samples" / "large" / "indices.pt", weights_only=True)
+    f = 2 ** (len(torch.load(stage1_ckpt, weights_only=True)["config"]["ch_mult"]) - 1)
+    side = c.large_scale * tiny.image_size // f  # the large layout's canvas in image tokens
+    assert large.shape == (c.samples_per_layout, side, side)
+
+    # Run again: every stage but the two drawings (which keep existing files) was finished by the first run.
+    demo.main(demo.build_parser().parse_args(["--tiny", "--conditional", "--out-dir", str(out), "--device", "cpu"]))
+    again = capsys.readouterr().out
+    assert (again.count("==== "), again.count("(finished by an earlier run)")) == (12, 10)
+    assert "$ python" not in again
 
 
 def run_cli(*flags):

@@ -10,14 +10,17 @@ import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 import runtime
 import training_vqgan
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import BASE_LEARNING_RATE, run_script
+from data import find_images, map_to_tensor, read_map, split_paths
 from demo_flowers import FLOWER_LABELS, make_demo_flowers
 from discriminator import Discriminator, DiscriminatorConfig
 from helpers import STAGE2_FLAGS, TINY, write_tiny_checkpoints
@@ -316,6 +319,42 @@ def test_stage2_as_two_slurm_tasks_with_token_cache_and_validation_split(stage2_
     assert ema0.keys() == {"ema." + name for name in gpt0}
     for name in ema0:
         assert torch.equal(ema0[name], ema1[name]) and torch.equal(ckpt["ema"][name[4:]], ema1[name]), name
+
+
+def test_stage2_two_processes_with_an_image_condition(tmp_path):
+    """Stage 2 with --cond-path (label maps tokenized by their own tokenizer) and the token cache under torchrun:
+    each rank encodes its share of the pairs and their condition rows, and both ranks end with the saved GPT."""
+    data = make_demo_flowers(tmp_path / "flowers", num_images=21, size=32)  # 20 training pairs and 1 held out
+    (tmp_path / "labels").mkdir()
+    for path in find_images(data):
+        with Image.open(path) as image:  # 3 classes by brightness
+            Image.fromarray(np.asarray(image.convert("L")) // 86).save(tmp_path / "labels" / path.name)
+    torch.manual_seed(0)
+    labels = VQGANConfig(image_kind="segmentation", num_labels=3, image_size=32, ch=32, ch_mult=(1, 1, 1, 1),
+                         num_res_blocks=1, attn_resolutions=(), z_channels=16, latent_dim=8, num_codebook_vectors=24)
+    stage1 = tmp_path / "stage1"
+    for name, config in (("vqgan", VQGANConfig(**TINY)), ("labels", labels)):
+        save_checkpoint(dict(model=VQGAN(config).state_dict(), config=asdict(config), step=0), stage1 / f"{name}.pt")
+    out = tmp_path / "stage2"
+    rank0, rank1 = torchrun(tmp_path, "training_transformer.py", *STAGE2_FLAGS, "--block-size", 80, "--dataset-path",
+                            data, "--cond-path", tmp_path / "labels", "--checkpoint-path", stage1 / "vqgan.pt",
+                            "--cond-checkpoint", stage1 / "labels.pt", "--cond-dropout", 0.1, "--precompute-tokens",
+                            "--max-steps", 2, "--sample-every", 2, "--out-dir", out)
+    train = load_checkpoint(next(stage1.glob("tokens_train_*.pt")))
+    assert train["indices"].shape == (40, 64) and train["cond_indices"].shape == (40, 16)  # both ranks' shares
+    # The condition rows came through the gather beside their images' rows: pair i, then its mirror image.
+    maps = torch.stack([map_to_tensor(read_map(tmp_path / "labels" / path.name, "segmentation", 3), "segmentation", 3)
+                        for path in split_paths(find_images(data), 0.05, seed=0)[0]])  # (20, 3, 32, 32), in order
+    tokenizer = VQGAN.from_checkpoint(stage1 / "labels.pt")
+    expected = torch.stack([tokenizer.encode(maps)[1], tokenizer.encode(maps.flip(-1))[1]], 1).flatten(0, 1)
+    assert torch.equal(train["cond_indices"].long(), expected.flatten(1))
+    ckpt = load_checkpoint(out / "checkpoints" / "transformer_last.pt")
+    assert ckpt["step"] == 2 and ckpt["cond_kind"] == "segmentation"
+    gpt0 = {k[len("gpt."):]: v for k, v in rank0[0].items() if k.startswith("gpt.")}
+    gpt1 = {k[len("gpt."):]: v for k, v in rank1[0].items() if k.startswith("gpt.")}
+    assert gpt0.keys() == ckpt["model"].keys()
+    for name in gpt0:
+        assert torch.equal(gpt0[name], gpt1[name]) and torch.equal(ckpt["model"][name], gpt1[name]), name
 
 
 @pytest.mark.xdist_group("stage2_job")

@@ -187,3 +187,21 @@ def test_export_never_overwrites_by_accident(run, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     again = run_export(run["stage1"], run["exports"]["stage1", True], "--overwrite")
     assert sorted(p.name for p in again.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_a_conditional_model_exports_with_its_condition_tokenizer(tmp_path):
+    model, _, path = write_tiny_checkpoints(tmp_path, num_labels=3, cond_dropout=0.1)
+    folder = run_export(path, tmp_path / "layouts")
+    assert {"cond/README.md", "cond/config.json", "cond/model.safetensors"} <= \
+        {str(p.relative_to(folder)) for p in folder.rglob("*")}
+    loaded = VQGANTransformer.from_pretrained(folder)
+    assert loaded.cond_kind == "segmentation" and loaded.cond_vqgan is not loaded.vqgan
+    maps = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 32, 32)), 3).permute(0, 3, 1, 2).float()
+    codes, tokens = model.encode_condition(maps), torch.randint(0, 64, (2, 64))
+    assert torch.equal(loaded.encode_condition(maps), codes)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, cond=codes)[0], model(tokens, cond=codes)[0])
+    card = (folder / "README.md").read_text()
+    assert "segmentation image conditions: 4 x 4 tokens from the tokenizer in cond/; guidance (null condition at " \
+           "rate 0.1)" in card and "--cond-image condition.png" in card
+    assert "4 optimizer steps" in (folder / "cond" / "README.md").read_text()  # the tokenizer's own record

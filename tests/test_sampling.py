@@ -208,7 +208,8 @@ def test_null_class_is_used_at_the_class_dropout_rate(monkeypatch):
     old = {k: v for k, v in asdict(model.config).items() if k != "class_dropout"}
     assert config_from_dict(TransformerConfig, old).class_dropout == 0.0  # old checkpoints load as they were
     starts = []
-    monkeypatch.setattr(model.gpt, "forward", lambda tokens, targets=None: starts.append(tokens[:, 0]) or (None, None))
+    monkeypatch.setattr(model.gpt, "forward", lambda tokens, targets=None: starts.append(tokens[:, 0]) or
+                        (torch.zeros(*tokens.shape, model.gpt.config.vocab_size), None))
     labels = torch.randint(0, 3, (4000,))
     model.train()(torch.zeros(4000, 16, dtype=torch.long), labels)
     null = starts[0] == K + 3
@@ -230,7 +231,7 @@ def test_bad_inputs_are_one_sentence(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"--size 18 16 must be a multiple of the downsampling factor 4"):
         run_script(path, out, "--size", "18", "16")
-    with pytest.raises(ValueError, match="trained without a null class, so it cannot use --cfg-scale"):
+    with pytest.raises(ValueError, match="without a null class or a null condition, so it cannot use --cfg-scale"):
         run_script(path, out, "--cfg-scale", "2")
     image, _ = input_png(tmp_path, (16, 16))
     Image.new("L", (16, 20)).save(tmp_path / "mask.png")

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import sample_transformer
@@ -39,12 +40,12 @@ def test_pkeep_corruption_rate_and_clean_targets(monkeypatch):
     seen = {}
 
     def spy(tokens, targets=None):
-        seen.update(tokens=tokens, targets=targets)
-        return tokens.float(), None
+        seen.update(tokens=tokens, logits=torch.randn(*tokens.shape, model.gpt.config.vocab_size))
+        return seen["logits"], None
     monkeypatch.setattr(model.gpt, "forward", spy)
     indices = torch.randint(0, 64, (4, 64))
-    model(indices)
-    assert torch.equal(seen["targets"], indices)  # targets stay clean
+    _, loss = model(indices)
+    assert loss == F.cross_entropy(seen["logits"].flatten(0, 1), indices.flatten())  # targets stay clean
     assert torch.all(seen["tokens"][:, 0] == 64)  # then the start token...
     assert (seen["tokens"][:, 1:] != indices[:, :-1]).float().mean() > 0.3  # ...and the noised indices, shifted
     model.eval()
