@@ -1,4 +1,4 @@
-"""The whole method on a CPU in about 8 minutes: demo flowers, stage 1, held-out evaluation, stage 2, samples.
+"""The whole method on a CPU in about 9 minutes: demo flowers, stage 1, held-out evaluation, stage 2, samples.
 
     python demo.py                       # everything under runs/demo/
     python demo.py --out-dir runs/demo2
@@ -80,7 +80,7 @@ DEMO = DemoSettings(
     vqgan_lr=[(1100, 6e-4), (1400, 2e-4)],
     gpt_flags=["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "32"],
     gpt_lr=[(600, 1e-3), (800, 3e-4)], num_samples=32, top_k=30, evals=5, enlarge=3,
-    seconds={"drawing": 9, "stage 1": 0.244, "evaluation": 3, "stage 2": 0.152, "sampling": 4})
+    seconds={"drawing": 8, "stage 1": 0.294, "evaluation": 1, "stage 2": 0.156, "sampling": 1})
 
 TINY = DemoSettings(  # the tiny models of presets.py
     image_size=TINY_VQGAN["image_size"], train_images=16, heldout_images=4,
@@ -519,7 +519,7 @@ def main(args):
 
 def build_parser():
     p = ScriptParser("Run the whole method on demo flowers: data, stage 1, evaluation, stage 2 and sampling, in about "
-                     "8 minutes on 2 CPU cores (estimated 2026-12-03 from measured per-step times: docs/demo.md). "
+                     "9 minutes on 2 CPU cores (timed 2026-12-03 on a quiet machine: docs/demo.md). "
                      "Stopped (Ctrl-C, SIGTERM), it saves; run again with the same --out-dir, it continues.")
     p.add_argument("--out-dir", default="runs/demo", help="where the data, both stages' runs and the pictures go")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks every step in seconds")
