@@ -14,9 +14,10 @@ from checkpoint import (CheckpointError, check_same_config, checkpoint_path, loa
 from cli import check_run_flags, checkpoint_to_resume, learning_rate
 from codebook import Quantizer
 from config import config_from_dict
-from data import MAX_NAMED_UNREADABLE, DataError, ResumableSampler, Unreadable, build_loader
+from data import MAX_NAMED_UNREADABLE, DataError, ResumableSampler, Unreadable, build_loader, find_images
+from demo_flowers import write_default_demo_set
 from ema import EMA
-from runtime import (Interrupted, StopSignal, cleanup_distributed, resolve_precision, reuse_freed_memory,
+from runtime import (Interrupted, StopSignal, barrier, cleanup_distributed, resolve_precision, reuse_freed_memory,
                      seed_everything, set_threads, setup_distributed, wrap_model)
 from utils import MetricsLog, check_writable, save_image_grid, to_image_range
 
@@ -107,6 +108,14 @@ class TrainingRun:
         if ckpt is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
         return ema
+
+    def training_images(self, dataset_path, default_path):
+        """The training images' paths. At the script's default path, rank 0 first writes the demo flowers there (and
+        says so) while the other ranks wait."""
+        if self.is_main and dataset_path == default_path:
+            write_default_demo_set(default_path)
+        barrier()
+        return find_images(dataset_path)
 
     def guard(self, *modules):
         """Keep what the forward passes of `modules` change (buffers, a quantizer's codes and counters) as it was before

@@ -17,8 +17,7 @@ from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, r
 from config import check_positive
 from data import (ImageFolder, PairedFolder, build_loader, cached_tokens, collate_images, find_images, split_paths,
                   token_cache_path)
-from demo_flowers import write_default_demo_set
-from runtime import autocast, barrier, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
+from runtime import autocast, keeps_signal_handlers, make_scaler, no_sync, optimizer_step
 from training_run import TrainingRun
 from transformer import OBJECTIVES, TransformerConfig, VQGANTransformer
 from utils import save_plots
@@ -175,10 +174,7 @@ def main(args):
             if args.cond_checkpoint else vqgan
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    if run.is_main and args.dataset_path == DATASET_PATH:
-        write_default_demo_set(DATASET_PATH)
-    barrier()  # the other ranks wait for the demo set
-    paths = find_images(args.dataset_path)
+    paths = run.training_images(args.dataset_path, DATASET_PATH)
     if args.val_path:
         train_paths, val_paths = paths, find_images(args.val_path)
     else:

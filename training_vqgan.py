@@ -15,12 +15,11 @@ from contextlib import nullcontext
 import torch
 
 from cli import ScriptParser, add_run_flags, config_from_flags, learning_rate, run_script
-from data import ImageFolder, find_images
-from demo_flowers import write_default_demo_set
+from data import ImageFolder
 from discriminator import Discriminator, DiscriminatorConfig
 from loss import ADAM_BETAS, LossConfig, Stage1, stage1_optimizers, train_step
 from lpips import LPIPS
-from runtime import barrier, keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
+from runtime import keeps_signal_handlers, make_scaler, memory_format, no_sync, on_cpu_default, optimizer_step
 from training_run import TrainingRun
 from utils import for_display, save_plots
 from vqgan import IMAGE_KINDS, QUANTIZERS, VQGAN, VQGANConfig
@@ -71,10 +70,7 @@ def main(args):
     check_args(args, loss_config)
     run = TrainingRun(args, RUN_NAME)
     device = run.device
-    if run.is_main and args.dataset_path == DATASET_PATH:
-        write_default_demo_set(DATASET_PATH)
-    barrier()  # the other ranks wait for the demo set
-    paths = find_images(args.dataset_path)
+    paths = run.training_images(args.dataset_path, DATASET_PATH)
 
     fmt = memory_format(on_cpu_default(args.channels_last, device))
     vqgan = VQGAN(config).set_recompute(on_cpu_default(args.recompute, device))
