@@ -429,7 +429,7 @@ def main(args, feature_extractor=None):
     # A features file (.pt) names the folder it was computed from.
     protocol = dict(reference=saved.get("reference") or str(Path(args.reference).resolve()), reference_images=num_ref,
                     image_size=size, feature_extractor=getattr(extractor, "name", None),
-                    resize=(f"reference: the mu/sigma of the .npz as given" if statistics is not None else
+                    resize=("reference: the mu/sigma of the .npz as given" if statistics is not None else
                             f"reference: shorter side resized to {size} px, centre crop {size}x{size}")
                     + f"; samples drawn at {size}x{size}; 8-bit images to the feature network",
                     num_samples=args.num_samples, isc_splits=min(ISC_SPLITS, args.num_samples),
