@@ -58,8 +58,8 @@ SIZES = {
     "quick": dict(vqgan=TINY_VQGAN, gpt=TINY_GPT, batch_size=2, bench="quick"),
 }
 SAMPLES, SAMPLE_BATCH = 10, 6  # two batches, the last one smaller (the compiled sampler pads it)
-# bench.py's sampling section, compiled, once per sampling objective: its bench.py flags, and how many token
-# positions one sampled image runs through the GPT (issue 25: a second objective adds its line).
+# bench.py's sampling section, compiled, once per sampling objective whose sampling compiles: its bench.py flags,
+# and how many token positions one sampled image runs through the GPT (maskgit's sampling is not compiled).
 SAMPLING_OBJECTIVES = {"autoregressive": ([], lambda tokens: tokens)}
 RECOMPILE_LIMIT = "hit config.recompile_limit"  # dynamo's warning when it gives up compiling a function
 FAILURES = ("FAILED", "TIMED OUT", "RECOMPILED")  # results that make the exit code 1

@@ -50,7 +50,9 @@ def missing_packages(skip_tests=False):
     for name in PACKAGES + (() if skip_tests else TEST_PACKAGES):
         try:
             if name == "lpips":
-                from lpips import heads_path  # this project's lpips.py: finds the package's file without importing it
+                # this project's lpips.py finds the package's file without importing the package; imported here,
+                # not at the top, because it needs torchvision, which may be among the missing
+                from lpips import heads_path
                 heads_path()
             else:
                 __import__(name)
